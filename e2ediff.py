@@ -1,0 +1,813 @@
+"""e2ediff — end-to-end diffusion training, in one readable module.
+
+Reference implementation of "E2EDiff / E2ED^2: Direct Mapping from Noise to Data for Enhanced
+Diffusion Models" (Tan et al., arXiv 2412.21044). Read it beside the paper, top to bottom:
+
+    1. noise schedule          (VP schedules, zero terminal SNR, sampler spacings, "leakage" of x_T)
+    2. parameterisations       (epsilon / x0 / v and the conversions between them)
+    3. unrolled sampler        (Alg. 1 lines 6-10: T steps from pure noise, differentiable end to end)
+    4. couplings               (which noise z_T is paired with which target x0)
+    5. losses                  (Eq. 7: L1, L2, LPIPS and their weighted hybrid)
+    6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1)
+    7. EMA                     (Alg. 1 line 13)
+    8. standard diffusion loss (to pretrain the base model the method starts from)
+    9. training utilities      (atomic checkpoints, RNG state, device choice) shared by both scripts
+
+Which coupling is the paper's, and which to use
+    Algorithm 1 draws z_T ~ N(0, I) independently of the data sample x0 and regresses the sampler's
+    output onto x0 — the `independent` coupling. Under an L1/L2 loss this regression is ill-posed:
+    the loss-optimal sampler ignores z_T and outputs the (conditional) mean of the data, so samples
+    collapse (measured in the tests and in benchmarks/quality.py). The paper escapes this only by
+    starting from a strong few-step model and training with a tiny learning rate (1e-6), i.e. by
+    barely moving. Use `inversion` (z_T is the frozen base model's deterministic DDIM inversion of
+    x0, so every target has its own noise: a well-posed regression) or `teacher` (the target is the
+    base model's many-step sample from z_T). A distribution-level loss (the GAN term) also works
+    with `independent` pairs.
+
+Reading of Alg. 1 line 9
+    The noise term of line 9 is ambiguous. We read it as the update of the paper's base model
+    (PixArt-delta, an LCM): predict x0, then re-noise it to the next timestep with fresh noise —
+    `update="lcm"`. Deterministic DDIM (`update="ddim"`, eta = 0) and stochastic DDIM (eta > 0)
+    are the standard alternatives.
+
+Demo (the module's own smoke run):  python e2ediff.py
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""model(z_t (B, ...), t (B,) long in [0, N), cond) -> output shaped like z_t."""
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Noise schedule (variance preserving: z_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1)
+# --------------------------------------------------------------------------------------------------
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+@dataclass
+class NoiseSchedule:
+    """A discrete VP schedule over N training timesteps t = 0 .. N-1 (float32 buffers)."""
+
+    betas: torch.Tensor  # (N,)  beta_t
+    alphas_cumprod: torch.Tensor  # (N,)  \bar\alpha_t = \prod_{s<=t} (1 - beta_s)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """alpha_t = sqrt(\\bar\\alpha_t), the signal scale at timestep t."""
+        return self.alphas_cumprod.to(t.device)[t].sqrt()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma_t = sqrt(1 - \\bar\\alpha_t), the noise scale at timestep t."""
+        return (1 - self.alphas_cumprod.to(t.device)[t]).sqrt()
+
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = \\bar\\alpha_t / (1 - \\bar\\alpha_t) (Kingma et al. 2021)."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1 - abar)
+
+    def to(self, device) -> "NoiseSchedule":
+        return NoiseSchedule(self.betas.to(device), self.alphas_cumprod.to(device))
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024 (arXiv 2305.08891), Alg. 1: shift and scale sqrt(abar) so its last value is 0
+    and its first is unchanged, then rebuild the betas. float64 in, float64 out."""
+    alphas_bar_sqrt = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)  # last -> 0, first kept
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def make_schedule(
+    kind: str = "linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float | None = None,
+    beta_end: float | None = None,
+    zero_terminal_snr: bool = False,
+) -> NoiseSchedule:
+    """Build a schedule in float64 and store it as float32.
+
+    :param kind: "linear" (DDPM: 1e-4 .. 0.02), "scaled_linear" (Stable Diffusion / PixArt: linear
+        in sqrt(beta), 0.00085 .. 0.012) or "cosine" (Nichol & Dhariwal 2021, betas capped at 0.999).
+    :param zero_terminal_snr: apply the Lin et al. 2024 rescale so that \\bar\\alpha_{N-1} = 0,
+        i.e. x_T is pure noise and carries no information about the data.
+    """
+    _check_choice("schedule", kind, SCHEDULES)
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    n = num_train_timesteps
+    if kind == "linear":
+        betas = torch.linspace(beta_start or 1e-4, beta_end or 0.02, n, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace((beta_start or 0.00085) ** 0.5, (beta_end or 0.012) ** 0.5, n, dtype=torch.float64) ** 2
+    else:  # cosine: \bar\alpha(t) = cos^2(((t/N + s) / (1 + s)) * pi/2), s = 0.008
+        steps = torch.arange(n + 1, dtype=torch.float64) / n
+        alphas_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - alphas_bar[1:] / alphas_bar[:-1]).clamp(max=0.999)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    assert torch.all((betas > 0) & (betas <= 1)), "betas must lie in (0, 1]"
+    assert torch.all(alphas_cumprod[1:] <= alphas_cumprod[:-1]), "abar must be non-increasing"
+    return NoiseSchedule(betas.float(), alphas_cumprod.float())
+
+
+def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing", steps_offset: int = 1) -> torch.Tensor:
+    """The T timesteps a T-step sampler visits, descending (diffusers' conventions; Lin et al. 2024
+    Table 2). For N = 1000, T = 4: trailing 999 749 499 249; leading (offset 1) 751 501 251 1;
+    linspace 999 666 333 0. Only "trailing" and "linspace" start at t = N - 1."""
+    _check_choice("spacing", spacing, SPACINGS)
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    n = num_train_timesteps
+    if spacing == "trailing":
+        steps = np.round(np.arange(n, 0, -n / num_steps)) - 1
+    elif spacing == "leading":
+        steps = np.arange(num_steps)[::-1] * (n // num_steps) + steps_offset
+    else:
+        steps = np.linspace(0, n - 1, num_steps).round()[::-1]
+    return torch.from_numpy(steps.astype(np.int64).copy())
+
+
+def start_leakage(schedule: NoiseSchedule, num_steps: int, spacing: str = "trailing") -> float:
+    """How much signal the sampler's start point still carries: sqrt(\\bar\\alpha) at its first
+    timestep. > 0 means a model trained on x_t was never trained on the pure noise it is sampled
+    from — the paper's "information leakage in x_T". 0 with zero terminal SNR and trailing spacing."""
+    t_first = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing)[0]
+    return float(schedule.alphas_cumprod[t_first].sqrt())
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Parameterisations: what the network outputs, and how to read x0 and eps from it
+# --------------------------------------------------------------------------------------------------
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # diffusers' names
+
+
+def _expand(coefficient: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) so it broadcasts against a (B, C, H, W) tensor."""
+    return coefficient.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def split_prediction(output, z_t, alpha, sigma, prediction_type: str):
+    """Read (x0, eps) from a network output, given z_t = alpha x0 + sigma eps.
+
+    alpha, sigma: (B,) or broadcastable tensors. v-prediction: v = alpha eps - sigma x0
+    (Salimans & Ho 2022), so x0 = alpha z_t - sigma v and eps = sigma z_t + alpha v.
+    """
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    alpha, sigma = _expand(alpha, z_t), _expand(sigma, z_t)
+    if prediction_type == "epsilon":
+        eps = output
+        x0 = (z_t - sigma * eps) / alpha  # undefined where alpha = 0: see check_prediction_type
+    elif prediction_type == "sample":
+        x0 = output
+        eps = (z_t - alpha * x0) / sigma
+    else:
+        x0 = alpha * z_t - sigma * output
+        eps = sigma * z_t + alpha * output
+    return x0, eps
+
+
+def prediction_target(x0, eps, alpha, sigma, prediction_type: str) -> torch.Tensor:
+    """What the network should output for a given (x0, eps): the regression target of training."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return _expand(alpha, x0) * eps - _expand(sigma, x0) * x0
+
+
+def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None:
+    """Refuse epsilon-prediction under zero terminal SNR: at t = T, z_T = eps, so a perfect
+    epsilon-predictor says nothing about x0 (x0 = (z - sigma eps) / alpha divides by 0)."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon" and schedule.zero_terminal_snr:
+        raise ValueError(
+            "prediction_type 'epsilon' cannot recover x0 at the last timestep of a zero-terminal-SNR "
+            "schedule (alpha_T = 0); use 'v_prediction' or 'sample' (Lin et al. 2024, Sec. 3.2)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 6-10)
+# --------------------------------------------------------------------------------------------------
+
+UPDATES = ("ddim", "lcm")
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+    """One network evaluation, with classifier-free guidance (Ho & Salimans 2022) when scale != 1."""
+    output = model(z, t, cond)
+    if guidance_scale != 1.0:
+        output_uncond = model(z, t, uncond)
+        output = output_uncond + guidance_scale * (output - output_uncond)
+    return output
+
+
+def unrolled_sample(
+    model: Denoiser,
+    z_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    prediction_type: str = "v_prediction",
+    update: str = "ddim",
+    eta: float = 0.0,
+    spacing: str = "trailing",
+    cond: Any = None,
+    uncond: Any = None,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    checkpoint: bool = False,
+    backprop_steps: int | None = None,
+    return_trajectory: bool = False,
+):
+    """Run a T-step sampler from z_T and return its output z0 — keeping the whole chain in the
+    autograd graph, so a loss on z0 trains every step (the heart of E2EDiff).
+
+    :param model: denoiser, model(z_t, t, cond) -> output (see `Denoiser`).
+    :param z_T: (B, ...) starting noise (pure Gaussian noise, or a coupling's z_T).
+    :param num_steps: T >= 1 network evaluations (NFE, doubled under guidance).
+    :param update: "ddim" — Song et al. 2021 Eq. 12, deterministic for eta = 0, ancestral-like for
+        eta > 0; "lcm" — predict x0, re-noise it to the next timestep with fresh noise (the LCM
+        multistep sampler of the paper's base model; our reading of Alg. 1 line 9).
+    :param cond, uncond, guidance_scale: conditioning passed through to the model; with
+        guidance_scale != 1 the model is also called with `uncond` (classifier-free guidance).
+    :param generator: source of the fresh noise of "lcm" and eta > 0 (injectable for tests).
+    :param checkpoint: recompute each step's activations in the backward pass instead of storing
+        them (same gradients; activation memory ~ one step instead of T).
+    :param backprop_steps: K — gradients flow only through the last K steps (DRaFT-K); earlier steps
+        run without a graph. None = all steps.
+    :param return_trajectory: also return the list of z after each step.
+    :returns: z0 (B, ...), or (z0, trajectory) with trajectory[i] the state after step i.
+    """
+    _check_choice("update", update, UPDATES)
+    check_prediction_type(prediction_type, schedule)
+    if not torch.is_tensor(z_T) or z_T.dim() < 2 or not z_T.is_floating_point():
+        raise ValueError(f"z_T must be a float tensor of shape (B, ...); got {getattr(z_T, 'shape', type(z_T))}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps (T) must be >= 1, got {num_steps}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if backprop_steps is not None and not 1 <= backprop_steps <= num_steps:
+        raise ValueError(f"backprop_steps must be in [1, num_steps={num_steps}] or None, got {backprop_steps}")
+    if guidance_scale != 1.0 and uncond is None:
+        raise ValueError("guidance_scale != 1 needs `uncond` (the null conditioning)")
+
+    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing).tolist()
+    alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
+    first_graph_step = 0 if backprop_steps is None else num_steps - backprop_steps
+    batch = z_T.shape[0]
+    z, trajectory = z_T, []
+    for i, t in enumerate(timesteps):
+        abar_t = alphas_cumprod[t]
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < num_steps else torch.ones_like(abar_t)  # final step lands on x0
+        t_batch = torch.full((batch,), t, device=z.device, dtype=torch.long)
+        # truncated backprop: the steps before the last K run without a graph, so they get no gradient
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_graph_step):
+            if checkpoint and torch.is_grad_enabled():
+                output = activation_checkpoint(_guided_output, model, z, t_batch, cond, uncond, guidance_scale, use_reentrant=False)
+            else:
+                output = _guided_output(model, z, t_batch, cond, uncond, guidance_scale)
+            if i == 0 and output.shape != z.shape:
+                raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z.shape)}")
+            alpha_t, sigma_t = abar_t.sqrt(), (1 - abar_t).sqrt()
+            x0, eps = split_prediction(output, z, alpha_t.expand(batch), sigma_t.expand(batch), prediction_type)
+            alpha_prev, sigma_prev = abar_prev.sqrt(), (1 - abar_prev).sqrt()
+            if update == "lcm":
+                # LCM multistep (Luo et al. 2023, Alg. 3): z_{t-1} = alpha_{t-1} x0_hat + sigma_{t-1} xi
+                z = alpha_prev * x0 + (sigma_prev * _randn_like(z, generator) if i + 1 < num_steps else 0)
+            else:
+                # DDIM (Song et al. 2021, Eq. 12 and 16); eta = 0 is the deterministic ODE step
+                noise_scale = eta * (sigma_prev / sigma_t) * (1 - abar_t / abar_prev).clamp(min=0).sqrt()
+                z = alpha_prev * x0 + (sigma_prev**2 - noise_scale**2).clamp(min=0).sqrt() * eps
+                if eta > 0 and i + 1 < num_steps:
+                    z = z + noise_scale * _randn_like(z, generator)
+        if return_trajectory:
+            trajectory.append(z)
+    return (z, trajectory) if return_trajectory else z
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Couplings: which noise z_T the sampler starts from for which target x0
+# --------------------------------------------------------------------------------------------------
+
+COUPLINGS = ("independent", "inversion", "teacher")
+
+
+def ddim_invert(
+    model: Denoiser,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    prediction_type: str = "v_prediction",
+    cond: Any = None,
+) -> torch.Tensor:
+    """Deterministic DDIM inversion (Song et al. 2021, Sec. 4.3; Dhariwal & Nichol 2021): run the
+    probability-flow ODE forwards from x0 (at t = 0) through the trailing grid up to t = N - 1.
+    Returns the z_T that the frozen model's DDIM sampler maps back to (approximately) x0. No grad."""
+    check_prediction_type(prediction_type, schedule)
+    grid = [0] + sampling_timesteps(schedule.num_train_timesteps, num_steps, "trailing").flip(0).tolist()
+    alphas_cumprod = schedule.alphas_cumprod.to(x0.device)
+    z = x0
+    with torch.no_grad():
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
+            abar_t, abar_next = alphas_cumprod[t], alphas_cumprod[t_next]
+            x0_hat, eps = split_prediction(model(z, t_batch, cond), z, abar_t.sqrt().expand(len(z)), (1 - abar_t).sqrt().expand(len(z)), prediction_type)
+            z = abar_next.sqrt() * x0_hat + (1 - abar_next).sqrt() * eps  # DDIM step, run backwards
+    return z
+
+
+def couple(
+    coupling: str,
+    target: torch.Tensor,
+    *,
+    base_model: Denoiser | None = None,
+    schedule: NoiseSchedule | None = None,
+    prediction_type: str = "v_prediction",
+    cond: Any = None,
+    inversion_steps: int = 25,
+    teacher_steps: int = 50,
+    generator: torch.Generator | None = None,
+):
+    """Pair noise with targets for end-to-end training. Returns (z_T, target).
+
+    - "independent": z_T ~ N(0, I) independent of target (Alg. 1 as written; collapses under L1/L2).
+    - "inversion":   z_T = DDIM inversion of target by the frozen base (a deterministic pairing).
+    - "teacher":     z_T ~ N(0, I), target replaced by the frozen base's `teacher_steps`-step DDIM
+                     sample from z_T (distillation; only target's shape is used).
+    """
+    _check_choice("coupling", coupling, COUPLINGS)
+    if coupling != "independent" and (base_model is None or schedule is None):
+        raise ValueError(f"coupling {coupling!r} needs the frozen base_model and its schedule")
+    if coupling == "inversion":
+        return ddim_invert(base_model, target, schedule, inversion_steps, prediction_type=prediction_type, cond=cond), target
+    z_T = _randn_like(target, generator)
+    if coupling == "teacher":
+        with torch.no_grad():
+            target = unrolled_sample(base_model, z_T, schedule, teacher_steps, prediction_type=prediction_type, cond=cond)
+    return z_T, target
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Reconstruction losses d(z0, z0_hat) (Eq. 7)
+# --------------------------------------------------------------------------------------------------
+
+LOSS_TERMS = ("l1", "l2", "lpips")
+LPIPS_BACKBONE_FILES = {  # what torchvision downloads into $TORCH_HOME/hub/checkpoints
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018) through the `lpips` package, as a frozen per-sample loss.
+
+    Inputs are images in [-1, 1], (B, C, H, W) with C in {1, 3}; 1-channel images are repeated to 3
+    and images smaller than `min_size` are upsampled (AlexNet needs >= 32 px). The network stays in
+    eval mode, never requires grad, and so never enters an optimiser — gradients flow to the inputs.
+
+    :param random_backbone: use a randomly initialised backbone with the real linear heads. For
+        tests only: an untrained backbone is not a perceptual metric.
+    """
+
+    def __init__(self, net: str = "alex", random_backbone: bool = False, min_size: int = 64):
+        super().__init__()
+        _check_choice("LPIPS net", net, tuple(LPIPS_BACKBONE_FILES))
+        import lpips  # imported here so the module works without it when LPIPS is not used
+
+        if not random_backbone:
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_BACKBONE_FILES[net])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"LPIPS needs the torchvision {net} backbone weights '{LPIPS_BACKBONE_FILES[net]}' at {path} "
+                    f"($TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}). "
+                    f"Fetch it once with network access (e.g. `python -c \"import lpips; lpips.LPIPS(net='{net}')\"`) "
+                    "or copy the file there. (random_backbone=True exists for tests only.)"
+                )
+        self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+        self.min_size = min_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)  # always eval: LPIPS is a fixed metric
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) x2 in [-1, 1] -> (B,) perceptual distance."""
+        if a.shape != b.shape or a.dim() != 4 or a.shape[1] not in (1, 3):
+            raise ValueError(f"LPIPS wants two (B, 1|3, H, W) images of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+        if a.shape[1] == 1:
+            a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+        if min(a.shape[-2:]) < self.min_size:
+            scale = self.min_size / min(a.shape[-2:])
+            a = F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
+            b = F.interpolate(b, scale_factor=scale, mode="bilinear", align_corners=False)
+        return self.net(a.float(), b.float()).flatten()
+
+
+def reconstruction_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: dict[str, float] | None = None,
+    lpips: LPIPS | None = None,
+    pred_image: torch.Tensor | None = None,
+    target_image: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The hybrid distance of Eq. 7: lambda_1 L1 + lambda_2 L2 + lambda_LPIPS LPIPS, per sample.
+
+    :param pred, target: (B, ...) sampler output and target (images, or latents).
+    :param weights: {"l1": ., "l2": ., "lpips": .}; terms with weight 0 are not computed.
+    :param pred_image, target_image: where LPIPS should see images other than pred/target (decoded
+        latents, real pixels); default pred/target themselves.
+    :returns: {"l1": (B,), "l2": (B,), "lpips": (B,) — those with weight > 0 — and "recon": (B,)}.
+    """
+    weights = {"l2": 1.0} if weights is None else weights
+    for name in weights:
+        _check_choice("loss term", name, LOSS_TERMS)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"at least one loss weight must be > 0, got {weights}")
+    terms = {}
+    if weights.get("l1", 0) > 0:
+        terms["l1"] = (pred - target).abs().flatten(1).mean(1)
+    if weights.get("l2", 0) > 0:
+        terms["l2"] = (pred - target).pow(2).flatten(1).mean(1)
+    if weights.get("lpips", 0) > 0:
+        if lpips is None:
+            raise ValueError("an 'lpips' weight > 0 needs an LPIPS module (e2ediff.LPIPS)")
+        a = pred if pred_image is None else pred_image
+        b = target if target_image is None else target_image
+        terms["lpips"] = lpips(a, b)
+    terms["recon"] = sum(weights[name] * value for name, value in terms.items())
+    return terms
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. Adversarial loss (Eq. 8: L_total = L_recon + lambda_GAN L_GAN)
+# --------------------------------------------------------------------------------------------------
+
+GAN_KINDS = ("hinge", "non_saturating")
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017; taming-transformers' NLayerDiscriminator): 4x4 convs, LeakyReLU
+    0.2, N(0, 0.02) init, one logit per patch. GroupNorm instead of BatchNorm, so its output does
+    not depend on the batch (and DDP ranks need no synced statistics)."""
+
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+
+        def block(c_in, c_out, stride):
+            return [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, c_out), c_out), nn.LeakyReLU(0.2)]
+
+        layers = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        channels = base_channels
+        for n in range(1, num_layers):
+            layers += block(channels, base_channels * min(2**n, 8), stride=2)
+            channels = base_channels * min(2**n, 8)
+        layers += block(channels, base_channels * min(2**num_layers, 8), stride=1)
+        layers += [nn.Conv2d(base_channels * min(2**num_layers, 8), 1, 4, 1, 1)]
+        self.main = nn.Sequential(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+            elif isinstance(module, nn.GroupNorm):
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+    def min_input_size(self) -> int:
+        """Smallest H, W for which at least one patch logit comes out."""
+        size = 1
+        while True:
+            h = size
+            for _ in range(self.num_layers):
+                h = (h - 2) // 2 + 1  # 4x4, stride 2, pad 1
+            h = (h - 2) // 1 + 1  # 4x4, stride 1, pad 1 (twice)
+            h = (h - 2) // 1 + 1
+            if h >= 1:
+                return size
+            size += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1, h, w) patch logits."""
+        if x.dim() != 4 or min(x.shape[-2:]) < self.min_input_size():
+            raise ValueError(
+                f"PatchDiscriminator with num_layers={self.num_layers} needs (B, C, H, W) inputs with H, W >= "
+                f"{self.min_input_size()}; got {tuple(x.shape)} (use fewer layers for small images)"
+            )
+        return self.main(x)
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Per-sample discriminator loss. hinge: relu(1 - D(x)) + relu(1 + D(G)) (Lim & Ye 2017);
+    non_saturating: softplus(-D(x)) + softplus(D(G)) (Goodfellow et al. 2014)."""
+    _check_choice("GAN loss", kind, GAN_KINDS)
+    if kind == "hinge":
+        loss = F.relu(1 - logits_real).flatten(1).mean(1) + F.relu(1 + logits_fake).flatten(1).mean(1)
+    else:
+        loss = F.softplus(-logits_real).flatten(1).mean(1) + F.softplus(logits_fake).flatten(1).mean(1)
+    return loss
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Per-sample generator loss: hinge -D(G) ; non_saturating softplus(-D(G))."""
+    _check_choice("GAN loss", kind, GAN_KINDS)
+    return (-logits_fake if kind == "hinge" else F.softplus(-logits_fake)).flatten(1).mean(1)
+
+
+def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """Esser et al. 2021 (taming-transformers) Eq. 7: ||grad_L recon|| / (||grad_L gan|| + 1e-4),
+    the gradients taken w.r.t. the generator's last layer L; clamped to [0, max_weight], detached."""
+    recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    return (recon_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R1 (Mescheder et al. 2018): ||grad_x D(x)||^2 on real data, per sample. Returns (penalty, logits)."""
+    real = real.detach().requires_grad_(True)
+    logits = discriminator(real)
+    (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1), logits
+
+
+class GANLoss:
+    """The adversarial term and its discriminator, with a start step.
+
+    Before `start_step` nothing touches the discriminator (no forward, no autograd.grad), so the
+    unrolled graph is not held for it. `discriminator` may be DDP-wrapped: the generator pass uses the
+    bare module (no discriminator gradients are wanted there), the discriminator step the wrapper.
+    """
+
+    def __init__(self, discriminator: nn.Module, kind: str = "hinge", weight: float = 0.1, start_step: int = 0,
+                 adaptive: bool = True, max_adaptive_weight: float = 1e4, r1_weight: float = 0.0):
+        _check_choice("GAN loss", kind, GAN_KINDS)
+        self.discriminator, self.kind, self.weight = discriminator, kind, weight
+        self.start_step, self.adaptive, self.max_adaptive_weight, self.r1_weight = start_step, adaptive, max_adaptive_weight, r1_weight
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step
+
+    def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor | None, step: int, last_layer: torch.Tensor | None = None) -> dict:
+        """{"gan": scalar generator loss, "gan_weight": its weight (adaptive x weight), "gan_total": product}."""
+        zero = fake.new_zeros(())
+        if not self.active(step):
+            return {"gan": zero, "gan_weight": zero, "gan_total": zero}
+        bare = getattr(self.discriminator, "module", self.discriminator)
+        for p in bare.parameters():
+            p.requires_grad_(False)  # no discriminator grads from the generator's loss
+        try:
+            gan = generator_adversarial_loss(bare(fake), self.kind).mean()
+        finally:
+            for p in bare.parameters():
+                p.requires_grad_(True)
+        weight = fake.new_tensor(self.weight)
+        if self.adaptive:
+            if last_layer is None or recon_loss is None:
+                raise ValueError("adaptive GAN weight needs recon_loss and the generator's last_layer weight")
+            weight = weight * adaptive_gan_weight(recon_loss, gan, last_layer, self.max_adaptive_weight)
+        return {"gan": gan, "gan_weight": weight, "gan_total": weight * gan}
+
+    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> dict:
+        """{"disc": scalar loss to minimise, "r1": mean penalty, "logits_real", "logits_fake": means}."""
+        zero = real.new_zeros(())
+        if not self.active(step):
+            return {"disc": zero, "r1": zero, "logits_real": zero, "logits_fake": zero}
+        if self.r1_weight > 0:
+            penalty, logits_real = r1_penalty(self.discriminator, real)
+        else:
+            penalty, logits_real = zero, self.discriminator(real.detach())
+        logits_fake = self.discriminator(fake.detach())
+        loss = discriminator_loss(logits_real, logits_fake, self.kind).mean() + 0.5 * self.r1_weight * penalty.mean()
+        return {"disc": loss, "r1": penalty.mean().detach(), "logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
+
+
+def end_to_end_loss(
+    model: Denoiser,
+    z_T: torch.Tensor,
+    target: torch.Tensor,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    *,
+    loss_weights: dict[str, float] | None = None,
+    lpips: LPIPS | None = None,
+    gan: GANLoss | None = None,
+    step: int = 0,
+    last_layer: torch.Tensor | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target_image: torch.Tensor | None = None,
+    **sampler_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Alg. 1 lines 6-11 for one batch: unroll the sampler from z_T, compare its output to the target
+    (Eq. 7), add the adversarial term (Eq. 8). Returns (loss, logs, output).
+
+    :param decode: maps sampler outputs to images for LPIPS and the discriminator (a VAE decoder in
+        latent space); None when the sampler works in pixel space.
+    :param target_image: the target in image space when `decode` is given (else decode(target)).
+    :returns: loss (scalar, to backpropagate), logs (detached scalars), output z0 (B, ...) — decode it
+        again (or pass the returned image) for the discriminator step.
+    """
+    output = unrolled_sample(model, z_T, schedule, num_steps, **sampler_kwargs)
+    need_images = (loss_weights or {}).get("lpips", 0) > 0 or (gan is not None and gan.active(step))
+    pred_image = decode(output) if decode is not None and need_images else None
+    if decode is not None and need_images and target_image is None:
+        with torch.no_grad():
+            target_image = decode(target)
+    terms = reconstruction_loss(output, target, loss_weights, lpips, pred_image=pred_image, target_image=target_image)
+    loss = terms["recon"].mean()
+    logs = {name: value.mean().detach() for name, value in terms.items()}
+    if gan is not None and gan.active(step):
+        adversarial = gan.generator_loss(output if pred_image is None else pred_image, loss, step, last_layer)
+        loss = loss + adversarial["gan_total"]
+        logs.update({name: value.detach() for name, value in adversarial.items()})
+    logs["loss"] = loss.detach()
+    return loss, logs, output if pred_image is None else pred_image
+
+
+# --------------------------------------------------------------------------------------------------
+# 7. EMA of the weights (Alg. 1 line 13)
+# --------------------------------------------------------------------------------------------------
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied): a frozen deep copy
+    updated with theta_ema <- decay theta_ema + (1 - decay) theta. Give `decay` (paper: 0.95) or
+    `half_life` in steps (decay = 0.5 ** (1 / half_life))."""
+
+    def __init__(self, model: nn.Module, decay: float | None = None, half_life: float | None = None):
+        if (decay is None) == (half_life is None):
+            raise ValueError("give exactly one of decay or half_life")
+        if half_life is not None:
+            if half_life <= 0:
+                raise ValueError(f"half_life must be > 0, got {half_life}")
+            decay = 0.5 ** (1.0 / half_life)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        model = getattr(model, "module", model)  # unwrap DDP
+        for ema_param, param in zip(self.module.parameters(), model.parameters(), strict=True):
+            ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        self.module.load_state_dict(state["module"])
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. The standard diffusion loss (Ho et al. 2020), to pretrain the base model
+# --------------------------------------------------------------------------------------------------
+
+
+def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, prediction_type: str = "v_prediction",
+                   cond: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One random timestep per sample: z_t = alpha_t x0 + sigma_t eps, regress the parameterisation's
+    target. Returns the per-sample MSE, (B,)."""
+    check_prediction_type(prediction_type, schedule)
+    gen_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=gen_device).to(x0.device)
+    eps = _randn_like(x0, generator)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    z_t = _expand(alpha, x0) * x0 + _expand(sigma, x0) * eps
+    target = prediction_target(x0, eps, alpha, sigma, prediction_type)
+    output = model(z_t, t, cond)
+    if output.shape != target.shape:
+        raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z_t.shape)}")
+    return (output.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. Training utilities shared by train_toy.py and train_t2i.py
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Write atomically: to a temp file in the same folder, fsync, then rename over `path`, so a crash
+    mid-write never leaves a truncated checkpoint (the previous one stays intact)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint with torch.load(weights_only=True) (no arbitrary code from the file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated file, foreign pickle, ...
+        raise ValueError(f"could not read checkpoint {path}: {error}") from error
+
+
+def rng_state() -> dict:
+    """Every global RNG a training loop touches (torch CPU, CUDA, python, numpy), as tensors/tuples."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_pos": int(numpy_state[2]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; otherwise the named device, which must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; valid here: 'auto', 'cpu'")
+    return device
+
+
+if __name__ == "__main__":
+    # A 10-second tour: the leakage numbers, then one unrolled end-to-end step on random data.
+    for zero_snr in (False, True):
+        schedule = make_schedule("scaled_linear", zero_terminal_snr=zero_snr)
+        row = ", ".join(f"{s}: {start_leakage(schedule, 4, s):.4f}" for s in SPACINGS)
+        print(f"scaled_linear zero_terminal_snr={zero_snr!s:5}  sqrt(abar) at the 4-step sampler's start -> {row}")
+    torch.manual_seed(0)
+    schedule = make_schedule("linear", zero_terminal_snr=True)
+    net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 2))
+    model = lambda z, t, cond: net(torch.cat([z, (t.float() / 1000)[:, None]], dim=1))  # noqa: E731
+    target = torch.randn(64, 2)
+    z_T, target = couple("independent", target)
+    loss, logs, _ = end_to_end_loss(model, z_T, target, schedule, 4, checkpoint=True)
+    loss.backward()
+    grad_norm = sum(p.grad.norm() ** 2 for p in net.parameters()) ** 0.5
+    print(f"one 4-step end-to-end step: loss {logs['loss']:.4f}, gradient norm {grad_norm:.4f}")
