@@ -1,0 +1,440 @@
+"""Tests of the core module e2ediff.py. Run: python -m pytest -q tests/test_e2ediff.py"""
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import e2ediff
+import toy2d
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+# ---------------------------------------------------------------- 1. schedule
+
+
+def test_linear_schedule_matches_closed_form():
+    schedule = e2ediff.make_schedule("linear", 1000)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    np.testing.assert_allclose(schedule.betas.numpy(), betas, rtol=1e-6)
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-5)
+    t = torch.tensor([0, 500, 999])
+    abar = torch.from_numpy(np.cumprod(1 - betas)[[0, 500, 999]]).float()
+    torch.testing.assert_close(schedule.alpha(t), abar.sqrt())
+    torch.testing.assert_close(schedule.sigma(t), (1 - abar).sqrt())
+    torch.testing.assert_close(schedule.snr(t), abar / (1 - abar))
+    assert schedule.betas.dtype == torch.float32 and not schedule.zero_terminal_snr
+
+
+def test_scaled_linear_and_cosine_schedules_match_closed_form():
+    scaled = e2ediff.make_schedule("scaled_linear", 1000)
+    assert scaled.betas[0].item() == pytest.approx(0.00085, rel=1e-5)
+    assert scaled.betas[-1].item() == pytest.approx(0.012, rel=1e-5)
+    assert scaled.betas[500].item() == pytest.approx(np.linspace(0.00085**0.5, 0.012**0.5, 1000)[500] ** 2, rel=1e-5)
+    cosine = e2ediff.make_schedule("cosine", 1000)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 250, 500, 900):  # unclamped region: abar_t = f(t + 1) / f(0)
+        assert cosine.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
+    assert cosine.betas.max().item() <= 0.999 + 1e-7
+
+
+@pytest.mark.parametrize("kind", e2ediff.SCHEDULES)
+def test_zero_terminal_snr_rescale_zeroes_last_and_keeps_first(kind):
+    plain = e2ediff.make_schedule(kind, 1000)
+    rescaled = e2ediff.make_schedule(kind, 1000, zero_terminal_snr=True)
+    assert rescaled.alphas_cumprod[-1].item() == 0.0 and rescaled.zero_terminal_snr
+    assert rescaled.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    assert torch.all(rescaled.alphas_cumprod[1:] <= rescaled.alphas_cumprod[:-1])
+
+
+def test_sampling_timesteps_follow_diffusers_conventions():
+    assert e2ediff.sampling_timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
+    assert e2ediff.sampling_timesteps(1000, 4, "leading").tolist() == [751, 501, 251, 1]
+    assert e2ediff.sampling_timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
+    assert e2ediff.sampling_timesteps(1000, 1, "trailing").tolist() == [999]
+
+
+def test_leakage_positive_for_plain_linear_and_zero_after_rescale():
+    plain = e2ediff.make_schedule("linear")
+    rescaled = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    expected = math.sqrt(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[-1])
+    assert e2ediff.start_leakage(plain, 4, "trailing") == pytest.approx(expected, rel=1e-4)
+    assert expected > 0.004
+    assert e2ediff.start_leakage(rescaled, 4, "trailing") == 0.0
+    # "leading" never starts at t = N - 1: it leaks even with a zero-SNR schedule
+    assert e2ediff.start_leakage(rescaled, 4, "leading") > 0.05
+    # Stable Diffusion's schedule: sqrt(abar_T) ~ 0.068 (Lin et al. 2024)
+    assert e2ediff.start_leakage(e2ediff.make_schedule("scaled_linear"), 4) == pytest.approx(0.068, abs=1e-3)
+
+
+# ---------------------------------------------------------------- 2. parameterisations
+
+
+@pytest.mark.parametrize("prediction_type", e2ediff.PREDICTION_TYPES)
+def test_parameterisation_round_trip(prediction_type):
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, 4, 4, generator=generator), torch.randn(5, 3, 4, 4, generator=generator)
+    abar = torch.rand(5, generator=generator) * 0.98 + 0.01
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    z = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+    output = e2ediff.prediction_target(x0, eps, alpha, sigma, prediction_type)
+    x0_back, eps_back = e2ediff.split_prediction(output, z, alpha, sigma, prediction_type)
+    torch.testing.assert_close(x0_back, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_back, eps, rtol=1e-4, atol=1e-4)
+
+
+def test_epsilon_prediction_refused_under_zero_terminal_snr():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="v_prediction"):
+        e2ediff.check_prediction_type("epsilon", schedule)
+    with pytest.raises(ValueError, match="zero-terminal-SNR"):
+        e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), schedule, 2, prediction_type="epsilon")
+    e2ediff.check_prediction_type("epsilon", e2ediff.make_schedule("linear"))  # fine without the rescale
+
+
+# ---------------------------------------------------------------- 3. sampler + 4. couplings
+
+
+def point_oracle(x_star: torch.Tensor, schedule, prediction_type="v_prediction"):
+    """A model that knows the data is the single point x_star: outputs the exact target."""
+    def model(z, t, cond=None):
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        eps = (z - e2ediff._expand(alpha, z) * x_star) / e2ediff._expand(sigma, z)
+        return e2ediff.prediction_target(x_star.expand_as(z), eps, alpha, sigma, prediction_type)
+    return model
+
+
+def gaussian_oracle(mean: float, std: float, schedule):
+    """The exact v-prediction for data x0 ~ N(mean, std^2 I): E[x0 | z_t] is linear in z_t."""
+    def model(z, t, cond=None):
+        alpha, sigma = e2ediff._expand(schedule.alpha(t), z), e2ediff._expand(schedule.sigma(t), z)
+        x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (z - alpha * mean)
+        eps = (z - alpha * x0) / sigma
+        return alpha * eps - sigma * x0
+    return model
+
+
+def test_point_oracle_ddim_from_its_inversion_reconstructs_the_point():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    x_star = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = point_oracle(x_star, schedule)
+    z_T = e2ediff.ddim_invert(model, x_star, schedule, 25)
+    assert relative_error(z_T, x_star) > 0.5  # z_T is noise, not the data
+    z0 = e2ediff.unrolled_sample(model, z_T, schedule, 4)
+    torch.testing.assert_close(z0, x_star, rtol=1e-4, atol=1e-4)
+
+
+def test_gaussian_oracle_inversion_then_ddim_reconstructs_each_sample():
+    """The probability-flow ODE is invertible: inverting and re-sampling maps each x0 back to itself
+    up to a first-order discretisation error (halving the step size halves it), and the inverted z_T
+    look like N(0, I)."""
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    model = gaussian_oracle(0.5, 0.3, schedule)
+    x0 = 0.5 + 0.3 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
+    errors = {}
+    for steps in (50, 200):
+        z_T = e2ediff.ddim_invert(model, x0, schedule, steps)
+        errors[steps] = (e2ediff.unrolled_sample(model, z_T, schedule, steps) - x0).abs().mean().item()
+    assert z_T.mean().item() == pytest.approx(0.0, abs=0.05) and z_T.std().item() == pytest.approx(1.0, abs=0.05)
+    assert errors[200] < 0.015  # the data's own spread is 0.3
+    assert errors[50] / errors[200] > 3  # first order: 4x the steps, ~4x smaller error
+
+
+class PerStepGain(nn.Module):
+    """Denoiser with one scalar gain per sampler timestep, so each step's gradient is visible."""
+
+    def __init__(self, timesteps):
+        super().__init__()
+        self.index = {t: i for i, t in enumerate(timesteps)}
+        self.gains = nn.Parameter(torch.ones(len(timesteps)))
+        self.net = nn.Sequential(nn.Linear(3, 32), nn.Tanh(), nn.Linear(32, 2))
+
+    def forward(self, z, t, cond=None):
+        gain = self.gains[torch.tensor([self.index[int(s)] for s in t])]
+        return gain[:, None] * self.net(torch.cat([z, t[:, None].float() / 1000], dim=1))
+
+
+def _gains_grad(num_steps, **kwargs):
+    torch.manual_seed(0)
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    model = PerStepGain(e2ediff.sampling_timesteps(1000, num_steps).tolist())
+    z_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    out = e2ediff.unrolled_sample(model, z_T, schedule, num_steps, **kwargs)
+    out.pow(2).sum().backward()
+    return model, z_T
+
+
+def test_gradients_reach_the_model_through_every_step():
+    for update in e2ediff.UPDATES:
+        model, z_T = _gains_grad(4, update=update, generator=torch.Generator().manual_seed(0))
+        assert torch.all(model.gains.grad.abs() > 1e-6), (update, model.gains.grad)
+    assert z_T.grad is not None and z_T.grad.abs().sum() > 0
+
+
+def test_truncated_backprop_gives_no_gradient_before_the_last_k_steps():
+    model, z_T = _gains_grad(4, backprop_steps=2)
+    assert torch.all(model.gains.grad[:2] == 0)  # steps 1, 2 (t = 999, 749)
+    assert torch.all(model.gains.grad[2:].abs() > 1e-6)  # steps 3, 4
+    assert z_T.grad is None
+
+
+@pytest.mark.parametrize("update,guidance_scale", [("ddim", 1.0), ("lcm", 1.0), ("ddim", 3.0)])
+def test_checkpointed_gradients_match_plain(update, guidance_scale):
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 64), nn.SiLU(), nn.Dropout(0.1), nn.Linear(64, 2))
+    model = lambda z, t, cond: net(torch.cat([z, t[:, None].float() / 1000, cond], dim=1))  # noqa: E731
+    z_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
+    cond, uncond = torch.ones(16, 1), torch.zeros(16, 1)
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(1)  # same dropout masks; checkpoint replays the RNG state
+        net.zero_grad()
+        out = e2ediff.unrolled_sample(model, z_T, schedule, 4, update=update, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                                      generator=torch.Generator().manual_seed(5), checkpoint=use_checkpoint)
+        out.pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert grads[0].norm() > 0
+    assert relative_error(grads[1], grads[0]) <= 1e-5
+
+
+def test_sampler_is_reproducible_with_a_generator_and_returns_its_trajectory():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    model = gaussian_oracle(0.0, 1.0, schedule)
+    z_T = torch.randn(4, 2)
+    runs = [e2ediff.unrolled_sample(model, z_T, schedule, 3, update="lcm", generator=torch.Generator().manual_seed(7), return_trajectory=True) for _ in range(2)]
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    assert len(runs[0][1]) == 3 and runs[0][1][-1] is runs[0][0]
+    other = e2ediff.unrolled_sample(model, z_T, schedule, 3, update="lcm", generator=torch.Generator().manual_seed(8))
+    assert relative_error(other, runs[0][0]) > 1e-3  # the fresh noise does matter
+
+
+def test_ddim_with_eta_zero_equals_ddim_default_and_eta_changes_it():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    model = gaussian_oracle(0.0, 0.5, schedule)
+    z_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    deterministic = e2ediff.unrolled_sample(model, z_T, schedule, 4)
+    stochastic = e2ediff.unrolled_sample(model, z_T, schedule, 4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(deterministic, e2ediff.unrolled_sample(model, z_T, schedule, 4, eta=0.0))
+    assert relative_error(stochastic, deterministic) > 1e-2
+
+
+def test_teacher_coupling_targets_are_the_base_models_many_step_samples():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    model = gaussian_oracle(0.2, 0.4, schedule)
+    z_T, target = e2ediff.couple("teacher", torch.zeros(8, 2), base_model=model, schedule=schedule, teacher_steps=50, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(z_T, torch.randn(8, 2, generator=torch.Generator().manual_seed(9)))
+    torch.testing.assert_close(target, e2ediff.unrolled_sample(model, z_T, schedule, 50))
+
+
+def test_independent_l2_collapses_to_the_mean_while_inversion_l2_keeps_the_modes():
+    """NOTES section 1 at test size: Alg. 1 as written (independent pairs, L2) shrinks the ring of 8
+    Gaussians toward its mean; the inversion coupling keeps the modes."""
+    base = toy2d.pretrain(steps=1500, batch=256, hidden=64)
+    base_distance = toy2d.score(base, 4, n=1000)
+    independent = toy2d.finetune(base, "independent", num_steps=4, steps=250, lr=1e-3, dataset_size=2048, inversion_steps=25)
+    inversion = toy2d.finetune(base, "inversion", num_steps=4, steps=250, lr=1e-3, dataset_size=2048, inversion_steps=25)
+    d_independent, d_inversion = toy2d.score(independent, 4, n=1000), toy2d.score(inversion, 4, n=1000)
+    radius_independent = toy2d.sample(independent, 4, n=1000).norm(dim=1).mean().item()
+    radius_inversion = toy2d.sample(inversion, 4, n=1000).norm(dim=1).mean().item()
+    assert radius_independent < 0.6 < 0.85 < radius_inversion  # data radius is 1.0
+    assert d_independent > 5 * d_inversion
+    assert d_inversion < base_distance  # and it improves on the base's own 4-step DDIM
+
+
+# ---------------------------------------------------------------- 5. losses
+
+
+def test_reconstruction_loss_terms_match_closed_forms():
+    pred, target = torch.zeros(2, 1, 2, 2), torch.tensor([1.0, -3.0]).reshape(2, 1, 1, 1).expand(2, 1, 2, 2)
+    terms = e2ediff.reconstruction_loss(pred, target, {"l1": 0.5, "l2": 2.0})
+    torch.testing.assert_close(terms["l1"], torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(terms["l2"], torch.tensor([1.0, 9.0]))
+    torch.testing.assert_close(terms["recon"], torch.tensor([0.5 + 2.0, 1.5 + 18.0]))
+    assert "lpips" not in terms
+
+
+def test_lpips_with_opted_in_random_backbone_gives_per_sample_values_and_gradients():
+    lpips = e2ediff.LPIPS(random_backbone=True, min_size=32)
+    assert not any(p.requires_grad for p in lpips.parameters())
+    lpips.train()
+    assert not lpips.training and not lpips.net.training
+    generator = torch.Generator().manual_seed(0)
+    a = (torch.rand(3, 1, 8, 8, generator=generator) * 2 - 1).requires_grad_(True)
+    b = torch.rand(3, 1, 8, 8, generator=generator) * 2 - 1
+    distance = lpips(a, b)
+    assert distance.shape == (3,) and torch.all(distance > 0)
+    assert torch.allclose(lpips(b, b), torch.zeros(3), atol=1e-6)
+    distance.sum().backward()
+    assert a.grad.abs().sum() > 0
+    terms = e2ediff.reconstruction_loss(a, b, {"l2": 1.0, "lpips": 0.5}, lpips=lpips)
+    torch.testing.assert_close(terms["recon"], terms["l2"] + 0.5 * terms["lpips"])
+
+
+def test_lpips_without_backbone_weights_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth.*hub/checkpoints"):
+        e2ediff.LPIPS(net="alex")
+    with pytest.raises(ValueError, match="an 'lpips' weight > 0 needs an LPIPS module"):
+        e2ediff.reconstruction_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), {"lpips": 1.0})
+
+
+# ---------------------------------------------------------------- 6. adversarial
+
+
+def test_gan_loss_signs_and_values():
+    big, small = torch.full((2, 1, 3, 3), 5.0), torch.full((2, 1, 3, 3), -5.0)
+    torch.testing.assert_close(e2ediff.discriminator_loss(big, small, "hinge"), torch.zeros(2))  # D is right: no loss
+    torch.testing.assert_close(e2ediff.discriminator_loss(small, big, "hinge"), torch.full((2,), 12.0))
+    torch.testing.assert_close(e2ediff.generator_adversarial_loss(big, "hinge"), torch.full((2,), -5.0))
+    softplus5 = math.log1p(math.exp(5.0))
+    torch.testing.assert_close(e2ediff.discriminator_loss(small, big, "non_saturating"), torch.full((2,), 2 * softplus5))
+    torch.testing.assert_close(e2ediff.generator_adversarial_loss(small, "non_saturating"), torch.full((2,), softplus5))
+    # the generator loss falls as the discriminator believes the fakes more
+    assert e2ediff.generator_adversarial_loss(big).mean() < e2ediff.generator_adversarial_loss(small).mean()
+
+
+def test_adaptive_weight_is_the_clamped_ratio_of_gradient_norms():
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    recon = (torch.tensor([3.0, 4.0]) * w).sum()  # gradient (3, 4): norm 5
+    gan = (torch.tensor([0.0, 0.5]) * w).sum()  # gradient (0, .5): norm .5
+    weight = e2ediff.adaptive_gan_weight(recon, gan, w)
+    assert weight.item() == pytest.approx(5.0 / (0.5 + 1e-4), rel=1e-6) and not weight.requires_grad
+    assert e2ediff.adaptive_gan_weight(recon, gan, w, max_weight=2.0).item() == 2.0
+
+
+def test_no_discriminator_call_before_the_start_step():
+    discriminator = e2ediff.PatchDiscriminator(in_channels=1, base_channels=8, num_layers=1)
+    calls = []
+    discriminator.register_forward_hook(lambda *args: calls.append(1))
+    gan = e2ediff.GANLoss(discriminator, start_step=10, adaptive=False, weight=0.5)
+    fake = torch.randn(2, 1, 8, 8, requires_grad=True)
+    before = gan.generator_loss(fake, None, step=9)
+    disc_before = gan.discriminator_loss(torch.randn(2, 1, 8, 8), fake, step=9)
+    assert calls == [] and before["gan_total"].item() == 0.0 and disc_before["disc"].item() == 0.0
+    after = gan.generator_loss(fake, None, step=10)
+    assert len(calls) == 1 and after["gan_weight"].item() == 0.5
+    after["gan_total"].backward()
+    assert fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in discriminator.parameters())  # the generator step leaves D alone
+    gan.discriminator_loss(torch.randn(2, 1, 8, 8), fake, step=10)["disc"].backward()
+    assert len(calls) == 3 and all(p.grad is not None for p in discriminator.parameters())
+
+
+def test_r1_penalty_matches_closed_form_for_a_linear_discriminator():
+    linear = nn.Linear(3, 1, bias=False)
+    penalty, _ = e2ediff.r1_penalty(linear, torch.randn(4, 3))
+    torch.testing.assert_close(penalty, linear.weight.pow(2).sum().expand(4))
+
+
+def test_patch_discriminator_shapes_batch_independence_and_small_input_error():
+    torch.manual_seed(0)
+    discriminator = e2ediff.PatchDiscriminator(in_channels=3, base_channels=16, num_layers=3)
+    x = torch.randn(4, 3, 32, 32)
+    logits = discriminator(x)
+    assert logits.shape == (4, 1, 2, 2)
+    torch.testing.assert_close(discriminator(x[:1]), logits[:1], rtol=1e-5, atol=1e-5)  # no batch statistics
+    with pytest.raises(ValueError, match="num_layers=3 needs .* H, W >= 24"):
+        discriminator(torch.randn(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- 7. EMA, 8. diffusion loss
+
+
+def test_ema_arithmetic_half_life_buffers_and_state_dict():
+    model = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = e2ediff.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(7.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((2,), 0.9 * 1 + 0.1 * 3))
+    torch.testing.assert_close(ema.module.running_mean, torch.full((2,), 7.0))
+    assert not ema.module.weight.requires_grad
+    halving = e2ediff.EMA(model, half_life=10)
+    assert halving.decay**10 == pytest.approx(0.5)
+    restored = e2ediff.EMA(nn.BatchNorm1d(2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.decay == 0.9
+    torch.testing.assert_close(restored.module.weight, ema.module.weight)
+    with pytest.raises(ValueError, match="exactly one"):
+        e2ediff.EMA(model)
+
+
+@pytest.mark.parametrize("prediction_type", e2ediff.PREDICTION_TYPES)
+def test_diffusion_loss_is_zero_for_the_oracle_and_positive_otherwise(prediction_type):
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=prediction_type != "epsilon")
+    x_star = torch.randn(1, 2, 3, 3).expand(16, 2, 3, 3)
+    oracle = e2ediff.diffusion_loss(point_oracle(x_star, schedule, prediction_type), x_star, schedule, prediction_type, generator=torch.Generator().manual_seed(0))
+    assert oracle.shape == (16,) and oracle.max().item() < 1e-6
+    zero = e2ediff.diffusion_loss(lambda z, t, c: torch.zeros_like(z), x_star, schedule, prediction_type, generator=torch.Generator().manual_seed(0))
+    assert zero.min().item() > 1e-3
+
+
+# ---------------------------------------------------------------- 9. utilities
+
+
+def test_checkpoint_round_trip_is_weights_only_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    e2ediff.save_checkpoint({"step": 1, "weights": torch.arange(3.0), "config": {"lr": 1e-4}}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+    assert e2ediff.load_checkpoint(path)["config"] == {"lr": 1e-4}
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        e2ediff.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert e2ediff.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        e2ediff.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        e2ediff.load_checkpoint(str(tmp_path / "garbage.pt"))
+
+
+def test_rng_state_round_trip_replays_every_generator(tmp_path):
+    state = e2ediff.rng_state()
+    e2ediff.save_checkpoint({"rng": state}, str(tmp_path / "rng.pt"))
+    first = (torch.rand(3), random.random(), np.random.rand(3))
+    e2ediff.set_rng_state(e2ediff.load_checkpoint(str(tmp_path / "rng.pt"))["rng"])
+    second = (torch.rand(3), random.random(), np.random.rand(3))
+    torch.testing.assert_close(first[0], second[0])
+    assert first[1] == second[1] and np.array_equal(first[2], second[2])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: e2ediff.make_schedule("quadratic"), "unknown schedule 'quadratic'; valid choices: 'linear', 'scaled_linear', 'cosine'"),
+    (lambda: e2ediff.sampling_timesteps(1000, 4, "middle"), "valid choices: 'trailing', 'leading', 'linspace'"),
+    (lambda: e2ediff.sampling_timesteps(1000, 0), "num_steps must be in"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), e2ediff.make_schedule(), 0), "must be >= 1"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), e2ediff.make_schedule(), 2, update="euler"), "valid choices: 'ddim', 'lcm'"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z[:, :1], torch.randn(2, 2), e2ediff.make_schedule(), 2), r"model returned shape \(2, 1\)"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), e2ediff.make_schedule(), 2, guidance_scale=2.0), "needs `uncond`"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), e2ediff.make_schedule(), 2, backprop_steps=3), "backprop_steps must be in"),
+    (lambda: e2ediff.unrolled_sample(lambda z, t, c: z, torch.randn(2, 2), e2ediff.make_schedule(), 2, prediction_type="x0"), "valid choices: 'epsilon', 'sample', 'v_prediction'"),
+    (lambda: e2ediff.couple("reflow", torch.randn(2, 2)), "valid choices: 'independent', 'inversion', 'teacher'"),
+    (lambda: e2ediff.couple("inversion", torch.randn(2, 2)), "needs the frozen base_model"),
+    (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 2), {"huber": 1.0}), "valid choices: 'l1', 'l2', 'lpips'"),
+    (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 3)), "shapes differ"),
+    (lambda: e2ediff.discriminator_loss(torch.zeros(1, 1), torch.zeros(1, 1), "wasserstein"), "valid choices: 'hinge', 'non_saturating'"),
+    (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
+])
+def test_bad_input_raises_value_error_naming_the_valid_choices(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -1,0 +1,177 @@
+"""toy2d — the 2D laboratory: a ring of 8 Gaussians, an MLP denoiser, and the energy distance.
+
+Small enough to train in seconds on a CPU, big enough to show the method's failure modes: the tests,
+the notebook and benchmarks/quality.py import it (it holds no method code of its own — the schedule,
+sampler, couplings, losses and EMA all come from e2ediff).
+
+    python toy2d.py        # pretrain a base, fine-tune end-to-end with each coupling, print the table
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+
+import e2ediff
+
+
+def ring_of_gaussians(n: int, generator: torch.Generator | None = None, modes: int = 8, radius: float = 1.0, std: float = 0.05) -> torch.Tensor:
+    """n points from `modes` isotropic Gaussians evenly spaced on a circle. (n, 2)."""
+    angle = torch.randint(0, modes, (n,), generator=generator).float() * (2 * math.pi / modes)
+    centres = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return centres + std * torch.randn(n, 2, generator=generator)
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Energy distance (Szekely & Rizzo 2013): 2 E|X - Y| - E|X - X'| - E|Y - Y'| >= 0, = 0 iff the
+    distributions match. x (n, d), y (m, d); the V-statistic (diagonal zeros included)."""
+    x, y = x.double(), y.double()
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+class MLPDenoiser(nn.Module):
+    """model(z (B, 2), t (B,), cond=None) -> (B, 2): an MLP on [z, sinusoidal embedding of t]."""
+
+    def __init__(self, hidden: int = 128, time_features: int = 16, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.time_features, self.num_train_timesteps = time_features, num_train_timesteps
+        self.net = nn.Sequential(
+            nn.Linear(2 + time_features, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, 2),
+        )
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.net[-1].weight
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        half = self.time_features // 2
+        frequencies = torch.exp(-math.log(1000.0) * torch.arange(half, device=z.device) / half)
+        angles = (t.float() / self.num_train_timesteps * 1000.0)[:, None] * frequencies[None]
+        return self.net(torch.cat([z, angles.sin(), angles.cos()], dim=1))
+
+
+class MLPDiscriminator(nn.Module):
+    """The 2D stand-in for the PatchGAN: one logit per point, (B, 2) -> (B, 1)."""
+
+    def __init__(self, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def default_schedule() -> e2ediff.NoiseSchedule:
+    """Linear betas rescaled to zero terminal SNR (Lin et al. 2024), as in NOTES section 1."""
+    return e2ediff.make_schedule("linear", zero_terminal_snr=True)
+
+
+def pretrain(steps: int = 2000, batch: int = 256, lr: float = 2e-3, seed: int = 0, hidden: int = 128) -> MLPDenoiser:
+    """The base model: standard v-prediction diffusion training on fresh ring samples."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model, schedule = MLPDenoiser(hidden), default_schedule()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        loss = e2ediff.diffusion_loss(model, ring_of_gaussians(batch, generator), schedule, "v_prediction", generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_decay.step()
+    return model.eval().requires_grad_(False)
+
+
+def finetune(
+    base: MLPDenoiser,
+    coupling: str = "inversion",
+    num_steps: int = 4,
+    loss_weights: dict | None = None,
+    gan_weight: float = 0.0,
+    steps: int = 500,
+    batch: int = 256,
+    lr: float = 1e-4,
+    dataset_size: int = 4096,
+    inversion_steps: int = 50,
+    seed: int = 0,
+    ema_decay: float | None = None,
+) -> MLPDenoiser:
+    """End-to-end fine-tuning (Alg. 1) of a copy of `base` on a fixed training set of ring points.
+
+    For "inversion" the z_T of every training point is computed once by the frozen base and cached
+    (the base never changes, so the cache is exact). `loss_weights` = None means L2; pass {} with
+    gan_weight > 0 for the GAN loss alone. Returns the EMA model if ema_decay is set, else the model.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed + 1)
+    schedule = default_schedule()
+    data = ring_of_gaussians(dataset_size, generator)
+    cached_noise = None
+    if coupling == "inversion":
+        cached_noise, _ = e2ediff.couple("inversion", data, base_model=base, schedule=schedule, inversion_steps=inversion_steps)
+    model = MLPDenoiser(base.net[0].out_features)
+    model.load_state_dict(base.state_dict())
+    model.train().requires_grad_(True)
+    ema = e2ediff.EMA(model, decay=ema_decay) if ema_decay is not None else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    gan = None
+    if gan_weight > 0:
+        discriminator = MLPDiscriminator()
+        gan = e2ediff.GANLoss(discriminator, kind="hinge", weight=gan_weight, adaptive=False)
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=lr * 10, betas=(0.5, 0.9))
+    loss_weights = {"l2": 1.0} if loss_weights is None else loss_weights
+    for step in range(steps):
+        index = torch.randint(0, dataset_size, (batch,), generator=generator)
+        if cached_noise is not None:
+            z_T, target = cached_noise[index], data[index]
+        else:
+            z_T, target = e2ediff.couple(coupling, data[index], base_model=base, schedule=schedule, generator=generator)
+        if loss_weights:
+            loss, _, output = e2ediff.end_to_end_loss(model, z_T, target, schedule, num_steps, loss_weights=loss_weights, gan=gan, step=step, last_layer=model.last_layer)
+        else:  # adversarial loss alone
+            output = e2ediff.unrolled_sample(model, z_T, schedule, num_steps)
+            loss = gan.generator_loss(output, None, step)["gan_total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        if gan is not None:
+            disc_loss = gan.discriminator_loss(target, output, step)["disc"]
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_optimizer.step()
+    final = ema.module if ema is not None else model
+    return final.eval().requires_grad_(False)
+
+
+def sample(model: MLPDenoiser, num_steps: int, n: int = 2000, seed: int = 123) -> torch.Tensor:
+    """n samples with the deterministic DDIM/unrolled sampler from fresh noise. (n, 2)."""
+    z_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return e2ediff.unrolled_sample(model, z_T, default_schedule(), num_steps)
+
+
+def score(model: MLPDenoiser, num_steps: int, n: int = 2000, seed: int = 123) -> float:
+    """Energy distance between n samples and n fresh ring points (lower is better)."""
+    reference = ring_of_gaussians(n, torch.Generator().manual_seed(seed + 1))
+    return energy_distance(sample(model, num_steps, n, seed), reference)
+
+
+if __name__ == "__main__":
+    start = time.time()
+    base = pretrain()
+    print(f"base pretrained in {time.time() - start:.1f}s; energy distance to fresh data (lower is better)")
+    print("| sampler | 1 NFE | 4 NFE |\n|---|---|---|")
+    print(f"| base, DDIM (50 NFE: {score(base, 50):.4f}) | {score(base, 1):.4f} | {score(base, 4):.4f} |")
+    for name, kwargs in [("independent, L2", dict(coupling="independent")),
+                         ("inversion, L2", dict(coupling="inversion")),
+                         ("independent, GAN only", dict(coupling="independent", loss_weights={}, gan_weight=1.0))]:
+        scores = [score(finetune(base, num_steps=k, **kwargs), k) for k in (1, 4)]
+        print(f"| E2E, {name} | {scores[0]:.4f} | {scores[1]:.4f} |")
+    print(f"total {time.time() - start:.1f}s")
