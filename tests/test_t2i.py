@@ -1,0 +1,284 @@
+"""train_t2i.py on tiny random models (tests/tiny_t2i.py), CPU only, no network.
+
+The multi-process tests launch the script exactly as users do, `python -m torch.distributed.run
+--standalone --nproc_per_node=2 train_t2i.py ...` (gloo), each under a timeout that kills the whole
+process group, so a broken run fails the test instead of hanging it. The rest import the script.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("webdataset")
+
+import tiny_t2i  # noqa: E402  (pytest puts tests/ on sys.path)
+import train_t2i  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_t2i.py")
+NO_SKIPS = dict.fromkeys(train_t2i.SKIP_REASONS, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny pipeline, an imagefolder (10 good + 1 corrupt + 1 uncaptioned), two shards, a tiny CLIP."""
+    root = tmp_path_factory.mktemp("t2i")
+    tiny_t2i.write_tiny_pipeline(str(root / "pipeline"))
+    tiny_t2i.write_image_folder(str(root / "images"))
+    os.makedirs(root / "shards")
+    tiny_t2i.write_webdataset_tar(str(root / "shards" / "shard-000000.tar"), seed=1, start=0)
+    tiny_t2i.write_webdataset_tar(str(root / "shards" / "shard-000001.tar"), seed=2, start=100)
+    tiny_t2i.write_tiny_clip(str(root / "clip"))
+    return root
+
+
+def tiny_args(tiny, out_dir, data=None, **flags):
+    """Command-line flags for a fast run on the tiny models; flags given as keyword arguments."""
+    options = {"pretrained": tiny / "pipeline", "data": data or tiny / "images", "out_dir": out_dir, "resolution": 64,
+               "max_text_length": 16, "batch_size": 2, "lr": 1e-4, "log_every": 1, "num_workers": 0,
+               "lpips_weight": 0, "dist_timeout": 60, **flags}
+    args = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not False:
+            args += [flag, str(value)]
+    return args
+
+
+def launch(args, nproc=1, timeout=180, env=None):
+    """Run the script (under torchrun when nproc > 1); kill its whole process group on timeout."""
+    command = [sys.executable, SCRIPT] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   **(env or {})}
+    started = time.time()
+    process = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"run did not finish within {timeout}s:\n{output[-4000:]}")
+    return process.returncode, output, time.time() - started
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_rows(rows):
+    return [row for row in rows if "event" not in row]
+
+
+def events(rows, name):
+    return [row for row in rows if row.get("event") == name]
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun, 2 ranks on CPU
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny, tmp_path_factory):
+    """3 steps on 2 ranks, gradient accumulation 2, a DataLoader worker per rank, LPIPS and the GAN."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    args = tiny_args(tiny, out_dir, max_steps=3, grad_accum=2, num_workers=1, lpips_weight=1,
+                     lpips_random_backbone=True, gan_weight=0.1, gan_start_step=1, disc_channels=8)
+    returncode, output, _ = launch(args, nproc=2)
+    assert returncode == 0, output[-4000:]
+    return out_dir, args, read_log(out_dir)
+
+
+def test_two_ranks_train_with_finite_losses_and_count_each_bad_sample_once(ddp_run):
+    _, _, rows = ddp_run
+    assert rows[0]["event"] == "config" and rows[0]["world_size"] == 2
+    steps = step_rows(rows)
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    for row in steps:
+        assert all(math.isfinite(row[name]) for name in ("loss", "l2", "lpips", "grad_norm")), row
+    for row in steps[1:]:  # the GAN starts at step 1: generator and discriminator terms from then on
+        assert math.isfinite(row["gan"]) and math.isfinite(row["disc"]), row
+    # 1 corrupt image + 1 missing caption, summed over both ranks; each counted once in 2 epochs
+    assert steps[-1]["skipped"] == {**NO_SKIPS, "corrupt_image": 1, "missing_caption": 1}
+
+
+def test_two_ranks_hold_identical_weights_and_write_a_checkpoint(ddp_run):
+    out_dir, _, rows = ddp_run
+    (saved,) = events(rows, "checkpoint")
+    assert saved["step"] == 3 and len(saved["replica_checksums"]) == 2
+    assert saved["replica_checksums"][0] == saved["replica_checksums"][1] and saved["replicas_identical"]
+    checkpoint = train_t2i.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and len(checkpoint["data"]) == 2
+    assert len(checkpoint["rng"]) == 2 and checkpoint["discriminator"] is not None
+    assert os.path.isfile(os.path.join(out_dir, "samples", "step_0000003.png"))
+    assert os.path.isfile(os.path.join(out_dir, "transformer_ema", "config.json"))
+
+
+def test_two_ranks_resume_from_the_checkpoint_and_continue(ddp_run):
+    out_dir, args, rows_before = ddp_run
+    returncode, output, _ = launch(args + ["--resume", "--max-steps", "5"], nproc=2)
+    assert returncode == 0, output[-4000:]
+    new_rows = read_log(out_dir)[len(rows_before):]
+    (resumed,) = events(new_rows, "resume")
+    assert resumed["step"] == 3 and resumed["exact_data_position"]
+    steps = step_rows(new_rows)
+    assert [row["step"] for row in steps] == [4, 5] and all(math.isfinite(row["loss"]) for row in steps)
+    assert steps[-1]["skipped"] == {**NO_SKIPS, "corrupt_image": 1, "missing_caption": 1}  # not counted again
+    (saved,) = events(new_rows, "checkpoint")
+    assert saved["step"] == 5 and saved["replicas_identical"]
+    assert saved["replica_checksums"][0] != events(rows_before, "checkpoint")[0]["replica_checksums"][0]  # it trained
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang"])
+def test_a_failing_or_stuck_rank_fails_the_run_instead_of_hanging_it(tiny, tmp_path, fault):
+    # rank 1 raises, or sleeps forever, at step 1; rank 0 must not wait longer than --dist-timeout
+    args = tiny_args(tiny, tmp_path, max_steps=3, dist_timeout=20)
+    returncode, output, seconds = launch(args, nproc=2, timeout=150, env={"E2EDIFF_TEST_FAULT": f"{fault}:1:1"})
+    assert returncode != 0, output[-4000:]
+    assert seconds < 150
+    assert [row["step"] for row in step_rows(read_log(tmp_path))] == [1]  # it trained, then stopped at the fault
+
+
+# ----------------------------------------------------------------------------------------------
+# one process
+
+
+def test_single_process_reads_webdataset_shards_and_scores_clip(tiny, tmp_path):
+    data = str(tiny / "shards" / "shard-{000000..000001}.tar")
+    args = tiny_args(tiny, tmp_path, data=data, max_steps=3, eval_data=tiny / "images", clip_model=tiny / "clip",
+                     inception_weights=tmp_path / "no-inception.pth")
+    returncode, output, _ = launch(args)
+    assert returncode == 0, output[-4000:]
+    rows = read_log(tmp_path)
+    (start,) = events(rows, "start")
+    assert start["data"] == "webdataset" and start["units"] == 2
+    steps = step_rows(rows)
+    assert [row["step"] for row in steps] == [1, 2, 3] and all(math.isfinite(row["loss"]) for row in steps)
+    assert steps[-1]["skipped"] == {**NO_SKIPS, "empty_caption": 1}  # 6 samples read: one shard's sample 2 is empty
+    (evaluation,) = events(rows, "eval")
+    assert math.isfinite(evaluation["clip_score"])
+    assert "fid" not in evaluation and "FID skipped" in evaluation["messages"][0]
+    assert "--inception-weights" in evaluation["messages"][0]
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    """The imagefolder pre-computed to VAE posteriors + T5 embeddings (in this process)."""
+    folder = tmp_path_factory.mktemp("cache")
+    train_t2i.main(tiny_args(tiny, folder / "unused", precompute_to=folder))
+    return folder
+
+
+def test_precompute_writes_one_file_per_usable_sample(cache):
+    with open(cache / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["samples"] == 10 and meta["skipped"] == {**NO_SKIPS, "corrupt_image": 1, "missing_caption": 1}
+    from safetensors.torch import load_file
+    files = sorted(p for p in os.listdir(cache) if p.endswith(".safetensors"))
+    assert len(files) == 10
+    tensors = load_file(os.path.join(cache, files[0]))
+    assert tensors["latent_mean"].shape == tensors["latent_std"].shape == (4, 8, 8)
+    assert tensors["text_embeddings"].shape == (16, 32) and tensors["attention_mask"].shape == (16,)
+
+
+def test_resume_is_exact_on_precomputed_data(tiny, cache, tmp_path):
+    # 4 uninterrupted steps == 2 steps, stop, resume, 2 more: same weights, to the last bit
+    flags = dict(data=cache, coupling="inversion", inversion_steps=4, checkpoint_blocks=True, backprop_steps=2)
+    train_t2i.main(tiny_args(tiny, tmp_path / "straight", max_steps=4, **flags))
+    train_t2i.main(tiny_args(tiny, tmp_path / "resumed", max_steps=2, **flags))
+    train_t2i.main(tiny_args(tiny, tmp_path / "resumed", max_steps=4, resume=True, **flags))
+    straight = events(read_log(tmp_path / "straight"), "checkpoint")[-1]
+    resumed = events(read_log(tmp_path / "resumed"), "checkpoint")[-1]
+    assert straight["step"] == resumed["step"] == 4
+    assert straight["replica_checksums"] == resumed["replica_checksums"]
+    assert [row["step"] for row in step_rows(read_log(tmp_path / "resumed"))] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_data_streams_split_units_across_readers_and_resume_mid_stream(tiny, tmp_path):
+    streams = [train_t2i.CaptionStream(str(tiny / "images"), 64, rank, 2, epochs=1) for rank in (0, 1)]
+    items = [list(stream) for stream in streams]
+    keys = [{item["key"] for item in rank_items if "key" in item} for rank_items in items]
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 10  # disjoint, and together all good samples
+    bad = {**items[0][-1]["state"]["bad"], **items[1][-1]["state"]["bad"]}  # a finite stream ends with its state
+    assert bad == {"corrupt.jpg": "corrupt_image", "nocaption.jpg": "missing_caption"}
+    with open(tiny / "shards" / "shard-000001.tar", "rb") as f:
+        (tmp_path / "truncated.tar").write_bytes(f.read(5000))  # one image, then the end of the data
+    (tmp_path / "good.tar").write_bytes((tiny / "shards" / "shard-000000.tar").read_bytes())
+    *samples, end = train_t2i.CaptionStream(str(tmp_path), 64, epochs=1)
+    assert len(samples) == 8  # the good shard's; the truncated one's only image lost its caption
+    assert Counter(end["state"]["bad"].values()) == {"corrupt_shard": 1, "missing_caption": 1, "empty_caption": 1}
+    shards = str(tiny / "shards" / "shard-{000000..000001}.tar")
+    for data in (str(tiny / "images"), shards):
+        stream = iter(train_t2i.CaptionStream(data, 64, seed=3))
+        straight = [next(stream) for _ in range(14)]  # crosses a shard / an epoch boundary
+        resumed = iter(train_t2i.CaptionStream(data, 64, seed=3, start={0: straight[5]["state"]}))
+        assert [next(resumed)["key"] for _ in range(8)] == [item["key"] for item in straight[6:]]
+        assert torch.equal(next(iter(train_t2i.CaptionStream(data, 64, seed=3)))["pixels"], straight[0]["pixels"])
+    pixels = straight[0]["pixels"]  # resized and centre-cropped from 80x72, in [-1, 1]
+    assert pixels.shape == (3, 64, 64) and -1 <= pixels.min() <= pixels.max() <= 1
+
+
+def test_schedule_and_prediction_type_come_from_the_scheduler_config(tiny):
+    from diffusers import LCMScheduler
+    config = train_t2i.Config(pretrained=str(tiny / "pipeline"), data="unused")
+    scheduler_config = train_t2i.load_scheduler_config(config)
+    schedule = train_t2i.schedule_from_config(scheduler_config)
+    reference = LCMScheduler.from_pretrained(str(tiny / "pipeline"), subfolder="scheduler").alphas_cumprod
+    assert torch.allclose(schedule.alphas_cumprod, reference, rtol=1e-5, atol=1e-7)
+    assert scheduler_config["prediction_type"] == "epsilon"
+    with pytest.raises(ValueError, match="epsilon"):  # PixArt-delta's epsilon rules out zero terminal SNR
+        zero_snr = train_t2i.schedule_from_config(scheduler_config, zero_terminal_snr=True)
+        train_t2i.check_prediction_type("epsilon", zero_snr)
+
+
+@pytest.mark.parametrize("micro_conditions", [False, True])
+def test_denoiser_adapter_keeps_the_mean_half_of_a_learned_variance(micro_conditions):
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=micro_conditions)  # True: the 1024-MS models' resolution + aspect-ratio input
+    denoiser = train_t2i.Denoiser(transformer)
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 500])
+    cond = (torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    output = denoiser(z, t, cond)
+    assert output.shape == z.shape
+    assert denoiser.last_layer is transformer.proj_out.weight
+    if not micro_conditions:
+        full = transformer(z, timestep=t, encoder_hidden_states=cond[0], encoder_attention_mask=cond[1],
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert torch.equal(output, full[:, :4])
+
+
+def test_missing_model_fails_with_the_download_command(tiny, tmp_path):
+    with pytest.raises(SystemExit, match="hf download nobody/no-such-model --local-dir"):
+        train_t2i.main(tiny_args(tiny, tmp_path, pretrained="nobody/no-such-model"))
+    with pytest.raises(train_t2i.MissingModelError, match="pipeline folder"):
+        train_t2i.load_vae(train_t2i.Config(pretrained=str(tmp_path), data="unused"), torch.device("cpu"))
+
+
+def test_evaluation_reports_missing_models_clearly(tmp_path):
+    config = train_t2i.Config(data="unused", clip_model=str(tmp_path / "no-clip"),
+                              inception_weights=str(tmp_path / "no.pth"))
+    metrics, messages = train_t2i.build_metrics(config, torch.device("cpu"))
+    assert metrics == {}
+    assert "CLIP score skipped" in messages[0] and "--clip-model" in messages[0]
+    assert "FID skipped" in messages[1] and str(tmp_path / "no.pth") in messages[1]
