@@ -1,0 +1,268 @@
+"""Tests of train_toy.py on tiny configs of the embedded digits (CPU, no network, ~30 s).
+
+    python -m pytest tests/test_toy.py -q
+"""
+import json
+import os
+import pickle
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import train_toy
+from train_toy import Config, load_checkpoint
+
+
+def tiny(out_dir, **overrides):
+    """A config that runs every stage in about a second."""
+    settings = dict(
+        out_dir=str(out_dir), model_channels=8, pretrain_steps=6, pretrain_batch_size=32, warmup_steps=2,
+        finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2), inversion_steps=4,
+        eval_samples=100, eval_batch_size=100, classifier_epochs=1, log_every=1, save_every=100)
+    return Config(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return train_toy.load_digits_data()
+
+
+def flat_tensors(tree, prefix=""):
+    """{path: tensor} for every tensor in a nested checkpoint (dicts, lists, tuples)."""
+    if torch.is_tensor(tree):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {key: value for name, sub in items for key, value in flat_tensors(sub, f"{prefix}/{name}").items()}
+
+
+def assert_bit_identical(path_a, path_b, parts):
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["step"] == b["step"]
+    for part in parts:
+        tensors_a, tensors_b = flat_tensors(a[part]), flat_tensors(b[part])
+        assert tensors_a.keys() == tensors_b.keys() and tensors_a, part
+        for key in tensors_a:
+            assert torch.equal(tensors_a[key], tensors_b[key]), f"{part}{key} differs"
+
+
+# --- both stages end to end -------------------------------------------------------------------
+
+
+def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_table(tmp_path):
+    out = tmp_path / "run"
+    train_toy.main(["--out-dir", str(out), "--model-channels", "8", "--pretrain-steps", "20",
+                    "--pretrain-batch-size", "32", "--finetune-steps", "6", "--finetune-batch-size", "16",
+                    "--nfe", "1,2", "--base-nfe", "1,2,50", "--inversion-steps", "4", "--eval-samples", "100",
+                    "--classifier-epochs", "1", "--log-every", "5"])
+    base = torch.load(out / "pretrain.pt", weights_only=True)
+    assert base["step"] == 20 and base["stage"] == "pretrain" and base["config"]["model_channels"] == 8
+    assert {"model", "ema", "optimizer", "batches", "rng", "config"} <= base.keys()
+    for steps in (1, 2):
+        tuned = torch.load(out / f"finetune-nfe{steps}.pt", weights_only=True)
+        assert tuned["step"] == 6 and tuned["nfe"] == steps
+        moved = [not torch.equal(tuned["model"][k], base["ema"]["module"][k]) for k in tuned["model"]]
+        assert any(moved), "fine-tuning did not change the weights"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "pretrain"] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if r["stage"] == "finetune-nfe2"] == [5, 6]
+    assert all(np.isfinite(r["loss"]) and r["steps_per_second"] > 0 for r in rows if "loss" in r)
+    results = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["model"], r["nfe"]) for r in results] == [
+        ("real data (train split)", None), ("base, DDIM", 1), ("base, DDIM", 2), ("base, DDIM", 50),
+        ("E2E fine-tuned", 1), ("E2E fine-tuned", 2)]
+    assert all(np.isfinite(r["cfd"]) and r["cfd"] >= 0 for r in results)
+    assert "| E2E fine-tuned | 2 |" in (out / "results.md").read_text()
+    from PIL import Image
+    assert Image.open(out / "grids" / "e2e-nfe1.png").size == (10 * 66 + 2, 10 * 66 + 2)  # 10x10 digits, 64 px
+
+
+def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_discriminator(tmp_path, digits):
+    config = tiny(tmp_path, coupling="independent", l1_weight=1.0, l2_weight=0.0, lpips_weight=0.5,
+                  lpips_random_backbone=True, gan_weight=0.1, gan_start_step=2, finetune_steps=3,
+                  nfe=(2,), grad_checkpoint=True, backprop_steps=1)
+    train_toy.pretrain(config, digits, torch.device("cpu"))
+    path = train_toy.finetune(config, digits, torch.device("cpu"))[2]
+    checkpoint = load_checkpoint(path)
+    assert {"discriminator", "disc_optimizer"} <= checkpoint.keys()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["stage"] == "finetune-nfe2"]
+    assert "gan" not in tuned[0] and {"l1", "lpips", "gan", "gan_weight", "disc"} <= tuned[-1].keys()
+    assert tuned[-1]["loss"] == pytest.approx(tuned[-1]["recon"] + tuned[-1]["gan_total"], rel=1e-5)
+
+
+# --- exact resume -----------------------------------------------------------------------------
+
+
+def test_pretrain_resume_is_bit_identical_to_one_uninterrupted_run(tmp_path, digits):
+    cpu = torch.device("cpu")
+    train_toy.pretrain(tiny(tmp_path / "straight", pretrain_steps=6), digits, cpu)
+    train_toy.pretrain(tiny(tmp_path / "halves", pretrain_steps=3), digits, cpu)
+    train_toy.pretrain(tiny(tmp_path / "halves", pretrain_steps=6, resume=True), digits, cpu)
+    assert_bit_identical(tmp_path / "straight" / "pretrain.pt", tmp_path / "halves" / "pretrain.pt",
+                         ["model", "ema", "optimizer", "batches", "rng"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_finetune_resumes_bit_identically(tmp_path, digits, monkeypatch):
+    cpu = torch.device("cpu")
+    config = tiny(tmp_path / "straight", nfe=(2,))
+    train_toy.pretrain(config, digits, cpu)
+    train_toy.finetune(config, digits, cpu)
+    (tmp_path / "halves").mkdir()
+    (tmp_path / "halves" / "pretrain.pt").write_bytes((tmp_path / "straight" / "pretrain.pt").read_bytes())
+
+    calls, real_loss = [], train_toy.end_to_end_loss
+    def ctrl_c_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train_toy, "end_to_end_loss", ctrl_c_at_step_2)
+    with pytest.raises(KeyboardInterrupt, match="finetune-nfe2 interrupted at step 2"):
+        train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,)), digits, cpu)
+    assert load_checkpoint(tmp_path / "halves" / "finetune-nfe2.pt")["step"] == 2
+    monkeypatch.setattr(train_toy, "end_to_end_loss", real_loss)
+
+    train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,), resume=True), digits, cpu)
+    assert_bit_identical(tmp_path / "straight" / "finetune-nfe2.pt", tmp_path / "halves" / "finetune-nfe2.pt",
+                         ["model", "ema", "optimizer", "batches", "rng"])
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def write_fake_cifar10(root, per_batch=4):
+    """The python-pickle layout of CIFAR-10 with a few images per batch; image i of batch b has
+    every pixel of channel c equal to 10 b + c, and label (b + i) % 10."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data = np.repeat(np.array([10 * b, 10 * b + 1, 10 * b + 2], dtype=np.uint8), 1024)[None].repeat(per_batch, 0)
+        with open(folder / name, "wb") as file:
+            pickle.dump({"data": data, "labels": [(b + i) % 10 for i in range(per_batch)]}, file)
+
+
+def test_cifar10_loader_reads_a_fake_cifar_format_folder(tmp_path):
+    write_fake_cifar10(tmp_path)
+    data = train_toy.build_dataset(Config(dataset="cifar10", data_dir=str(tmp_path), download=False))
+    assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (4, 3, 32, 32)
+    assert data.train_labels.tolist()[:6] == [0, 1, 2, 3, 1, 2]
+    # batch 2, image 0, channel 1 holds 21 everywhere -> 21 / 255 * 2 - 1 in [-1, 1]
+    assert torch.allclose(data.train_images[8, 1], torch.full((32, 32), 21 / 255 * 2 - 1))
+    assert torch.allclose(data.test_images[:, 2], torch.full((4, 32, 32), 52 / 255 * 2 - 1))
+
+
+def test_missing_cifar10_offline_names_the_archive_and_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz") as error:
+        train_toy.load_cifar10(tmp_path, download=False)
+    assert str(tmp_path / "cifar-10-batches-py") in str(error.value)
+
+
+def test_batches_cover_every_example_once_per_epoch():
+    batches = train_toy.Batches(10, 3, seed=0)
+    epoch = torch.cat([batches.next() for _ in range(3)])
+    assert sorted(epoch.tolist()) == sorted(set(epoch.tolist())) and len(epoch) == 9
+
+
+# --- the offline metric -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier(digits, tmp_path_factory):
+    config = Config(out_dir=str(tmp_path_factory.mktemp("classifier")), classifier_epochs=3)
+    return train_toy.train_classifier(config, digits, torch.device("cpu"))
+
+
+def test_cfd_of_data_against_itself_is_zero(classifier, digits):
+    cfd = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)
+    assert abs(cfd(digits.test_images)) < 1e-3
+
+
+def test_cfd_of_noise_is_far_above_the_train_test_floor_and_symmetric(classifier, digits):
+    noise = torch.rand(len(digits.test_images), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    floor = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)(digits.train_images)
+    noise_to_data = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)(noise)
+    data_to_noise = train_toy.ClassifierFrechetDistance(classifier, noise)(digits.test_images)
+    assert noise_to_data > 20 * floor > 0
+    assert data_to_noise == pytest.approx(noise_to_data, rel=1e-4)
+
+
+def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, tmp_path_factory):
+    out = tmp_path_factory.getbasetemp() / "classifier0"
+    again = train_toy.train_classifier(Config(out_dir=str(out), classifier_epochs=3), digits, torch.device("cpu"))
+    for name, tensor in classifier.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name])
+
+
+def test_inception_fid_without_weights_names_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=train_toy.INCEPTION_WEIGHTS) as error:
+        train_toy.inception_fid(torch.zeros(4, 3, 32, 32), tmp_path)
+    assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
+
+
+# --- clear errors -----------------------------------------------------------------------------
+
+
+def test_finetune_without_a_pretrained_checkpoint_says_which_file_and_what_to_run(tmp_path, digits):
+    with pytest.raises(FileNotFoundError, match="--stage pretrain") as error:
+        train_toy.finetune(tiny(tmp_path), digits, torch.device("cpu"))
+    assert str(tmp_path / "pretrain.pt") in str(error.value)
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_differing_fields(tmp_path, digits):
+    train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"model_channels: checkpoint 8 vs now 16.*num_res_blocks"):
+        train_toy.finetune(tiny(tmp_path, model_channels=16, num_res_blocks=2), digits, torch.device("cpu"))
+    with pytest.raises(ValueError, match="class_conditional"):
+        train_toy.pretrain(tiny(tmp_path, class_conditional=False, resume=True), digits, torch.device("cpu"))
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, digits):
+    train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, digits, monkeypatch):
+    calls, real_loss = [], train_toy.diffusion_loss
+    def nan_from_step_3(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+    monkeypatch.setattr(train_toy, "diffusion_loss", nan_from_step_3)
+    with pytest.raises(FloatingPointError, match="step 3"):
+        train_toy.pretrain(tiny(tmp_path, save_every=2), digits, torch.device("cpu"))
+    checkpoint = load_checkpoint(tmp_path / "pretrain.pt")
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
+
+
+def test_main_turns_errors_into_one_clear_message_and_exit_status(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.main(["--stage", "eval", "--out-dir", str(tmp_path)])
+    assert "error: no pretrained base model at" in str(exit_info.value.code)
+
+
+def test_unknown_dataset_or_option_lists_the_valid_choices(capsys):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid: digits, cifar10"):
+        Config(dataset="mnist")
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.parse_config(["--coupling", "nearest"])
+    assert exit_info.value.code == 2
+    assert "valid: inversion, independent, teacher" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_toy.parse_config(["--learning-rat", "1"])
+    assert "unrecognized arguments: --learning-rat" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag_and_cifar10_preset_fills_unset_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.parse_config(["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for field in Config.__dataclass_fields__:
+        assert "--" + field.replace("_", "-") in text
+    config = train_toy.parse_config(["--dataset", "cifar10", "--model-channels", "96"])
+    assert (config.model_channels, config.num_res_blocks, config.out_dir) == (96, 2, "runs/toy-cifar10")

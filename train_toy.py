@@ -1,0 +1,960 @@
+"""
+The toy end-to-end diffusion script: pretrain a small UNet with the standard diffusion loss, fine-tune
+it end-to-end through its own few-step sampler (E2EDiff, arXiv 2412.21044: unroll T sampler steps
+from noise, put the loss on the final output), and measure few-step quality against the base model's
+DDIM sampler.
+
+Quickstart — the whole offline story on scikit-learn's bundled 8x8 digits (no network, 2 CPU cores,
+about 7.5 minutes), written to runs/toy-digits/:
+
+    python train_toy.py
+
+It pretrains the base model (stage 1), fine-tunes one end-to-end model per NFE in --nfe 1,2,4
+(stage 2), then evaluates (stage 3): sample grids (grids/*.png), a results table (results.md,
+results.json) of base DDIM at 1/2/4/50 NFE against each fine-tuned model at its own NFE, and the
+training log (metrics.jsonl, one JSON row per log step).
+
+One stage at a time, into another run folder, with other choices (each stage checks that the
+checkpoint it builds on was made with the same model flags):
+
+    python train_toy.py --stage pretrain --out-dir runs/gan
+    python train_toy.py --stage finetune --out-dir runs/gan --nfe 2 --coupling independent --gan-weight 0.1
+    python train_toy.py --stage eval --out-dir runs/gan --nfe 2
+
+CIFAR-10 (32x32 RGB; the preset is sized for one GPU, where bf16 autocast is on):
+
+    python train_toy.py --dataset cifar10 --data-dir data      # downloads CIFAR-10 when online
+
+After Ctrl-C (the current stage saves a checkpoint and exits), continue exactly where it stopped;
+finished stages are skipped:
+
+    python train_toy.py --resume
+
+`python train_toy.py --help` lists every flag with its default and why.
+
+Metric. The offline metric is the *classifier Fréchet distance* (CFD): the Fréchet distance between
+Gaussians fitted to the penultimate features of a small classifier trained on the same dataset
+(cached as classifier.pt), generated samples against the held-out test split; lower is better. It is
+not the Inception FID and its numbers are not comparable with published FIDs. On CIFAR-10 the script
+also reports the real Inception FID against CIFAR-10 train statistics through torch-fidelity, when
+torch-fidelity's Inception weights are on disk.
+
+Importable pieces (the notebook and benchmarks/ use them): Config, build_dataset, UNet, build_model,
+pretrain, finetune, evaluate, train_classifier, ClassifierFrechetDistance, inception_fid.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pickle
+import random
+import signal
+import sys
+import threading
+import time
+import typing
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from e2ediff import (
+    EMA, GANLoss, LPIPS, PatchDiscriminator, couple, ddim_invert, diffusion_loss, end_to_end_loss,
+    load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
+    unrolled_sample,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Config: every default says why; the fields become the command-line flags.
+
+
+def option(default, why):
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class Config:
+    # what to run
+    stage: str = option("all", "all = pretrain, fine-tune, evaluate (the quickstart); or one stage")
+    dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline")
+    data_dir: str = option("data", "where CIFAR-10 lives (<data-dir>/cifar-10-batches-py)")
+    download: bool = option(True, "fetch CIFAR-10 when it is missing and the network allows")
+    out_dir: str = option("runs/toy-digits", "checkpoints, log, grids and results go here")
+    device: str = option("auto", "auto picks cuda > mps > cpu; bf16 autocast on cuda")
+    seed: int = option(0, "seeds model init, data order, noise and the evaluation noise")
+    resume: bool = option(False, "continue each stage from its checkpoint; finished stages are skipped")
+    # model
+    model_channels: int = option(32, "UNet width at full resolution; 32 keeps digits fast on CPU")
+    channel_mult: tuple[int, ...] = option((1, 2), "width multiplier per resolution level (8x8 -> 4x4)")
+    num_res_blocks: int = option(1, "residual blocks per level; one suffices for 8x8 digits")
+    class_conditional: bool = option(True, "class labels as condition: the toy analogue of text prompts")
+    cond_drop_prob: float = option(0.1, "label dropout in pretraining, so classifier-free guidance works")
+    guidance_scale: float = option(1.0, "classifier-free guidance when sampling; 1 = plain conditional")
+    # diffusion
+    schedule: str = option("linear", "beta schedule of the base model (DDPM's linear)")
+    zero_terminal_snr: bool = option(True, "rescale to alpha_T = 0 so x_T carries no image (Lin et al. 2024)")
+    num_train_timesteps: int = option(1000, "training timesteps, the usual 1000")
+    prediction_type: str = option("v_prediction", "v-prediction: required with zero terminal SNR")
+    spacing: str = option("trailing", "trailing timesteps start sampling at t = T-1: no leakage")
+    # stage 1: pretraining
+    pretrain_steps: int = option(3000, "enough for a base whose 50-step DDIM draws clean digits")
+    pretrain_batch_size: int = option(128, "large enough for stable diffusion-loss gradients")
+    pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up")
+    warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)")
+    pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps")
+    grad_clip: float = option(1.0, "clip the gradient norm in both stages; 0 = off")
+    # stage 2: end-to-end fine-tuning
+    nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)")
+    finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE")
+    finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap")
+    finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data")
+    finetune_ema_decay: float = option(0.99, "EMA of the fine-tuned weights (the paper uses 0.95)")
+    coupling: str = option("inversion", "how z_T is paired with x0; inversion makes L2 well-posed")
+    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (cached per example)")
+    teacher_steps: int = option(50, "base DDIM steps that make a target for the teacher coupling")
+    update: str = option("ddim", "sampler update: ddim (deterministic) or lcm (x0, re-noised)")
+    eta: float = option(0.0, "DDIM stochasticity; 0 = deterministic sampler")
+    l1_weight: float = option(0.0, "weight of the L1 reconstruction loss")
+    l2_weight: float = option(1.0, "weight of the L2 reconstruction loss (paper's best single loss)")
+    lpips_weight: float = option(0.0, "weight of LPIPS; needs torchvision's AlexNet/VGG weights")
+    lpips_net: str = option("alex", "LPIPS backbone")
+    lpips_random_backbone: bool = option(False, "offline smoke runs only: random backbone, real heads")
+    gan_weight: float = option(0.0, "PatchGAN loss weight; 0 = no discriminator")
+    gan_kind: str = option("hinge", "GAN objective")
+    gan_start_step: int = option(0, "fine-tuning step at which the GAN loss starts")
+    gan_adaptive: bool = option(True, "scale the GAN term by the ratio of gradient norms (taming)")
+    r1_weight: float = option(0.0, "R1 penalty on the discriminator; 0 = off")
+    disc_lr: float = option(1e-4, "discriminator learning rate")
+    disc_channels: int = option(32, "discriminator width")
+    disc_layers: int = option(1, "strided discriminator layers; 1 fits 8x8 images")
+    grad_checkpoint: bool = option(False, "recompute each sampler step in backward: less memory, ~1.3x time")
+    backprop_steps: int = option(0, "backprop only through the last K sampler steps; 0 = all")
+    # stage 3: evaluation
+    base_nfe: tuple[int, ...] = option((1, 2, 4, 50), "base-model DDIM step counts to compare against")
+    eval_samples: int = option(1000, "samples per table row")
+    eval_batch_size: int = option(500, "batch size for sampling, inversion and metrics")
+    classifier_epochs: int = option(30, "epochs of the metric's classifier (seconds on digits)")
+    inception_weights: str = option("", "torch-fidelity's Inception weights; empty = torch hub dir")
+    # logging and checkpoints
+    log_every: int = option(50, "steps between rows of metrics.jsonl")
+    save_every: int = option(500, "steps between checkpoints (also saved at the end and on Ctrl-C)")
+
+    def __post_init__(self):
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        if not all(1 <= steps <= 4 for steps in self.nfe):
+            raise ValueError(f"nfe must be in 1..4 (the unrolled sampler's T), got {self.nfe}")
+
+    @property
+    def out(self):
+        return Path(self.out_dir)
+
+
+CHOICES = {
+    "stage": ("all", "pretrain", "finetune", "eval"),
+    "dataset": ("digits", "cifar10"),
+    "schedule": ("linear", "scaled_linear", "cosine"),
+    "prediction_type": ("v_prediction", "epsilon", "sample"),
+    "spacing": ("trailing", "leading", "linspace"),
+    "coupling": ("inversion", "independent", "teacher"),
+    "update": ("ddim", "lcm"),
+    "lpips_net": ("alex", "vgg", "squeeze"),
+    "gan_kind": ("hinge", "non_saturating"),
+}
+
+# Dataset-specific defaults that replace the digits defaults unless a flag is given. The CIFAR-10
+# values are a starting point for one GPU, not a tuned recipe.
+PRESETS = {
+    "digits": {},
+    "cifar10": dict(
+        out_dir="runs/toy-cifar10", model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
+        pretrain_steps=200_000, pretrain_lr=2e-4, warmup_steps=1000, pretrain_ema_decay=0.9999,
+        finetune_steps=5000, finetune_lr=2e-5, disc_layers=3, disc_channels=64,
+        eval_samples=10_000, eval_batch_size=1000, classifier_epochs=20,
+        log_every=100, save_every=5000,
+    ),
+}
+
+# The fields that fix the model's shape and meaning: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("dataset", "model_channels", "channel_mult", "num_res_blocks", "class_conditional",
+                "schedule", "zero_terminal_snr", "num_train_timesteps", "prediction_type")
+
+
+def parse_config(argv=None):
+    """Command line -> Config: flags override the dataset preset, which overrides the defaults."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)  # only the flags actually given reach the namespace
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"]
+        if f.name in CHOICES:
+            text += f" {{{', '.join(CHOICES[f.name])}}}"
+        text += f" [default: {format_value(f.default)}"
+        text += "".join(f"; {name}: {format_value(preset[f.name])}" for name, preset in PRESETS.items()
+                        if f.name in preset) + "]"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif typing.get_origin(f.type) is tuple:
+            parser.add_argument(flag, type=int_tuple, metavar="N[,N...]", help=text)
+        else:
+            parser.add_argument(flag, type=f.type, help=text)
+    given = vars(parser.parse_args(argv))
+    try:
+        return Config(**{**PRESETS.get(given.get("dataset", Config.dataset), {}), **given})
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def int_tuple(text):
+    return tuple(int(part) for part in text.split(","))
+
+
+def format_value(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: both datasets become the same tensors in [-1, 1], (N, C, H, W), with class labels.
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_images.shape[1:])
+
+
+def load_digits_data(test_fraction=0.2):
+    """scikit-learn's bundled UCI digits (1,797 images, 8x8, values 0-16), kept at 8x8, 1 channel."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1  # (N, 1, 8, 8)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=0,
+                                   stratify=digits.target)
+    return ImageData("digits", images[train], labels[train], images[test], labels[test], 10)
+
+
+CIFAR10_FOLDER = "cifar-10-batches-py"
+
+
+def load_cifar10(data_dir, download=True):
+    """CIFAR-10 from <data_dir>/cifar-10-batches-py (the python-pickle release), downloaded if missing.
+
+    torchvision only downloads; the batches are read here because torchvision's reader insists on
+    the release's md5 sums, which a small test folder cannot have.
+    """
+    folder = Path(data_dir) / CIFAR10_FOLDER
+    if not folder.is_dir() and download:
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except OSError as error:  # offline: urllib's URLError
+            print(f"CIFAR-10 download failed: {error}", file=sys.stderr)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
+            f"Offline, fetch cifar-10-python.tar.gz (the 'CIFAR-10 python version' from the CIFAR "
+            f"homepage) elsewhere and unpack it into {data_dir}/, or run with network and --download.")
+
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as file:
+                batch = pickle.load(file, encoding="latin1")
+            images.append(batch["data"])  # (n, 3072) uint8, channel-major
+            labels.extend(batch["labels"])
+        images = torch.from_numpy(np.concatenate(images)).view(-1, 3, 32, 32)
+        return images.float() / 255 * 2 - 1, torch.tensor(labels, dtype=torch.int64)
+
+    train_images, train_labels = read([f"data_batch_{i}" for i in range(1, 6)])
+    test_images, test_labels = read(["test_batch"])
+    return ImageData("cifar10", train_images, train_labels, test_images, test_labels, 10)
+
+
+def build_dataset(config):
+    """The dataset named by config.dataset, as an ImageData."""
+    if config.dataset == "digits":
+        return load_digits_data()
+    if config.dataset == "cifar10":
+        return load_cifar10(config.data_dir, config.download)
+    raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(CHOICES['dataset'])}")
+
+
+class Batches:
+    """Endless shuffled mini-batches of indices (each epoch a new permutation), resumable exactly."""
+
+    def __init__(self, num_examples, batch_size, seed):
+        if batch_size > num_examples:
+            raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.int64), 0
+
+    def next(self):
+        if self.position + self.batch_size > len(self.order):  # drop the ragged end, reshuffle
+            self.order, self.position = torch.randperm(self.num_examples, generator=self.generator), 0
+        indices = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return indices
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a small DDPM-style UNet (residual blocks, time + class embedding, no attention).
+
+
+def timestep_embedding(t, dim, max_period=10_000):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM). t (B,) -> (B, dim)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def group_norm(channels):
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the embedding added in between, a skip connection around."""
+
+    def __init__(self, in_channels, out_channels, embed_dim):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.embed = nn.Linear(embed_dim, out_channels)
+        self.norm2, self.conv2 = group_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, embedding):
+        h = self.conv1(F.silu(self.norm1(x))) + self.embed(embedding)[:, :, None, None]
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class UNet(nn.Module):
+    """Denoiser model(z_t, t, cond) -> output of z_t's shape; cond = class labels (B,) or None.
+
+    Label num_classes is the "no class" token of classifier-free guidance; cond=None means it too.
+    """
+
+    def __init__(self, in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_classes=None):
+        super().__init__()
+        self.model_channels, self.num_classes = model_channels, num_classes
+        embed_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+        self.class_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
+        self.input = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.down, skip_channels, channels = nn.ModuleList(), [model_channels], model_channels
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(channels, mult * model_channels, embed_dim))
+                channels = mult * model_channels
+                skip_channels.append(channels)
+            if level < len(channel_mult) - 1:  # halve the resolution
+                self.down.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+                skip_channels.append(channels)
+        self.middle = nn.ModuleList([ResBlock(channels, channels, embed_dim), ResBlock(channels, channels, embed_dim)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(channels + skip_channels.pop(), mult * model_channels, embed_dim))
+                channels = mult * model_channels
+            if level > 0:  # double the resolution
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(channels, channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    @property
+    def last_layer(self):
+        """The output conv's weight: the GAN loss's adaptive weight compares gradient norms here."""
+        return self.out[-1].weight
+
+    def forward(self, z_t, t, cond=None):
+        embedding = self.time_embed(timestep_embedding(t, self.model_channels))  # (B, 4C)
+        if self.class_embed is not None:
+            if cond is None:
+                cond = torch.full_like(t, self.num_classes)
+            embedding = embedding + self.class_embed(cond)
+        h = self.input(z_t)
+        skips = [h]
+        for block in self.down:
+            h = block(h, embedding) if isinstance(block, ResBlock) else block(h)
+            skips.append(h)
+        for block in self.middle:
+            h = block(h, embedding)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), embedding) if isinstance(block, ResBlock) else block(h)
+        return self.out(h).float()  # fp32 out, so the sampler's arithmetic stays fp32 under autocast
+
+
+def build_model(config, data):
+    return UNet(data.image_shape[0], config.model_channels, config.channel_mult, config.num_res_blocks,
+                data.num_classes if config.class_conditional else None)
+
+
+def build_schedule(config, device):
+    return make_schedule(config.schedule, config.num_train_timesteps,
+                         zero_terminal_snr=config.zero_terminal_snr).to(device)
+
+
+def conditions(config, data, labels):
+    """(cond, uncond) for the denoiser: class labels and the "no class" token, or (None, None)."""
+    if not config.class_conditional:
+        return None, None
+    return labels, torch.full_like(labels, data.num_classes)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, log, and the training loop shared by both stages.
+
+
+def check_compatible(saved_config, config, path):
+    """ValueError naming every model-shape field where a checkpoint's config differs from ours."""
+    def normal(value):
+        return list(value) if isinstance(value, (list, tuple)) else value
+    differing = [f"{name}: checkpoint {saved_config.get(name)!r} vs now {getattr(config, name)!r}"
+                 for name in MODEL_FIELDS if normal(saved_config.get(name)) != normal(getattr(config, name))]
+    if differing:
+        raise ValueError(f"{path} was written with another config ({'; '.join(differing)}). "
+                         f"Pass the same flags, or choose another --out-dir.")
+
+
+def open_checkpoint(path, config, stage):
+    """The checkpoint to resume from (None to start fresh); refuses to overwrite without --resume."""
+    if not path.exists():
+        return None
+    if not config.resume:
+        raise FileExistsError(f"{path} exists. Pass --resume to continue it (finished stages are "
+                              f"skipped), or choose another --out-dir to start over.")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("stage") != stage:
+        raise ValueError(f"{path} is not a {stage} checkpoint (it holds {checkpoint.get('stage')!r})")
+    check_compatible(checkpoint["config"], config, path)
+    return checkpoint
+
+
+class Log:
+    """metrics.jsonl: one JSON object per line, appended and flushed as we go."""
+
+    def __init__(self, path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row):
+        with open(self.path, "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+
+class CtrlC:
+    """Turns the first Ctrl-C into a flag read between steps, so the saved state is consistent."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train_loop(name, path, parts, config, train_step, start_step, steps, log, extra=None):
+    """Run train_step(step) -> dict of floats for steps start_step+1 .. steps; log, save, stop safely.
+
+    parts: name -> object with state_dict() (model, EMA, optimisers, Batches), saved in every
+    checkpoint with the step, the config and the RNG states. A non-finite loss stops the run without
+    saving, so the last good checkpoint stays as it was; Ctrl-C saves, then raises KeyboardInterrupt.
+    """
+    stage = name.split("-")[0]
+
+    def save(step):
+        state = {"stage": stage, "step": step, "config": asdict(config), "rng": rng_state(), **(extra or {})}
+        save_checkpoint({**state, **{key: part.state_dict() for key, part in parts.items()}}, path)
+
+    started = time.time()
+    with CtrlC() as ctrl_c, tqdm(total=steps, initial=start_step, desc=name, dynamic_ncols=True) as bar:
+        for step in range(start_step + 1, steps + 1):
+            metrics = train_step(step)
+            bad = [key for key, value in metrics.items() if not math.isfinite(value)]
+            if bad:
+                raise FloatingPointError(
+                    f"{name}: non-finite {', '.join(bad)} at step {step}; stopped without saving, "
+                    f"the last good checkpoint ({path}) is untouched. Try a lower learning rate.")
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if step % config.log_every == 0 or step == steps:
+                elapsed = time.time() - started
+                log.write({"stage": name, "step": step, **metrics, "seconds": round(elapsed, 2),
+                           "steps_per_second": round((step - start_step) / elapsed, 2)})
+            if step % config.save_every == 0 or step == steps or ctrl_c.requested:
+                save(step)
+            if ctrl_c.requested:
+                raise KeyboardInterrupt(f"{name} interrupted at step {step}; saved {path}. "
+                                        f"Continue with the same command plus --resume.")
+
+
+def learning_rate(step, peak, warmup_steps):
+    return peak * min(1.0, step / warmup_steps) if warmup_steps else peak
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: pretrain the base model with the standard diffusion loss.
+
+
+def pretrain(config, data, device):
+    """Train the base denoiser (diffusion loss, EMA) into <out>/pretrain.pt; returns its path."""
+    path = config.out / "pretrain.pt"
+    checkpoint = open_checkpoint(path, config, "pretrain")
+    if checkpoint is not None and checkpoint["step"] >= config.pretrain_steps:
+        print(f"pretrain: {path} is finished (step {checkpoint['step']}), skipping")
+        return path
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(config, data).to(device)
+    ema = EMA(model, decay=config.pretrain_ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
+    batches = Batches(len(data.train_images), config.pretrain_batch_size, config.seed)
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
+    start_step = resume_parts(checkpoint, parts)
+    schedule = build_schedule(config, device)
+    print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"steps {start_step} -> {config.pretrain_steps} on {device}")
+
+    def train_step(step):
+        indices = batches.next()
+        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
+        cond, uncond = conditions(config, data, labels)
+        if cond is not None:  # drop labels at random so the model also learns p(x) for guidance
+            cond = torch.where(torch.rand(len(cond), device=device) < config.cond_drop_prob, uncond, cond)
+        set_learning_rate(optimizer, learning_rate(step, config.pretrain_lr, config.warmup_steps))
+        with autocast(device):
+            loss = diffusion_loss(model, x0, schedule, config.prediction_type, cond=cond).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+
+    train_loop("pretrain", path, parts, config, train_step, start_step, config.pretrain_steps,
+               Log(config.out / "metrics.jsonl"))
+    return path
+
+
+def resume_parts(checkpoint, parts):
+    """Load every part and the RNG states from a checkpoint; returns its step (0 if none)."""
+    if checkpoint is None:
+        return 0
+    for key, part in parts.items():
+        part.load_state_dict(checkpoint[key])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["step"]
+
+
+def load_base(config, data, device):
+    """The frozen EMA weights of the pretrained base model, checked against the config."""
+    path = config.out / "pretrain.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no pretrained base model at {path}: run --stage pretrain first "
+                                f"(or --stage all), or point --out-dir at the run that has it.")
+    checkpoint = load_checkpoint(path)
+    check_compatible(checkpoint["config"], config, path)
+    if checkpoint["step"] < config.pretrain_steps:
+        raise ValueError(f"{path} stopped at step {checkpoint['step']} of {config.pretrain_steps}: "
+                         f"finish it with --stage pretrain --resume, or pass --pretrain-steps "
+                         f"{checkpoint['step']} to use it as it is.")
+    ema = EMA(build_model(config, data).to(device), decay=config.pretrain_ema_decay)
+    ema.load_state_dict(checkpoint["ema"])
+    return ema.module.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: end-to-end fine-tuning through the unrolled T-step sampler.
+
+
+@torch.no_grad()
+def invert_training_set(base, data, schedule, config, device):
+    """z_T = DDIM inversion of every training image by the frozen base, in fixed chunks.
+
+    The base never changes during fine-tuning, so this per-example cache is exact; fixed chunks keep
+    it bit-identical between a run and its resume.
+    """
+    inverted = []
+    for start in range(0, len(data.train_images), config.eval_batch_size):
+        x0 = data.train_images[start:start + config.eval_batch_size].to(device)
+        cond, _ = conditions(config, data, data.train_labels[start:start + config.eval_batch_size].to(device))
+        with autocast(device):
+            z_T = ddim_invert(base, x0, schedule, config.inversion_steps,
+                              prediction_type=config.prediction_type, cond=cond)
+        inverted.append(z_T.float().cpu())
+    return torch.cat(inverted)
+
+
+def finetune(config, data, device):
+    """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}."""
+    base = load_base(config, data, device)
+    schedule = build_schedule(config, device)
+    z_T_cache = None
+    if config.coupling == "inversion":
+        started = time.time()
+        z_T_cache = invert_training_set(base, data, schedule, config, device)
+        print(f"finetune: inverted {len(z_T_cache)} training images ({config.inversion_steps} DDIM "
+              f"steps) in {time.time() - started:.1f}s")
+    lpips = None
+    if config.lpips_weight > 0:
+        lpips = LPIPS(net=config.lpips_net, random_backbone=config.lpips_random_backbone).to(device)
+    return {steps: finetune_one(config, data, device, base, schedule, steps, z_T_cache, lpips)
+            for steps in config.nfe}
+
+
+def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpips):
+    """E2E fine-tuning of a copy of the base for a num_steps-step sampler into <out>/finetune-nfe<T>.pt."""
+    name = f"finetune-nfe{num_steps}"
+    path = config.out / f"{name}.pt"
+    checkpoint = open_checkpoint(path, config, "finetune")
+    if checkpoint is not None and checkpoint["step"] >= config.finetune_steps:
+        print(f"{name}: {path} is finished (step {checkpoint['step']}), skipping")
+        return path
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(config, data).to(device)
+    model.load_state_dict(base.state_dict())  # start from the base's EMA weights
+    ema = EMA(model, decay=config.finetune_ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=0.0)
+    batches = Batches(len(data.train_images), config.finetune_batch_size, config.seed)
+    parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
+    gan = None
+    if config.gan_weight > 0:
+        discriminator = PatchDiscriminator(data.image_shape[0], config.disc_channels, config.disc_layers).to(device)
+        gan = GANLoss(discriminator, kind=config.gan_kind, weight=config.gan_weight,
+                      start_step=config.gan_start_step, adaptive=config.gan_adaptive, r1_weight=config.r1_weight)
+        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
+        parts.update(discriminator=discriminator, disc_optimizer=disc_optimizer)
+    start_step = resume_parts(checkpoint, parts)
+    weights = {"l1": config.l1_weight, "l2": config.l2_weight, "lpips": config.lpips_weight}
+    print(f"{name}: coupling {config.coupling}, loss {weights}, gan {config.gan_weight}, "
+          f"steps {start_step} -> {config.finetune_steps} on {device}")
+
+    def train_step(step):
+        indices = batches.next()
+        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
+        cond, uncond = conditions(config, data, labels)
+        if z_T_cache is not None:
+            z_T, target = z_T_cache[indices].to(device), x0
+        else:
+            z_T, target = couple(config.coupling, x0, base_model=base, schedule=schedule,
+                                 prediction_type=config.prediction_type, cond=cond,
+                                 inversion_steps=config.inversion_steps, teacher_steps=config.teacher_steps)
+        with autocast(device):  # Alg. 1 lines 6-11: unroll the sampler with gradients, Eq. 7 (+ Eq. 8)
+            loss, logs, sample = end_to_end_loss(
+                model, z_T, target, schedule, num_steps, loss_weights=weights, lpips=lpips, gan=gan, step=step,
+                last_layer=model.last_layer, prediction_type=config.prediction_type, update=config.update,
+                eta=config.eta, spacing=config.spacing, cond=cond, uncond=uncond,
+                guidance_scale=config.guidance_scale, checkpoint=config.grad_checkpoint,
+                backprop_steps=config.backprop_steps or None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        if gan is not None and gan.active(step):
+            with autocast(device):
+                disc_loss = gan.discriminator_loss(target, sample.detach(), step)["disc"]
+            disc_optimizer.zero_grad(set_to_none=True)
+            disc_loss.backward()
+            disc_optimizer.step()
+            logs["disc"] = disc_loss.detach()
+        return {key: value.item() for key, value in logs.items()}
+
+    train_loop(name, path, parts, config, train_step, start_step, config.finetune_steps,
+               Log(config.out / "metrics.jsonl"), extra={"nfe": num_steps})
+    return path
+
+
+def load_finetuned(config, data, device, num_steps):
+    """The EMA weights of the model fine-tuned for num_steps sampler steps."""
+    path = config.out / f"finetune-nfe{num_steps}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no fine-tuned model at {path}: run --stage finetune --nfe {num_steps} "
+                                f"first, or leave {num_steps} out of --nfe.")
+    checkpoint = load_checkpoint(path)
+    check_compatible(checkpoint["config"], config, path)
+    ema = EMA(build_model(config, data).to(device), decay=config.finetune_ema_decay)
+    ema.load_state_dict(checkpoint["ema"])
+    return ema.module.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: classifier Fréchet distance (offline), Inception FID (CIFAR-10, with torch-fidelity).
+
+
+class Classifier(nn.Module):
+    """Small CNN classifier; its penultimate features (`.features`, (N, 2*width)) define the CFD."""
+
+    def __init__(self, in_channels, num_classes, width=32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features.num_features = 2 * width  # torchmetrics reads the feature size from here
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_classifier(config, data, device):
+    """The metric's classifier, trained on the train split; cached in <out>/classifier.pt."""
+    path = config.out / "classifier.pt"
+    key = {"dataset": data.name, "epochs": config.classifier_epochs, "seed": config.seed}
+    classifier = Classifier(data.image_shape[0], data.num_classes).to(device)
+    if path.exists():
+        checkpoint = load_checkpoint(path)
+        if checkpoint["key"] == key:
+            classifier.load_state_dict(checkpoint["model"])
+            return classifier.eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
+    batch_size = 64
+    for _ in tqdm(range(config.classifier_epochs), desc="classifier", dynamic_ncols=True):
+        order = torch.randperm(len(data.train_images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            indices = order[start:start + batch_size]
+            logits = classifier(data.train_images[indices].to(device))
+            loss = F.cross_entropy(logits, data.train_labels[indices].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    classifier.eval().requires_grad_(False)
+    with torch.no_grad():
+        predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu()
+                                 for chunk in data.test_images.split(config.eval_batch_size)])
+    accuracy = (predictions == data.test_labels).float().mean().item()
+    print(f"classifier: test accuracy {accuracy:.3f}")
+    save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
+    return classifier
+
+
+class ClassifierFrechetDistance:
+    """Classifier Fréchet distance (CFD) of images to a fixed reference set — not the Inception FID.
+
+    ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) over the classifier's penultimate features,
+    computed by torchmetrics' FrechetInceptionDistance with that feature network. Images in [-1, 1].
+    """
+
+    def __init__(self, classifier, reference, batch_size=500):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        self.device = next(classifier.parameters()).device
+        self.batch_size = batch_size
+        self.metric = FrechetInceptionDistance(feature=classifier.features, reset_real_features=False).to(self.device)
+        self.feed(reference, real=True)
+
+    @torch.no_grad()
+    def feed(self, images, real):
+        for chunk in images.split(self.batch_size):
+            self.metric.update(chunk.to(self.device, torch.float32), real=real)
+
+    def __call__(self, images):
+        self.metric.reset()  # keeps the reference statistics
+        self.feed(images, real=False)
+        return float(self.metric.compute())
+
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception
+
+
+def inception_weights_path(path=""):
+    return Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """A tensor of images as the Dataset torch-fidelity takes (items are tensors, not tuples)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def inception_fid(images, data_dir, weights="", device=torch.device("cpu")):
+    """Inception FID of images ((N, 3, H, W) in [-1, 1]) against CIFAR-10 train, via torch-fidelity.
+
+    Raises FileNotFoundError, naming the file and where it goes, when the weights or data are absent.
+    """
+    weights_path = inception_weights_path(weights)
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"Inception FID needs torch-fidelity's Inception weights {INCEPTION_WEIGHTS} at {weights_path} "
+            f"(torch-fidelity downloads it on first use when online). Offline, copy the file to "
+            f"{weights_path.parent}/ or pass --inception-weights PATH.")
+    if not (Path(data_dir) / CIFAR10_FOLDER).is_dir():
+        raise FileNotFoundError(f"Inception FID needs CIFAR-10 train in {Path(data_dir) / CIFAR10_FOLDER}")
+    import torch_fidelity
+    uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    metrics = torch_fidelity.calculate_metrics(
+        input1=TensorImages(uint8), input2="cifar10-train", fid=True,
+        datasets_root=str(data_dir), datasets_download=False,
+        feature_extractor_weights_path=str(weights_path), cuda=device.type == "cuda", verbose=False)
+    return metrics["frechet_inception_distance"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: sample, measure, tabulate.
+
+
+@torch.no_grad()
+def generate(model, config, data, schedule, num_steps, num_samples, device):
+    """num_samples images from fixed noise (seeded by config.seed), labels cycling through the classes."""
+    generator = torch.Generator().manual_seed(config.seed)
+    noise = torch.randn(num_samples, *data.image_shape, generator=generator)
+    labels = torch.arange(num_samples) % data.num_classes
+    images = []
+    for z_T, label_chunk in zip(noise.split(config.eval_batch_size), labels.split(config.eval_batch_size)):
+        cond, uncond = conditions(config, data, label_chunk.to(device))
+        with autocast(device):
+            x0 = unrolled_sample(model, z_T.to(device), schedule, num_steps,
+                                 prediction_type=config.prediction_type, update="ddim", spacing=config.spacing,
+                                 cond=cond, uncond=uncond, guidance_scale=config.guidance_scale)
+        images.append(x0.float().clamp(-1, 1).cpu())
+    return torch.cat(images)
+
+
+def save_grid(images, path, num_classes):
+    """The first num_classes^2 images as a grid (one column per class), upscaled to >= 64 px per cell."""
+    import torchvision
+    grid = images[:num_classes * num_classes]
+    if grid.shape[-1] < 32:
+        grid = F.interpolate(grid, scale_factor=64 // grid.shape[-1], mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image((grid + 1) / 2, path, nrow=num_classes, padding=2, pad_value=1.0)
+
+
+def evaluate(config, data, device):
+    """Base DDIM at config.base_nfe vs each fine-tuned model at its NFE: grids, results.md/.json."""
+    schedule = build_schedule(config, device)
+    base = load_base(config, data, device)
+    finetuned = {steps: load_finetuned(config, data, device, steps) for steps in config.nfe}
+    cfd = ClassifierFrechetDistance(train_classifier(config, data, device), data.test_images, config.eval_batch_size)
+    inception_error = None
+    candidates = [("real data (train split)", None, "data", data.train_images[:config.eval_samples])]
+    for steps in config.base_nfe:
+        candidates.append(("base, DDIM", steps, f"base-ddim-nfe{steps}",
+                           generate(base, config, data, schedule, steps, config.eval_samples, device)))
+    for steps, model in finetuned.items():
+        candidates.append(("E2E fine-tuned", steps, f"e2e-nfe{steps}",
+                           generate(model, config, data, schedule, steps, config.eval_samples, device)))
+    rows, log = [], Log(config.out / "metrics.jsonl")
+    for label, steps, name, images in tqdm(candidates, desc="eval", dynamic_ncols=True):
+        row = {"model": label, "nfe": steps, "cfd": cfd(images)}
+        if data.name == "cifar10" and inception_error is None:
+            try:
+                row["inception_fid"] = inception_fid(images, config.data_dir, config.inception_weights, device)
+            except FileNotFoundError as error:
+                inception_error = str(error)
+        save_grid(images, config.out / "grids" / f"{name}.png", data.num_classes)
+        rows.append(row)
+        log.write({"stage": "eval", **row})
+    if inception_error:
+        print(f"Inception FID skipped: {inception_error}")
+    table = results_table(rows, data, inception_error)
+    (config.out / "results.md").write_text(table + "\n")
+    (config.out / "results.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=1) + "\n")
+    print(table)
+    base_cfd = {row["nfe"]: row["cfd"] for row in rows if row["model"] == "base, DDIM"}
+    for row in rows:
+        if row["model"] == "E2E fine-tuned" and row["nfe"] in base_cfd:
+            verdict = "beats" if row["cfd"] < base_cfd[row["nfe"]] else "does NOT beat"
+            print(f"{row['nfe']} NFE: E2E fine-tuned CFD {row['cfd']:.1f} {verdict} base DDIM "
+                  f"CFD {base_cfd[row['nfe']]:.1f}")
+    return rows
+
+
+def results_table(rows, data, inception_error):
+    """Markdown table of the evaluation rows."""
+    with_fid = data.name == "cifar10"
+    header = "| model | NFE | CFD ↓ |" + (" Inception FID ↓ |" if with_fid else "")
+    lines = [header, "|---|---|---|" + ("---|" if with_fid else "")]
+    for row in rows:
+        line = f"| {row['model']} | {row['nfe'] or '–'} | {row['cfd']:.1f} |"
+        if with_fid:
+            line += f" {row['inception_fid']:.2f} |" if "inception_fid" in row else " n/a |"
+        lines.append(line)
+    lines.append(f"\nCFD: Fréchet distance in a small {data.name} classifier's features against the test "
+                 f"split ({len(data.test_images)} images); not the Inception FID.")
+    if with_fid and inception_error:
+        lines.append("Inception FID n/a: weights not on disk (see the message printed by the run).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    started = time.time()
+    try:
+        device = select_device(config.device)
+        data = build_dataset(config)
+        if config.stage in ("all", "pretrain"):
+            pretrain(config, data, device)
+        if config.stage in ("all", "finetune"):
+            finetune(config, data, device)
+        if config.stage in ("all", "eval"):
+            evaluate(config, data, device)
+    except KeyboardInterrupt as interrupt:
+        sys.exit(f"\n{interrupt or 'interrupted outside training; nothing to save'}")
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
+        sys.exit(f"error: {error}")
+    print(f"done in {time.time() - started:.0f}s; outputs in {config.out}/")
+
+
+if __name__ == "__main__":
+    main()
