@@ -307,6 +307,7 @@ def unrolled_sample(
                 output = _guided_output(model, z, t_batch, cond, uncond, guidance_scale)
             if i == 0 and output.shape != z.shape:
                 raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z.shape)}")
+            output = output.to(z.dtype)  # the sampler's arithmetic stays in z's dtype under autocast
             alpha_t, sigma_t = abar_t.sqrt(), (1 - abar_t).sqrt()
             x0, eps = split_prediction(output, z, alpha_t.expand(batch), sigma_t.expand(batch), prediction_type)
             alpha_prev, sigma_prev = abar_prev.sqrt(), (1 - abar_prev).sqrt()
@@ -351,7 +352,7 @@ def ddim_invert(
         for t, t_next in zip(grid[:-1], grid[1:]):
             t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
             abar_t, abar_next = alphas_cumprod[t], alphas_cumprod[t_next]
-            x0_hat, eps = split_prediction(model(z, t_batch, cond), z, abar_t.sqrt().expand(len(z)), (1 - abar_t).sqrt().expand(len(z)), prediction_type)
+            x0_hat, eps = split_prediction(model(z, t_batch, cond).to(z.dtype), z, abar_t.sqrt().expand(len(z)), (1 - abar_t).sqrt().expand(len(z)), prediction_type)
             z = abar_next.sqrt() * x0_hat + (1 - abar_next).sqrt() * eps  # DDIM step, run backwards
     return z
 
@@ -779,6 +780,14 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception (FID)
+
+
+def inception_weights_path(path: str = "") -> str:
+    """Where the Inception FID weights are expected: `path` if given, else $TORCH_HOME/hub/checkpoints."""
+    return path or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -97,6 +97,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from e2ediff import (
+    INCEPTION_WEIGHTS, inception_weights_path,
     EMA, GANLoss, LPIPS, PatchDiscriminator, check_prediction_type, couple, end_to_end_loss, load_checkpoint,
     make_schedule, rng_state, save_checkpoint, select_device, set_rng_state, unrolled_sample,
 )
@@ -711,9 +712,6 @@ def precompute(config: Config, ctx: Dist):
 # ----------------------------------------------------------------------------------------------
 # Evaluation: CLIP score and FID through torchmetrics, on an imagefolder of prompts and images.
 
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception
-
-
 class CLIPFeatures(nn.Module):
     """A CLIPModel whose get_*_features return tensors: transformers 5 returns a ModelOutput, which
     torchmetrics 1.9's CLIPScore cannot read (Lightning-AI/torchmetrics#3407, fixed after 1.9.0)."""
@@ -747,7 +745,7 @@ def build_metrics(config: Config, device) -> tuple[dict, list[str]]:
         messages.append(f"CLIP score skipped: could not load CLIP model '{config.clip_model}' ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}). Download it where the hub is reachable "
                         f"(hf download {config.clip_model} --local-dir {local}) and pass --clip-model {local}.")
-    weights = config.inception_weights or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+    weights = inception_weights_path(config.inception_weights)
     if not os.path.isfile(weights):
         messages.append(f"FID skipped: torch-fidelity's Inception weights {INCEPTION_WEIGHTS} are not at {weights} "
                         f"(torch-fidelity downloads them on first use when online: copy the file to "

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
+    INCEPTION_WEIGHTS, inception_weights_path,
     EMA, GANLoss, LPIPS, PatchDiscriminator, couple, ddim_invert, diffusion_loss, end_to_end_loss,
     load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
     unrolled_sample,
@@ -804,13 +805,6 @@ class ClassifierFrechetDistance:
         return float(self.metric.compute())
 
 
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception
-
-
-def inception_weights_path(path=""):
-    return Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-
-
 class TensorImages(torch.utils.data.Dataset):
     """A tensor of images as the Dataset torch-fidelity takes (items are tensors, not tuples)."""
 
@@ -829,7 +823,7 @@ def inception_fid(images, data_dir, weights="", device=torch.device("cpu")):
 
     Raises FileNotFoundError, naming the file and where it goes, when the weights or data are absent.
     """
-    weights_path = inception_weights_path(weights)
+    weights_path = Path(inception_weights_path(weights))
     if not weights_path.is_file():
         raise FileNotFoundError(
             f"Inception FID needs torch-fidelity's Inception weights {INCEPTION_WEIGHTS} at {weights_path} "
