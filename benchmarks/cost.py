@@ -157,12 +157,17 @@ def measure_memory(setup: str, steps_list, device_name: str) -> dict:
     for k in steps_list:
         for mode in ("plain", "ckpt", "trunc"):
             command = [sys.executable, os.path.abspath(__file__), "--memory-probe", f"{setup},{mode},{k}", "--device", device_name]
-            output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=1200).stdout
-            results[f"{mode}_T{k}"] = json.loads(output.strip().splitlines()[-1])
-    floor = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", f"{setup},floor,1", "--device", device_name],
-                           capture_output=True, text=True, check=True, timeout=1200).stdout
-    results["floor_T1"] = json.loads(floor.strip().splitlines()[-1])
+            results[f"{mode}_T{k}"] = run_probe(command)
+    results["floor_T1"] = run_probe([sys.executable, os.path.abspath(__file__), "--memory-probe", f"{setup},floor,1", "--device", device_name])
     return results
+
+
+def run_probe(command) -> dict:
+    """One memory probe in a fresh process; its last stdout line is a JSON object."""
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    if completed.returncode != 0:
+        raise RuntimeError(f"memory probe {' '.join(command[2:])} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def plot(steps_list, times, memory, path) -> None:
@@ -226,8 +231,8 @@ def main(argv=None) -> dict:
     headline = {
         "cost_ratio_T4_plain": times["plain_T4"] / times["floor_T4"],
         "cost_ratio_T4_ckpt": times["ckpt_T4"] / times["floor_T4"],
-        "mem_ratio_T4_ckpt": memory["ckpt_T4"]["peak_bytes"] / memory["ckpt_T1"]["peak_bytes"],
-        "mem_ratio_T4_plain": memory["plain_T4"]["peak_bytes"] / memory["plain_T1"]["peak_bytes"],
+        "mem_ratio_T4_ckpt": memory["ckpt_T4"]["peak_bytes"] / max(memory["ckpt_T1"]["peak_bytes"], 1),
+        "mem_ratio_T4_plain": memory["plain_T4"]["peak_bytes"] / max(memory["plain_T1"]["peak_bytes"], 1),
         "saved_ratio_T4_plain": memory["plain_T4"]["saved_bytes"] / memory["plain_T1"]["saved_bytes"],
         "sampler_overhead": statistics.median(times[f"sample_T{k}"] / times[f"bare_T{k}"] - 1 for k in steps_list),
     }

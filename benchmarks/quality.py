@@ -1,0 +1,359 @@
+"""benchmarks/quality.py — how good the few-step samples are, base DDIM against end-to-end fine-tuning.
+
+Two datasets, several seeds, one distance each (lower is better):
+  - ring2d: toy2d's ring of 8 Gaussians; energy distance of 2D samples to fresh ring points;
+  - digits: train_toy's 8x8 digits; classifier Fréchet distance (CFD) to the test split, through
+    train_toy's own evaluation path (train_classifier + ClassifierFrechetDistance + generate; one
+    classifier per seed, shared by every row of that seed).
+Per seed, one base model is pretrained and every fine-tune starts from it. Rows:
+  - base model, DDIM at 1, 2, 4, 50 NFE;
+  - end-to-end fine-tuned for each coupling (independent, inversion, teacher) with L2 and with
+    L2 + GAN, at 1, 2, 4 NFE (ring2d) or 1, 4 NFE (digits, to fit the time budget);
+  - the paper's Table 2 at toy scale, inversion coupling at 4 NFE: L1, L2, LPIPS, L2+LPIPS,
+    L2+LPIPS+GAN on digits (LPIPS backbone: see the output), L1, L2, L2+GAN on ring2d (no LPIPS in 2D);
+  - leakage (digits only: toy2d fixes its schedule): the same pretraining + inversion/L2 fine-tuning
+    with (a) zero terminal SNR + trailing spacing against (b) the plain linear schedule + leading
+    spacing, each base trained with its own schedule (v-prediction both).
+
+    python benchmarks/quality.py            # full mode: ring2d 3 seeds, digits 2 seeds (~25 min on 2 CPU cores)
+    python benchmarks/quality.py --quick    # 1 seed, tiny step counts, NFE 1 and 4 (a smoke run, ~3 min on an idle machine)
+
+Digits seeds run in parallel subprocesses (one torch thread each on a 2-core machine), each in its
+own work folder (--work, default a temporary one): <work>/digits-seed<S>/<schedule>/base holds the
+base and the metric's classifier; every fine-tune gets its own folder with hard links to both.
+
+Writes benchmarks/results/quality[-quick].json and quality[-quick].png (distance vs NFE: base DDIM
+against the best end-to-end setting per coupling); the last line printed is one JSON object with the
+headline ratios D/e2e4_vs_base50, D/e2e1_vs_base50, D/e2e4_vs_base4 for D in ring2d, digits (best
+end-to-end setting by its mean over seeds, divided by the base's mean). Goals (the issue):
+e2e4_vs_base50 <= 0.9, e2e1_vs_base50 <= 1.5, e2e4_vs_base4 <= 0.25. Goals are reported, never tuned for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import e2ediff  # noqa: E402
+import toy2d  # noqa: E402
+import train_toy  # noqa: E402
+
+# Every run setting, per mode; "why" in the comment. Full mode must fit 30 minutes on 2 CPU cores.
+PLANS = {
+    "full": dict(
+        ring_seeds=(0, 1, 2),  # the ring is cheap: three seeds
+        ring_pretrain_steps=2000,  # toy2d's default
+        ring_finetune_steps=500,  # toy2d's default
+        ring_nfe=(1, 2, 4),
+        ring_eval_samples=2000,  # toy2d's default
+        digits_seeds=(0, 1),  # two seeds fit the budget
+        digits_pretrain_steps=1500,  # half the quickstart's 3000, to fit the budget (two bases per seed)
+        digits_finetune_steps=200,  # below the quickstart's 600 to fit the budget
+        digits_nfe=(1, 4),  # 2 NFE left out on digits to fit the budget
+        digits_eval_samples=500,
+        classifier_epochs=30,  # train_toy's default
+        teacher_steps=25,  # the teacher's DDIM runs on every batch; 25 steps instead of 50 halves its cost
+    ),
+    "quick": dict(
+        ring_seeds=(0,), ring_pretrain_steps=300, ring_finetune_steps=40, ring_nfe=(1, 4), ring_eval_samples=1000,
+        digits_seeds=(0,), digits_pretrain_steps=100, digits_finetune_steps=5, digits_nfe=(1, 4),
+        digits_eval_samples=100, classifier_epochs=2, teacher_steps=5,
+    ),
+}
+BASE_NFE = (1, 2, 4, 50)
+COUPLINGS = ("independent", "inversion", "teacher")
+GAN_WEIGHT = 0.1  # digits: times the adaptive weight (train_toy's default); ring2d: fixed (toy2d has no adaptive weight)
+# Table 2 at toy scale: name -> loss weights (and GAN weight); inversion coupling, 4 NFE.
+DIGITS_TABLE2 = {
+    "L1": dict(l1_weight=1.0, l2_weight=0.0),
+    "L2": dict(l2_weight=1.0),
+    "LPIPS": dict(l2_weight=0.0, lpips_weight=1.0),
+    "L2+LPIPS": dict(l2_weight=1.0, lpips_weight=1.0),
+    "L2+LPIPS+GAN": dict(l2_weight=1.0, lpips_weight=1.0, gan_weight=GAN_WEIGHT),
+}
+RING_TABLE2 = {"L1": dict(loss_weights={"l1": 1.0}), "L2": dict(loss_weights={"l2": 1.0}),
+               "L2+GAN": dict(loss_weights={"l2": 1.0}, gan_weight=GAN_WEIGHT)}
+SCHEDULES = {  # leakage comparison: name -> Config fields
+    "zero-SNR, trailing": dict(zero_terminal_snr=True, spacing="trailing"),
+    "linear, leading": dict(zero_terminal_snr=False, spacing="leading"),
+}
+MAIN_SCHEDULE = "zero-SNR, trailing"
+LPIPS_RANDOM_NOTE = ("random AlexNet with the real linear heads (ImageNet weights not on disk) — not a perceptual metric")
+GOALS = {"e2e4_vs_base50": 0.9, "e2e1_vs_base50": 1.5, "e2e4_vs_base4": 0.25}
+
+
+def row(dataset, group, model, nfe, seed, distance, coupling=None, loss=None, schedule=MAIN_SCHEDULE):
+    return dict(dataset=dataset, group=group, model=model, coupling=coupling, loss=loss, schedule=schedule,
+                nfe=nfe, seed=seed, distance=distance)
+
+
+# ----------------------------------------------------------------------------------------------
+# ring2d: toy2d's pretrain / finetune / score.
+
+
+def ring2d_rows(plan, seed):
+    """Every ring2d row for one seed (energy distance to fresh ring points)."""
+    n = plan["ring_eval_samples"]
+    score = lambda model, k: toy2d.score(model, k, n, seed=1000 + seed)  # noqa: E731
+    base = toy2d.pretrain(steps=plan["ring_pretrain_steps"], seed=seed)
+    rows = [row("ring2d", "base", "base DDIM", k, seed, score(base, k)) for k in BASE_NFE]
+    finetune = lambda k, **kwargs: toy2d.finetune(base, num_steps=k, steps=plan["ring_finetune_steps"], seed=seed, **kwargs)  # noqa: E731
+    for coupling in COUPLINGS:
+        for loss, kwargs in (("L2", {}), ("L2+GAN", dict(gan_weight=GAN_WEIGHT))):
+            for k in plan["ring_nfe"]:
+                model = finetune(k, coupling=coupling, **kwargs)
+                rows.append(row("ring2d", "coupling", "E2E", k, seed, score(model, k), coupling, loss))
+    for loss, kwargs in RING_TABLE2.items():
+        if loss not in ("L2", "L2+GAN"):  # those two are the inversion rows above
+            rows.append(row("ring2d", "table2", "E2E", 4, seed, score(finetune(4, coupling="inversion", **kwargs), 4), "inversion", loss))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# digits: train_toy's stages, one folder per fine-tune sharing the seed's base and classifier.
+
+
+def lpips_backbone():
+    """(random_backbone, description): the real AlexNet when its weights are on disk."""
+    try:
+        e2ediff.LPIPS(net="alex")
+        return False, "AlexNet (ImageNet weights) with the real linear heads"
+    except FileNotFoundError:
+        return True, LPIPS_RANDOM_NOTE
+
+
+def digits_config(plan, seed, out_dir, schedule, nfe, **fields):
+    return train_toy.Config(
+        dataset="digits", out_dir=str(out_dir), seed=seed, device="cpu", nfe=tuple(nfe),
+        pretrain_steps=plan["digits_pretrain_steps"], finetune_steps=plan["digits_finetune_steps"],
+        eval_samples=plan["digits_eval_samples"], classifier_epochs=plan["classifier_epochs"],
+        teacher_steps=plan["teacher_steps"], lpips_random_backbone=plan["lpips_random_backbone"],
+        log_every=10**9, save_every=10**9, **SCHEDULES[schedule], **fields)
+
+
+def digits_rows(plan, seed, work):
+    """Every digits row for one seed (CFD against the test split)."""
+    device = torch.device("cpu")
+    data = train_toy.build_dataset(train_toy.Config(dataset="digits"))
+    rows, cfd = [], None
+
+    def measure(config, model, k):
+        images = train_toy.generate(model, config, data, train_toy.build_schedule(config, device), k, config.eval_samples, device)
+        return cfd(images)
+
+    def finetune(schedule, name, nfe, **fields):
+        """Fine-tune in <work>/<schedule>/<name> (hard links to the base) -> {k: CFD}."""
+        base_dir = os.path.join(work, schedule.replace(", ", "-"), "base")
+        run_dir = os.path.join(work, schedule.replace(", ", "-"), name)
+        os.makedirs(run_dir, exist_ok=True)
+        for file in ("pretrain.pt", "classifier.pt"):
+            if not os.path.exists(os.path.join(run_dir, file)):
+                os.link(os.path.join(base_dir, file), os.path.join(run_dir, file))
+        config = digits_config(plan, seed, run_dir, schedule, nfe, **fields)
+        train_toy.finetune(config, data, device)
+        return {k: measure(config, train_toy.load_finetuned(config, data, device, k), k) for k in nfe}
+
+    for schedule in SCHEDULES:
+        base_config = digits_config(plan, seed, os.path.join(work, schedule.replace(", ", "-"), "base"), schedule, plan["digits_nfe"])
+        train_toy.pretrain(base_config, data, device)
+        if cfd is None:  # one metric classifier per seed, in the main schedule's base folder
+            classifier = train_toy.train_classifier(base_config, data, device)
+            cfd = train_toy.ClassifierFrechetDistance(classifier, data.test_images, base_config.eval_batch_size)
+            classifier_path = base_config.out / "classifier.pt"
+        elif not (base_config.out / "classifier.pt").exists():
+            os.link(classifier_path, base_config.out / "classifier.pt")
+        base = train_toy.load_base(base_config, data, device)
+        group = "base" if schedule == MAIN_SCHEDULE else "leakage"
+        for k in (BASE_NFE if schedule == MAIN_SCHEDULE else (1, 4, 50)):
+            rows.append(row("digits", group, "base DDIM", k, seed, measure(base_config, base, k), schedule=schedule))
+    for coupling in COUPLINGS:
+        for loss, fields in (("L2", {}), ("L2+GAN", dict(gan_weight=GAN_WEIGHT))):
+            distances = finetune(MAIN_SCHEDULE, f"{coupling}-{loss}", plan["digits_nfe"], coupling=coupling, **fields)
+            rows += [row("digits", "coupling", "E2E", k, seed, d, coupling, loss) for k, d in distances.items()]
+    for loss, fields in DIGITS_TABLE2.items():
+        if loss != "L2":  # inversion + L2 at 4 NFE is a coupling row above
+            distances = finetune(MAIN_SCHEDULE, f"inversion-{loss}", (4,), coupling="inversion", **fields)
+            rows.append(row("digits", "table2", "E2E", 4, seed, distances[4], "inversion", loss))
+    schedule = "linear, leading"
+    distances = finetune(schedule, "inversion-L2", plan["digits_nfe"], coupling="inversion")
+    rows += [row("digits", "leakage", "E2E", k, seed, d, "inversion", "L2", schedule) for k, d in distances.items()]
+    return rows
+
+
+def start_digits_workers(plan_name, plan, work, threads):
+    """One subprocess per digits seed; each prints its rows as the last line of stdout."""
+    workers = []
+    for seed in plan["digits_seeds"]:
+        command = [sys.executable, os.path.abspath(__file__), "--digits-worker", f"{plan_name},{seed},{work},{threads},{int(plan['lpips_random_backbone'])}"]
+        log = open(os.path.join(work, f"digits-seed{seed}.log"), "w")
+        environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        workers.append((seed, log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)))
+    return workers
+
+
+def collect(workers, timeout):
+    rows = []
+    for seed, log, process in workers:
+        stdout, _ = process.communicate(timeout=timeout)
+        log.close()
+        if process.returncode != 0:
+            raise RuntimeError(f"digits seed {seed} failed (exit {process.returncode}); see {log.name}")
+        rows += json.loads(stdout.strip().splitlines()[-1])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation, tables, headline, plot.
+
+
+def aggregate(rows):
+    """Mean and std over seeds of every (dataset, group, model, coupling, loss, schedule, nfe)."""
+    groups = {}
+    for r in rows:
+        key = tuple(r[name] for name in ("dataset", "group", "model", "coupling", "loss", "schedule", "nfe"))
+        groups.setdefault(key, []).append(r["distance"])
+    summary = []
+    for key, values in groups.items():
+        entry = dict(zip(("dataset", "group", "model", "coupling", "loss", "schedule", "nfe"), key))
+        entry.update(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0, n=len(values))
+        summary.append(entry)
+    return summary
+
+
+def best_e2e(summary, dataset, nfe, coupling=None):
+    """The end-to-end setting (main schedule) with the lowest mean distance at this NFE."""
+    candidates = [s for s in summary if s["dataset"] == dataset and s["model"] == "E2E" and s["nfe"] == nfe
+                  and s["schedule"] == MAIN_SCHEDULE and (coupling is None or s["coupling"] == coupling)]
+    return min(candidates, key=lambda s: s["mean"]) if candidates else None
+
+
+def base_ddim(summary, dataset, nfe, schedule=MAIN_SCHEDULE):
+    return next(s for s in summary if s["dataset"] == dataset and s["model"] == "base DDIM" and s["nfe"] == nfe and s["schedule"] == schedule)
+
+
+def headline_ratios(summary):
+    headline = {}
+    for dataset in ("ring2d", "digits"):
+        base50, base4 = base_ddim(summary, dataset, 50)["mean"], base_ddim(summary, dataset, 4)["mean"]
+        headline[f"{dataset}/e2e4_vs_base50"] = best_e2e(summary, dataset, 4)["mean"] / base50
+        headline[f"{dataset}/e2e1_vs_base50"] = best_e2e(summary, dataset, 1)["mean"] / base50
+        headline[f"{dataset}/e2e4_vs_base4"] = best_e2e(summary, dataset, 4)["mean"] / base4
+    return headline
+
+
+def tables(summary, metric_names):
+    """Markdown tables, one per dataset: every row, mean ± std over seeds, by NFE."""
+    lines = []
+    for dataset, metric in metric_names.items():
+        entries = [s for s in summary if s["dataset"] == dataset]
+        nfes = sorted({s["nfe"] for s in entries})
+        seeds = max(s["n"] for s in entries)
+        lines += [f"\n{dataset}: {metric} (lower is better), mean ± std over {seeds} seed(s)",
+                  "| group | model | coupling | loss | schedule | " + " | ".join(f"{k} NFE" for k in nfes) + " |",
+                  "|" + "---|" * (5 + len(nfes))]
+        settings = {}
+        for s in entries:
+            settings.setdefault((s["group"], s["model"], s["coupling"], s["loss"], s["schedule"]), {})[s["nfe"]] = s
+        for (group, model, coupling, loss, schedule), by_nfe in settings.items():
+            cells = [f"{by_nfe[k]['mean']:.4g} ± {by_nfe[k]['std']:.2g}" if k in by_nfe else "–" for k in nfes]
+            lines.append(f"| {group} | {model} | {coupling or '–'} | {loss or '–'} | {schedule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary, metric_names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metric_names), figsize=(5 * len(metric_names), 3.8))
+    for axis, (dataset, metric) in zip(axes, metric_names.items()):
+        base = sorted((s for s in summary if s["dataset"] == dataset and s["model"] == "base DDIM" and s["schedule"] == MAIN_SCHEDULE), key=lambda s: s["nfe"])
+        axis.errorbar([s["nfe"] for s in base], [s["mean"] for s in base], [s["std"] for s in base], marker="o", color="black", label="base, DDIM")
+        for coupling in COUPLINGS:
+            nfes = sorted({s["nfe"] for s in summary if s["dataset"] == dataset and s["model"] == "E2E" and s["coupling"] == coupling})
+            best = [best_e2e(summary, dataset, k, coupling) for k in nfes]
+            axis.errorbar(nfes, [s["mean"] for s in best], [s["std"] for s in best], marker="s", capsize=2, label=f"E2E best, {coupling}")
+        axis.set(xlabel="NFE (sampler steps)", ylabel=f"{metric} (lower is better)", xscale="log", yscale="log", title=dataset)
+        axis.set_xticks(BASE_NFE, [str(k) for k in BASE_NFE])
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny step counts, NFE 1 and 4: a smoke run")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
+    parser.add_argument("--work", default=None, help="folder for the digits checkpoints; default a temporary one, deleted after")
+    parser.add_argument("--digits-worker", default=None, help=argparse.SUPPRESS)  # internal: plan,seed,work,threads,random_lpips
+    args = parser.parse_args(argv)
+    if args.digits_worker:
+        plan_name, seed, work, threads, random_lpips = args.digits_worker.split(",")
+        torch.set_num_threads(int(threads))
+        plan = {**PLANS[plan_name], "lpips_random_backbone": bool(int(random_lpips))}
+        print(json.dumps(digits_rows(plan, int(seed), os.path.join(work, f"digits-seed{seed}"))))
+        return {}
+
+    start = time.time()
+    plan_name = "quick" if args.quick else "full"
+    random_lpips, lpips_note = lpips_backbone()
+    plan = {**PLANS[plan_name], "lpips_random_backbone": random_lpips}
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // (len(plan["digits_seeds"]) + 1))  # + 1: the ring runs here meanwhile; more threads than cores stalls OpenMP
+    print(f"quality benchmark ({plan_name}): {cores} cores, digits seeds {plan['digits_seeds']} in parallel "
+          f"({threads} thread(s) each), ring2d seeds {plan['ring_seeds']}; LPIPS backbone: {lpips_note}")
+    print("leakage comparison: digits only (toy2d fixes its schedule to zero terminal SNR)")
+    temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
+    work = args.work or temporary.name
+    os.makedirs(work, exist_ok=True)
+    workers = start_digits_workers(plan_name, plan, work, threads)
+    torch.set_num_threads(1)  # the ring shares the cores with the digits workers
+    rows = [r for seed in plan["ring_seeds"] for r in ring2d_rows(plan, seed)]
+    print(f"ring2d done at {time.time() - start:.0f}s; waiting for digits (logs in {work})", flush=True)
+    rows += collect(workers, timeout=3600)
+    if temporary is not None:
+        temporary.cleanup()
+
+    summary = aggregate(rows)
+    metric_names = {"ring2d": "energy distance", "digits": "CFD"}
+    print(tables(summary, metric_names))
+    print(f"\nLPIPS backbone: {lpips_note}")
+    headline = headline_ratios(summary)
+    print()
+    for dataset in metric_names:
+        for nfe in (1, 4):
+            best = best_e2e(summary, dataset, nfe)
+            print(f"{dataset}: best E2E at {nfe} NFE: {best['coupling']}, {best['loss']} ({best['mean']:.4g} ± {best['std']:.2g})")
+        for key, goal in GOALS.items():
+            value = headline[f"{dataset}/{key}"]
+            print(f"goal {dataset}/{key} <= {goal}: measured {value:.3f} -> {'met' if value <= goal else 'MISSED'}")
+    os.makedirs(args.out, exist_ok=True)
+    name = "quality-quick" if args.quick else "quality"
+    plot(summary, metric_names, os.path.join(args.out, f"{name}.png"))
+    record = {"mode": plan_name, "plan": plan, "lpips_backbone": lpips_note, "gan_weight": GAN_WEIGHT,
+              "digits_table2_weights": DIGITS_TABLE2, "schedules": SCHEDULES, "metrics": metric_names,
+              "leakage": "digits only: toy2d fixes its schedule (zero terminal SNR, trailing)",
+              "digits_config": asdict(digits_config(plan, 0, "<work>", MAIN_SCHEDULE, plan["digits_nfe"])),
+              "torch": torch.__version__, "cores": cores, "rows": rows, "summary": summary, "headline": headline,
+              "goals": GOALS, "wall_seconds": time.time() - start}
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wall time {time.time() - start:.0f}s; wrote {os.path.join(args.out, name)}.json/.png")
+    print(json.dumps({key: round(value, 4) for key, value in headline.items()}))
+    return headline
+
+
+if __name__ == "__main__":
+    main()

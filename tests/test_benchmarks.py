@@ -1,0 +1,43 @@
+"""Smoke tests of the benchmarks' output contract: each --quick run finishes, writes its JSON and plot,
+and prints as its last line one JSON object holding every headline key with a finite value.
+
+    pytest tests/test_benchmarks.py      # about 4 minutes on 2 CPU cores (two quick benchmark runs)
+
+They check the contract, not the numbers: a quick run is far too short for its ratios to mean anything.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(script, *args, timeout):
+    """Run benchmarks/<script> as a subprocess; returns the JSON object on its last stdout line."""
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def assert_finite_keys(headline, keys):
+    assert set(keys) <= set(headline), f"missing headline keys: {sorted(set(keys) - set(headline))}"
+    not_finite = {key: headline[key] for key in keys if not math.isfinite(headline[key])}
+    assert not not_finite, f"non-finite headline values: {not_finite}"
+
+
+def test_cost_quick_prints_finite_headline_and_writes_results(tmp_path):
+    headline = run_benchmark("cost.py", "--quick", "--steps", "1,4", "--repeats", "1", "--out", str(tmp_path), timeout=1200)
+    assert_finite_keys(headline, ["cost_ratio_T4_plain", "cost_ratio_T4_ckpt", "mem_ratio_T4_ckpt", "sampler_overhead"])
+    assert (tmp_path / "cost-quick.json").is_file() and (tmp_path / "cost-quick.png").is_file()
+
+
+def test_quality_quick_prints_finite_headline_and_writes_results(tmp_path):
+    headline = run_benchmark("quality.py", "--quick", "--out", str(tmp_path), timeout=1800)
+    keys = [f"{dataset}/{ratio}" for dataset in ("ring2d", "digits") for ratio in ("e2e4_vs_base50", "e2e1_vs_base50", "e2e4_vs_base4")]
+    assert_finite_keys(headline, keys)
+    record = json.loads((tmp_path / "quality-quick.json").read_text())
+    assert {key: round(value, 4) for key, value in record["headline"].items()} == headline  # the file holds what was printed
+    assert (tmp_path / "quality-quick.png").is_file()
