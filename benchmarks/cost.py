@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import e2ediff  # noqa: E402
+from report import write_results  # noqa: E402
 from train_toy import UNet  # noqa: E402
 
 SETUPS = {  # name -> (image shape, UNet kwargs, batch)
@@ -244,12 +245,8 @@ def main(argv=None) -> dict:
     name = "cost-quick" if args.quick else "cost"
     plot(steps_list, times, memory, os.path.join(args.out, f"{name}.png"))
     record = {"setup": setup, "image_shape": shape, "batch": batch, "params": params, "device": str(device), "repeats": repeats,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "median_seconds": times, "memory": memory,
-              "headline": headline, "wall_seconds": time.time() - start}
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wall time {time.time() - start:.0f}s; wrote {os.path.join(args.out, name)}.json/.png")
-    print(json.dumps({key: round(value, 4) for key, value in headline.items()}))
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "median_seconds": times, "memory": memory}
+    write_results(args.out, name, record, headline, start)
     return headline
 
 

@@ -48,6 +48,7 @@ import torch  # noqa: E402
 import e2ediff  # noqa: E402
 import toy2d  # noqa: E402
 import train_toy  # noqa: E402
+from report import write_results  # noqa: E402
 
 # Every run setting, per mode; "why" in the comment. Full mode must fit 30 minutes on 2 CPU cores.
 PLANS = {
@@ -346,12 +347,8 @@ def main(argv=None) -> dict:
               "digits_table2_weights": DIGITS_TABLE2, "schedules": SCHEDULES, "metrics": metric_names,
               "leakage": "digits only: toy2d fixes its schedule (zero terminal SNR, trailing)",
               "digits_config": asdict(digits_config(plan, 0, "<work>", MAIN_SCHEDULE, plan["digits_nfe"])),
-              "torch": torch.__version__, "cores": cores, "rows": rows, "summary": summary, "headline": headline,
-              "goals": GOALS, "wall_seconds": time.time() - start}
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    print(f"wall time {time.time() - start:.0f}s; wrote {os.path.join(args.out, name)}.json/.png")
-    print(json.dumps({key: round(value, 4) for key, value in headline.items()}))
+              "torch": torch.__version__, "cores": cores, "rows": rows, "summary": summary, "goals": GOALS}
+    write_results(args.out, name, record, headline, start)
     return headline
 
 
