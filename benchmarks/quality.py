@@ -15,7 +15,7 @@ Per seed, one base model is pretrained and every fine-tune starts from it. Rows:
     with (a) zero terminal SNR + trailing spacing against (b) the plain linear schedule + leading
     spacing, each base trained with its own schedule (v-prediction both).
 
-    python benchmarks/quality.py            # full mode: ring2d 3 seeds, digits 2 seeds (~25 min on 2 CPU cores)
+    python benchmarks/quality.py            # full mode: ring2d 3 seeds, digits 2 seeds (34 min on 2 idle CPU cores)
     python benchmarks/quality.py --quick    # 1 seed, tiny step counts, NFE 1 and 4 (a smoke run, ~3 min on an idle machine)
 
 Digits seeds run in parallel subprocesses (one torch thread each on a 2-core machine), each in its
@@ -50,7 +50,7 @@ import toy2d  # noqa: E402
 import train_toy  # noqa: E402
 from report import write_results  # noqa: E402
 
-# Every run setting, per mode; "why" in the comment. Full mode must fit 30 minutes on 2 CPU cores.
+# Every run setting, per mode; "why" in the comment. Full mode took 34 minutes on 2 idle CPU cores.
 PLANS = {
     "full": dict(
         ring_seeds=(0, 1, 2),  # the ring is cheap: three seeds
