@@ -15,6 +15,6 @@ def test_walkthrough_notebook_runs_top_to_bottom_without_errors():
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
     images = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(images) >= 4  # schedule, 2D base, 2D fine-tuned, digit grids: each cell drew its figure
+    assert len(images) >= 5  # schedule, 2D base, 2D fine-tuned, digit grids, cost: each cell drew its figure
     text = "".join(output.get("text", "") for output in outputs)
     assert "notebook ran in" in text
