@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pickle
 import random
 import signal
@@ -475,6 +476,19 @@ class Log:
         with open(self.path, "a") as file:
             file.write(json.dumps(row) + "\n")
 
+    def forget_after(self, stage, step):
+        """A run of `stage` (re)starts after `step`: drop that stage's rows past it, which a run that
+        stopped after its last checkpoint had logged and the restarted run is about to log again."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines
+                if not ((row := json.loads(line)).get("stage") == stage and row.get("step", 0) > step)]
+        if len(keep) < len(lines):
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(keep))
+            os.replace(temporary, self.path)  # atomic: the old log stays whole until the new one is
+
 
 class CtrlC:
     """Turns the first Ctrl-C into a flag read between steps, so the saved state is consistent."""
@@ -507,6 +521,7 @@ def train_loop(name, path, parts, config, train_step, start_step, steps, log, ex
         state = {"stage": stage, "step": step, "config": asdict(config), "rng": rng_state(), **(extra or {})}
         save_checkpoint({**state, **{key: part.state_dict() for key, part in parts.items()}}, path)
 
+    log.forget_after(name, start_step)
     started = time.time()
     with CtrlC() as ctrl_c, tqdm(total=steps, initial=start_step, desc=name, dynamic_ncols=True) as bar:
         for step in range(start_step + 1, steps + 1):

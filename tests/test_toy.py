@@ -129,6 +129,25 @@ def test_ctrl_c_saves_a_checkpoint_and_finetune_resumes_bit_identically(tmp_path
                          ["model", "ema", "optimizer", "batches", "rng"])
 
 
+def test_resume_after_a_crash_logs_every_step_once(tmp_path, digits, monkeypatch):
+    """A run that dies after logging past its last checkpoint must not leave those rows twice."""
+    cpu = torch.device("cpu")
+    calls, real_loss = [], train_toy.diffusion_loss
+    def crash_in_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train_toy, "diffusion_loss", crash_in_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_toy.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3), digits, cpu)
+    assert load_checkpoint(tmp_path / "pretrain.pt")["step"] == 3  # steps 1-4 logged, 3 saved
+    monkeypatch.setattr(train_toy, "diffusion_loss", real_loss)
+    train_toy.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3, resume=True), digits, cpu)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["stage"] == "pretrain"] == [1, 2, 3, 4, 5, 6]
+
+
 # --- data -------------------------------------------------------------------------------------
 
 
