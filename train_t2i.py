@@ -264,9 +264,15 @@ def setup_distributed(config: Config) -> Dist:
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (in place); the identity in a single process."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
+    """Sum over ranks (in place); the identity in a single process. NCCL reduces CUDA tensors only
+    ("No backend type associated with device type cpu"), so a CPU tensor goes through this rank's GPU."""
+    if not dist.is_initialized():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu)
+        return tensor.copy_(on_gpu)
+    dist.all_reduce(tensor)
     return tensor
 
 

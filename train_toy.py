@@ -959,7 +959,8 @@ def main(argv=None):
         if config.stage in ("all", "eval"):
             evaluate(config, data, device)
     except KeyboardInterrupt as interrupt:
-        sys.exit(f"\n{interrupt or 'interrupted outside training; nothing to save'}")
+        print(f"\n{interrupt or 'interrupted outside training; nothing to save'}", file=sys.stderr)
+        sys.exit(130)  # the shell's convention for "stopped by SIGINT"
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     print(f"done in {time.time() - started:.0f}s; outputs in {config.out}/")

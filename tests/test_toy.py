@@ -264,6 +264,16 @@ def test_main_turns_errors_into_one_clear_message_and_exit_status(tmp_path, caps
     assert "error: no pretrained base model at" in str(exit_info.value.code)
 
 
+def test_ctrl_c_exits_with_status_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt("pretrain interrupted at step 7; saved x.pt. Continue with the same command plus --resume.")
+    monkeypatch.setattr(train_toy, "pretrain", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.main(["--stage", "pretrain", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "plus --resume" in capsys.readouterr().err
+
+
 def test_unknown_dataset_or_option_lists_the_valid_choices(capsys):
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid: digits, cifar10"):
         Config(dataset="mnist")
