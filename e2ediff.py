@@ -11,7 +11,7 @@ Diffusion Models" (Tan et al., arXiv 2412.21044). Read it beside the paper, top 
     6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1)
     7. EMA                     (Alg. 1 line 13)
     8. standard diffusion loss (to pretrain the base model the method starts from)
-    9. training utilities      (atomic checkpoints, RNG state, device choice) shared by both scripts
+    9. training utilities      (atomic checkpoints, RNG state, stop signals, device choice) shared by both scripts
 
 Which coupling is the paper's, and which to use
     Algorithm 1 draws z_T ~ N(0, I) independently of the data sample x0 and regresses the sampler's
@@ -38,6 +38,8 @@ import copy
 import math
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -780,6 +782,35 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (torchrun shutting down, a cluster preempting the job) turned into a
+    flag, `requested`, that a training loop reads between steps, so that it stops at a step boundary
+    with a consistent checkpoint instead of dying mid-step. A second Ctrl-C interrupts at once. Only
+    the main thread can install signal handlers; in any other thread this is a flag nobody sets.
+
+        with StopRequest() as stop:
+            for step in ...:
+                train_step(); if stop.requested: save(); break
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopped at once, without saving")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception (FID)

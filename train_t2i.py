@@ -83,6 +83,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter
@@ -99,7 +100,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from e2ediff import (
     INCEPTION_WEIGHTS, inception_weights_path,
     EMA, GANLoss, LPIPS, PatchDiscriminator, check_prediction_type, couple, end_to_end_loss, load_checkpoint,
-    make_schedule, rng_state, save_checkpoint, select_device, set_rng_state, unrolled_sample,
+    StopRequest, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state, unrolled_sample,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -656,10 +657,19 @@ def collate(items, tokenizer=None, max_text_length=120):
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM, which reach a rank's whole process group (torchrun
+    forwards Ctrl-C to each rank that way): their rank finishes its step, checkpoints and stops, and
+    the DataLoader shuts them down after."""
+    for signum in StopRequest.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(stream: CaptionStream, config: Config, tokenizer, device):
     return DataLoader(stream, batch_size=config.batch_size, num_workers=config.num_workers,
                       collate_fn=partial(collate, tokenizer=tokenizer, max_text_length=config.max_text_length),
                       pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0,
+                      worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator())  # its own: starting workers must not draw from the training RNG
 
 
@@ -980,69 +990,76 @@ def train(config: Config, ctx: Dist):
 
     # ---- the loop (Alg. 1)
     window = []
-    while step < config.max_steps:
-        inject_test_fault(step, ctx)
-        started, logs_step = time.time(), Counter()
-        for micro in range(config.grad_accum):
-            batch = next(batches)
-            reader_states[batch["state"]["worker"]] = batch["state"]
-            with torch.no_grad(), autocast(config, ctx.device):  # Alg. 1 lines 3-4: z0 = E(x0), e_c = TextEnc(c)
-                pixels = batch["pixels"].to(ctx.device) if "pixels" in batch else None
-                if pixels is not None:
-                    z0 = codec.sample(*codec.distribution(pixels))
-                    cond = encode_text(text_encoder, batch["input_ids"], batch["attention_mask"])
-                else:
-                    z0 = codec.sample(batch["latent_mean"].to(ctx.device), batch["latent_std"].to(ctx.device))
-                    cond = (batch["text_embeddings"].to(ctx.device, torch.float32),
-                            batch["attention_mask"].to(ctx.device))
-                z_T, target = couple(config.coupling, z0, base_model=base, schedule=schedule, cond=cond,
-                                     prediction_type=prediction_type, inversion_steps=config.inversion_steps,
-                                     teacher_steps=config.teacher_steps)
-                gan_on = gan is not None and gan.active(step)
-                target_image = None
-                if config.lpips_weight > 0 or gan_on:  # real pixels when they are the target, else decoded targets
-                    real_is_target = pixels is not None and config.coupling != "teacher"
-                    target_image = pixels if real_is_target else codec.decode(target)
-            last = micro == config.grad_accum - 1
-            with sync_gradients(model, last), autocast(config, ctx.device):
-                loss, logs, image = model(z_T, target, cond, step, target_image)  # Alg. 1 lines 6-11
-                (loss / config.grad_accum).backward()
-            if gan_on:  # the discriminator's own step on real vs the sampler's (detached) images
-                with sync_gradients(disc_model, last), autocast(config, ctx.device):
-                    disc = gan.discriminator_loss(target_image, image.detach(), step)
-                    (disc["disc"] / config.grad_accum).backward()
-                logs = {**logs, "disc": disc["disc"].detach()}
-            for name, value in logs.items():
-                logs_step[name] += float(value) / config.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.grad_clip or float("inf"))
-        optimizer.step()  # Alg. 1 line 12
-        optimizer.zero_grad(set_to_none=True)
-        if gan_on:
-            disc_optimizer.step()
-            disc_optimizer.zero_grad(set_to_none=True)
-        ema.update(denoiser)  # Alg. 1 line 13
-        step += 1
-        window.append({**logs_step, "grad_norm": float(grad_norm), "sec_per_step": time.time() - started})
+    with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+        while step < config.max_steps:
+            inject_test_fault(step, ctx)
+            started, logs_step = time.time(), Counter()
+            for micro in range(config.grad_accum):
+                batch = next(batches)
+                reader_states[batch["state"]["worker"]] = batch["state"]
+                with torch.no_grad(), autocast(config, ctx.device):  # Alg. 1 lines 3-4: z0 = E(x0), e_c = TextEnc(c)
+                    pixels = batch["pixels"].to(ctx.device) if "pixels" in batch else None
+                    if pixels is not None:
+                        z0 = codec.sample(*codec.distribution(pixels))
+                        cond = encode_text(text_encoder, batch["input_ids"], batch["attention_mask"])
+                    else:
+                        z0 = codec.sample(batch["latent_mean"].to(ctx.device), batch["latent_std"].to(ctx.device))
+                        cond = (batch["text_embeddings"].to(ctx.device, torch.float32),
+                                batch["attention_mask"].to(ctx.device))
+                    z_T, target = couple(config.coupling, z0, base_model=base, schedule=schedule, cond=cond,
+                                         prediction_type=prediction_type, inversion_steps=config.inversion_steps,
+                                         teacher_steps=config.teacher_steps)
+                    gan_on = gan is not None and gan.active(step)
+                    target_image = None
+                    if config.lpips_weight > 0 or gan_on:  # real pixels when they are the target, else decoded targets
+                        real_is_target = pixels is not None and config.coupling != "teacher"
+                        target_image = pixels if real_is_target else codec.decode(target)
+                last = micro == config.grad_accum - 1
+                with sync_gradients(model, last), autocast(config, ctx.device):
+                    loss, logs, image = model(z_T, target, cond, step, target_image)  # Alg. 1 lines 6-11
+                    (loss / config.grad_accum).backward()
+                if gan_on:  # the discriminator's own step on real vs the sampler's (detached) images
+                    with sync_gradients(disc_model, last), autocast(config, ctx.device):
+                        disc = gan.discriminator_loss(target_image, image.detach(), step)
+                        (disc["disc"] / config.grad_accum).backward()
+                    logs = {**logs, "disc": disc["disc"].detach()}
+                for name, value in logs.items():
+                    logs_step[name] += float(value) / config.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.grad_clip or float("inf"))
+            optimizer.step()  # Alg. 1 line 12
+            optimizer.zero_grad(set_to_none=True)
+            if gan_on:
+                disc_optimizer.step()
+                disc_optimizer.zero_grad(set_to_none=True)
+            ema.update(denoiser)  # Alg. 1 line 13
+            step += 1
+            window.append({**logs_step, "grad_norm": float(grad_norm), "sec_per_step": time.time() - started})
 
-        def due(every):  # every N steps, and always at the last step; 0 = only at the last step
-            return step == config.max_steps or (every > 0 and step % every == 0)
+            def due(every):  # every N steps, and always at the last step; 0 = only at the last step
+                return step == config.max_steps or (every > 0 and step % every == 0)
 
-        if due(config.log_every):  # means over the window and over ranks
-            names = sorted(window[-1])
-            sums = torch.tensor([sum(row.get(n, 0.0) for row in window) for n in names], dtype=torch.float64)
-            means = all_reduce(sums) / (len(window) * ctx.world_size)
-            row = {"step": step, **dict(zip(names, means.tolist()))}
-            row.update(skipped=count_skipped(reader_states), images_per_sec=images_per_step / row["sec_per_step"])
-            log(row, f"step {step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
-                     f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | skipped {row['skipped']}")
-            window = []
-        if ctx.master and due(config.sample_every):
-            path = save_samples(config, step, ema.module, sample_cond, schedule, prediction_type, codec, ctx.device)
-            log({"event": "samples", "step": step, "path": path})
-        if due(config.ckpt_every):
-            save(step)
-        if config.eval_data and due(config.eval_every):
-            run_eval(step)
+            if due(config.log_every):  # means over the window and over ranks
+                names = sorted(window[-1])
+                sums = torch.tensor([sum(row.get(n, 0.0) for row in window) for n in names], dtype=torch.float64)
+                means = all_reduce(sums) / (len(window) * ctx.world_size)
+                row = {"step": step, **dict(zip(names, means.tolist()))}
+                row.update(skipped=count_skipped(reader_states), images_per_sec=images_per_step / row["sec_per_step"])
+                log(row, f"step {step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
+                         f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | skipped {row['skipped']}")
+                window = []
+            # any rank's signal stops every rank at this same step (one tiny all-reduce per step)
+            if all_reduce(torch.tensor([float(stop.requested)], dtype=torch.float64)).item() > 0:
+                save(step)
+                log({"event": "stopped", "step": step, "path": ckpt_path})
+                raise KeyboardInterrupt(f"stopped at step {step} on a signal; saved {ckpt_path}. "
+                                        f"Continue with the same command plus --resume.")
+            if ctx.master and due(config.sample_every):
+                path = save_samples(config, step, ema.module, sample_cond, schedule, prediction_type, codec, ctx.device)
+                log({"event": "samples", "step": step, "path": path})
+            if due(config.ckpt_every):
+                save(step)
+            if config.eval_data and due(config.eval_every):
+                run_eval(step)
 
     if ctx.master:
         ema.module.transformer.save_pretrained(os.path.join(config.out_dir, "transformer_ema"))
@@ -1060,6 +1077,9 @@ def main(argv=None):
             train(config, ctx)
     except (MissingModelError, FileNotFoundError, ValueError) as error:
         sys.exit(f"error (rank {ctx.rank}): {error}")
+    except KeyboardInterrupt as interrupt:
+        print(f"\nrank {ctx.rank}: {interrupt}", file=sys.stderr)
+        sys.exit(130)  # the shell's convention for "stopped by SIGINT"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -50,9 +50,7 @@ import math
 import os
 import pickle
 import random
-import signal
 import sys
-import threading
 import time
 import typing
 from dataclasses import dataclass, field, asdict
@@ -67,7 +65,7 @@ from tqdm import tqdm
 from e2ediff import (
     INCEPTION_WEIGHTS, inception_weights_path,
     EMA, GANLoss, LPIPS, PatchDiscriminator, couple, ddim_invert, diffusion_loss, end_to_end_loss,
-    load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
+    StopRequest, load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
     unrolled_sample,
 )
 
@@ -490,30 +488,12 @@ class Log:
             os.replace(temporary, self.path)  # atomic: the old log stays whole until the new one is
 
 
-class CtrlC:
-    """Turns the first Ctrl-C into a flag read between steps, so the saved state is consistent."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
 def train_loop(name, path, parts, config, train_step, start_step, steps, log, extra=None):
     """Run train_step(step) -> dict of floats for steps start_step+1 .. steps; log, save, stop safely.
 
     parts: name -> object with state_dict() (model, EMA, optimisers, Batches), saved in every
     checkpoint with the step, the config and the RNG states. A non-finite loss stops the run without
-    saving, so the last good checkpoint stays as it was; Ctrl-C saves, then raises KeyboardInterrupt.
+    saving, so the last good checkpoint stays as it was; Ctrl-C or SIGTERM saves, then raises KeyboardInterrupt.
     """
     stage = name.split("-")[0]
 
@@ -523,7 +503,7 @@ def train_loop(name, path, parts, config, train_step, start_step, steps, log, ex
 
     log.forget_after(name, start_step)
     started = time.time()
-    with CtrlC() as ctrl_c, tqdm(total=steps, initial=start_step, desc=name, dynamic_ncols=True) as bar:
+    with StopRequest() as stop, tqdm(total=steps, initial=start_step, desc=name, dynamic_ncols=True) as bar:
         for step in range(start_step + 1, steps + 1):
             metrics = train_step(step)
             bad = [key for key, value in metrics.items() if not math.isfinite(value)]
@@ -537,9 +517,9 @@ def train_loop(name, path, parts, config, train_step, start_step, steps, log, ex
                 elapsed = time.time() - started
                 log.write({"stage": name, "step": step, **metrics, "seconds": round(elapsed, 2),
                            "steps_per_second": round((step - start_step) / elapsed, 2)})
-            if step % config.save_every == 0 or step == steps or ctrl_c.requested:
+            if step % config.save_every == 0 or step == steps or stop.requested:
                 save(step)
-            if ctrl_c.requested:
+            if stop.requested:
                 raise KeyboardInterrupt(f"{name} interrupted at step {step}; saved {path}. "
                                         f"Continue with the same command plus --resume.")
 

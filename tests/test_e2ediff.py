@@ -405,6 +405,24 @@ def test_checkpoint_round_trip_is_weights_only_and_a_failed_write_keeps_the_old_
         e2ediff.load_checkpoint(str(tmp_path / "garbage.pt"))
 
 
+def test_stop_request_turns_sigint_and_sigterm_into_a_flag_and_a_second_ctrl_c_interrupts():
+    import signal
+    import time
+
+    def deliver(signum):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with e2ediff.StopRequest() as stop:
+        assert not stop.requested
+        deliver(signal.SIGTERM)
+        assert stop.requested  # the loop saves at the end of its step instead of dying mid-step
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            deliver(signal.SIGINT)
+    assert {signum: signal.getsignal(signum) for signum in before} == before  # handlers restored
+
+
 def test_rng_state_round_trip_replays_every_generator(tmp_path):
     state = e2ediff.rng_state()
     e2ediff.save_checkpoint({"rng": state}, str(tmp_path / "rng.pt"))

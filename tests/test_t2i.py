@@ -151,6 +151,42 @@ def test_a_failing_or_stuck_rank_fails_the_run_instead_of_hanging_it(tiny, tmp_p
     assert [row["step"] for row in step_rows(read_log(tmp_path))] == [1]  # it trained, then stopped at the fault
 
 
+def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step_and_resume_continues(tiny, tmp_path):
+    """Ctrl-C reaches torchrun, which forwards SIGINT to each rank's process group (rank + DataLoader
+    worker): every rank must finish its step, agree on it, checkpoint it and exit; --resume goes on."""
+    args = tiny_args(tiny, tmp_path, max_steps=200, num_workers=1, dist_timeout=60)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SCRIPT]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    process = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment, start_new_session=True)
+    lines = []
+    try:
+        for line in process.stdout:  # wait until training is under way, then press "Ctrl-C"
+            lines.append(line)
+            if line.startswith("step 2 |"):
+                process.send_signal(signal.SIGINT)
+                break
+        output = "".join(lines) + process.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the run did not stop within 120 s of Ctrl-C:\n" + "".join(lines)[-4000:])
+    assert process.returncode != 0 and "Continue with the same command plus --resume" in output, output[-4000:]
+    rows = read_log(tmp_path)
+    (stopped,) = events(rows, "stopped")
+    stop_step = stopped["step"]
+    assert 2 <= stop_step < 200
+    assert [row["step"] for row in step_rows(rows)] == list(range(1, stop_step + 1))
+    assert events(rows, "checkpoint")[-1]["step"] == stop_step and events(rows, "checkpoint")[-1]["replicas_identical"]
+    assert train_t2i.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == stop_step
+
+    returncode, output, _ = launch(args + ["--resume", "--max-steps", str(stop_step + 2)], nproc=2)
+    assert returncode == 0, output[-4000:]
+    new_rows = read_log(tmp_path)[len(rows):]
+    (resumed,) = events(new_rows, "resume")
+    assert resumed["step"] == stop_step and resumed["exact_data_position"]
+    assert [row["step"] for row in step_rows(new_rows)] == [stop_step + 1, stop_step + 2]
+
+
 # ----------------------------------------------------------------------------------------------
 # one process
 
