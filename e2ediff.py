@@ -40,6 +40,7 @@ import os
 import random
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -427,7 +428,9 @@ class LPIPS(nn.Module):
                     f"Fetch it once with network access (e.g. `python -c \"import lpips; lpips.LPIPS(net='{net}')\"`) "
                     "or copy the file there. (random_backbone=True exists for tests only.)"
                 )
-        self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+        with warnings.catch_warnings():  # lpips 0.1.4 still calls torchvision's deprecated `pretrained=`
+            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+            self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
         self.min_size = min_size
         self.requires_grad_(False)
         self.eval()
