@@ -39,6 +39,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -739,21 +740,26 @@ def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, p
 # --------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write atomically: to a temp file in the same folder, fsync, then rename over `path`, so a crash
-    mid-write never leaves a truncated checkpoint (the previous one stays intact)."""
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Call write(binary file) on a temp file in the same folder, fsync, then rename over `path`, so a
+    crash mid-write never leaves a truncated file (the previous one stays intact)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """torch.save(state) to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -814,6 +820,12 @@ class StopRequest:
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():
             signal.signal(signum, previous)
+
+    @staticmethod
+    def exit(message: str) -> None:
+        """End the program after a stop: the message on stderr, exit status 130 (the shell's "SIGINT")."""
+        print(f"\n{message}", file=sys.stderr)
+        sys.exit(130)
 
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception (FID)

@@ -270,7 +270,7 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return tensor
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        on_gpu = tensor.cuda()  # this rank's device (set_device in setup_distributed)
         dist.all_reduce(on_gpu)
         return tensor.copy_(on_gpu)
     dist.all_reduce(tensor)
@@ -1078,8 +1078,7 @@ def main(argv=None):
     except (MissingModelError, FileNotFoundError, ValueError) as error:
         sys.exit(f"error (rank {ctx.rank}): {error}")
     except KeyboardInterrupt as interrupt:
-        print(f"\nrank {ctx.rank}: {interrupt}", file=sys.stderr)
-        sys.exit(130)  # the shell's convention for "stopped by SIGINT"
+        StopRequest.exit(f"rank {ctx.rank}: {interrupt}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import pickle
 import random
 import sys
@@ -65,7 +64,7 @@ from tqdm import tqdm
 from e2ediff import (
     INCEPTION_WEIGHTS, inception_weights_path,
     EMA, GANLoss, LPIPS, PatchDiscriminator, couple, ddim_invert, diffusion_loss, end_to_end_loss,
-    StopRequest, load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
+    StopRequest, atomic_write, load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
     unrolled_sample,
 )
 
@@ -253,7 +252,7 @@ def load_digits_data(test_fraction=0.2):
 CIFAR10_FOLDER = "cifar-10-batches-py"
 
 
-def load_cifar10(data_dir, download=True):
+def load_cifar10(data_dir, download: bool):
     """CIFAR-10 from <data_dir>/cifar-10-batches-py (the python-pickle release), downloaded if missing.
 
     torchvision only downloads; the batches are read here because torchvision's reader insists on
@@ -483,9 +482,7 @@ class Log:
         keep = [line for line in lines
                 if not ((row := json.loads(line)).get("stage") == stage and row.get("step", 0) > step)]
         if len(keep) < len(lines):
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(keep))
-            os.replace(temporary, self.path)  # atomic: the old log stays whole until the new one is
+            atomic_write(str(self.path), lambda f: f.write("".join(keep).encode()))
 
 
 def train_loop(name, path, parts, config, train_step, start_step, steps, log, extra=None):
@@ -939,8 +936,7 @@ def main(argv=None):
         if config.stage in ("all", "eval"):
             evaluate(config, data, device)
     except KeyboardInterrupt as interrupt:
-        print(f"\n{interrupt or 'interrupted outside training; nothing to save'}", file=sys.stderr)
-        sys.exit(130)  # the shell's convention for "stopped by SIGINT"
+        StopRequest.exit(str(interrupt) or "interrupted outside training; nothing to save")
     except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     print(f"done in {time.time() - started:.0f}s; outputs in {config.out}/")
