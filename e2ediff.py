@@ -1,26 +1,42 @@
 """e2ediff — end-to-end diffusion training, in one readable module.
 
 Reference implementation of "E2EDiff / E2ED^2: Direct Mapping from Noise to Data for Enhanced
-Diffusion Models" (Tan et al., arXiv 2412.21044). Read it beside the paper, top to bottom:
+Diffusion Models" (Tan et al., arXiv 2412.21044). Algorithm 1 of the paper, line by line:
+
+    line   Alg. 1                                              here
+    1      theta <- theta_pre, theta_EMA <- theta              the script copies its base; EMA(model)
+    3-5    sample (x0, c); z0 = E(x0); e_c = T(c)              the script (data, VAE, text encoder)
+    6      z_T ~ N(0, I)                                        couple(): independent / inversion / teacher
+    7-12   for t = T..1: z_t <- G(z_t + noise, e_c, t)          unrolled_sample(), differentiable end to end
+    13     L_recon = d(z0, z0_hat)                   (Eq. 7)    reconstruction_loss(): L1, L2, LPIPS
+           L_total = L_recon + lambda_GAN L_GAN      (Eq. 8)    GANLoss.generator_loss(); both in EndToEndLoss
+    14     theta <- theta - eta grad L                          train_step(): clip, optimiser step
+    15     theta_EMA <- tau theta_EMA + (1 - tau) theta         EMA.update()
+           (the discriminator's update, not in Alg. 1)         GANLoss.discriminator_loss() in train_step()
+
+    train_step() runs lines 6-15 for one optimiser step; EndToEndConfig holds every option, with the
+    paper's values as defaults. Both scripts, toy2d.py, the benchmarks and the notebook call them.
+
+Read it top to bottom, in the paper's order:
 
     1. noise schedule          (VP schedules, zero terminal SNR, sampler spacings, "leakage" of x_T)
     2. parameterisations       (epsilon / x0 / v and the conversions between them)
-    3. unrolled sampler        (Alg. 1 lines 6-10: T steps from pure noise, differentiable end to end)
-    4. couplings               (which noise z_T is paired with which target x0)
-    5. losses                  (Eq. 7: L1, L2, LPIPS and their weighted hybrid)
+    3. unrolled sampler        (Alg. 1 lines 7-12)
+    4. couplings               (Alg. 1 line 6: which noise z_T is paired with which target z0)
+    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS and their weighted hybrid)
     6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1)
-    7. EMA                     (Alg. 1 line 13)
+    7. EMA                     (Alg. 1 line 15)
     8. standard diffusion loss (to pretrain the base model the method starts from)
-    9. training utilities      (atomic checkpoints, RNG state, stop signals, device choice) shared by both scripts
+    9. Algorithm 1             (EndToEndConfig, EndToEndLoss, train_step)
 
 Which coupling is the paper's, and which to use
-    Algorithm 1 draws z_T ~ N(0, I) independently of the data sample x0 and regresses the sampler's
-    output onto x0 — the `independent` coupling. Under an L1/L2 loss this regression is ill-posed:
+    Algorithm 1 draws z_T ~ N(0, I) independently of the data sample z0 and regresses the sampler's
+    output onto z0 — the `independent` coupling. Under an L1/L2 loss this regression is ill-posed:
     the loss-optimal sampler ignores z_T and outputs the (conditional) mean of the data, so samples
     collapse (measured in the tests and in benchmarks/quality.py). The paper escapes this only by
     starting from a strong few-step model and training with a tiny learning rate (1e-6), i.e. by
     barely moving. Use `inversion` (z_T is the frozen base model's deterministic DDIM inversion of
-    x0, so every target has its own noise: a well-posed regression) or `teacher` (the target is the
+    z0, so every target has its own noise: a well-posed regression) or `teacher` (the target is the
     base model's many-step sample from z_T). A distribution-level loss (the GAN term) also works
     with `independent` pairs.
 
@@ -34,15 +50,12 @@ Demo (the module's own smoke run):  python e2ediff.py
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-import random
-import signal
-import sys
-import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 import numpy as np
@@ -145,7 +158,7 @@ def make_schedule(
     return NoiseSchedule(betas.float(), alphas_cumprod.float())
 
 
-def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing", steps_offset: int = 1) -> torch.Tensor:
+def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
     """The T timesteps a T-step sampler visits, descending (diffusers' conventions; Lin et al. 2024
     Table 2). For N = 1000, T = 4: trailing 999 749 499 249; leading (offset 1) 751 501 251 1;
     linspace 999 666 333 0. Only "trailing" and "linspace" start at t = N - 1."""
@@ -156,7 +169,7 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 
     if spacing == "trailing":
         steps = np.round(np.arange(n, 0, -n / num_steps)) - 1
     elif spacing == "leading":
-        steps = np.arange(num_steps)[::-1] * (n // num_steps) + steps_offset
+        steps = np.arange(num_steps)[::-1] * (n // num_steps) + 1  # diffusers' steps_offset = 1
     else:
         steps = np.linspace(0, n - 1, num_steps).round()[::-1]
     return torch.from_numpy(steps.astype(np.int64).copy())
@@ -224,7 +237,7 @@ def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 6-10)
+# 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 7-12)
 # --------------------------------------------------------------------------------------------------
 
 UPDATES = ("ddim", "lcm")
@@ -260,8 +273,7 @@ def unrolled_sample(
     generator: torch.Generator | None = None,
     checkpoint: bool = False,
     backprop_steps: int | None = None,
-    return_trajectory: bool = False,
-):
+) -> torch.Tensor:
     """Run a T-step sampler from z_T and return its output z0 — keeping the whole chain in the
     autograd graph, so a loss on z0 trains every step (the heart of E2EDiff).
 
@@ -278,8 +290,7 @@ def unrolled_sample(
         them (same gradients; activation memory ~ one step instead of T).
     :param backprop_steps: K — gradients flow only through the last K steps (DRaFT-K); earlier steps
         run without a graph. None = all steps.
-    :param return_trajectory: also return the list of z after each step.
-    :returns: z0 (B, ...), or (z0, trajectory) with trajectory[i] the state after step i.
+    :returns: z0 (B, ...).
     """
     _check_choice("update", update, UPDATES)
     check_prediction_type(prediction_type, schedule)
@@ -298,7 +309,7 @@ def unrolled_sample(
     alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
     first_graph_step = 0 if backprop_steps is None else num_steps - backprop_steps
     batch = z_T.shape[0]
-    z, trajectory = z_T, []
+    z = z_T
     for i, t in enumerate(timesteps):
         abar_t = alphas_cumprod[t]
         abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < num_steps else torch.ones_like(abar_t)  # final step lands on x0
@@ -324,13 +335,11 @@ def unrolled_sample(
                 z = alpha_prev * x0 + (sigma_prev**2 - noise_scale**2).clamp(min=0).sqrt() * eps
                 if eta > 0 and i + 1 < num_steps:
                     z = z + noise_scale * _randn_like(z, generator)
-        if return_trajectory:
-            trajectory.append(z)
-    return (z, trajectory) if return_trajectory else z
+    return z
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Couplings: which noise z_T the sampler starts from for which target x0
+# 4. Couplings: which noise z_T the sampler starts from for which target z0 (Alg. 1 line 6)
 # --------------------------------------------------------------------------------------------------
 
 COUPLINGS = ("independent", "inversion", "teacher")
@@ -393,7 +402,7 @@ def couple(
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Reconstruction losses d(z0, z0_hat) (Eq. 7)
+# 5. Reconstruction losses d(z0, z0_hat) (Alg. 1 line 13, Eq. 7)
 # --------------------------------------------------------------------------------------------------
 
 LOSS_TERMS = ("l1", "l2", "lpips")
@@ -566,12 +575,15 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "hinge") -
     return (-logits_fake if kind == "hinge" else F.softplus(-logits_fake)).flatten(1).mean(1)
 
 
-def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+MAX_ADAPTIVE_GAN_WEIGHT = 1e4  # taming-transformers' clamp
+
+
+def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """Esser et al. 2021 (taming-transformers) Eq. 7: ||grad_L recon|| / (||grad_L gan|| + 1e-4),
-    the gradients taken w.r.t. the generator's last layer L; clamped to [0, max_weight], detached."""
+    the gradients taken w.r.t. the generator's last layer L; clamped to [0, 1e4], detached."""
     recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-    return (recon_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+    return (recon_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, MAX_ADAPTIVE_GAN_WEIGHT).detach()
 
 
 def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -583,115 +595,57 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tens
 
 
 class GANLoss:
-    """The adversarial term and its discriminator, with a start step.
+    """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW, with a start step.
 
     Before `start_step` nothing touches the discriminator (no forward, no autograd.grad), so the
     unrolled graph is not held for it. `discriminator` may be DDP-wrapped: the generator pass uses the
     bare module (no discriminator gradients are wanted there), the discriminator step the wrapper.
     """
 
-    def __init__(self, discriminator: nn.Module, kind: str = "hinge", weight: float = 0.1, start_step: int = 0,
-                 adaptive: bool = True, max_adaptive_weight: float = 1e4, r1_weight: float = 0.0):
-        _check_choice("GAN loss", kind, GAN_KINDS)
-        self.discriminator, self.kind, self.weight = discriminator, kind, weight
-        self.start_step, self.adaptive, self.max_adaptive_weight, self.r1_weight = start_step, adaptive, max_adaptive_weight, r1_weight
+    def __init__(self, discriminator: nn.Module, config: "EndToEndConfig"):
+        self.discriminator, self.kind, self.weight = discriminator, config.gan_kind, config.gan_weight
+        self.start_step, self.adaptive, self.r1_weight = config.gan_start_step, config.gan_adaptive, config.r1_weight
+        self.optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
         return step >= self.start_step
 
-    def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor | None, step: int, last_layer: torch.Tensor | None = None) -> dict:
+    def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor, step: int, last_layer: torch.Tensor | None = None) -> dict:
         """{"gan": scalar generator loss, "gan_weight": its weight (adaptive x weight), "gan_total": product}."""
-        zero = fake.new_zeros(())
-        if not self.active(step):
-            return {"gan": zero, "gan_weight": zero, "gan_total": zero}
         bare = getattr(self.discriminator, "module", self.discriminator)
-        for p in bare.parameters():
-            p.requires_grad_(False)  # no discriminator grads from the generator's loss
+        bare.requires_grad_(False)  # no discriminator grads from the generator's loss
         try:
             gan = generator_adversarial_loss(bare(fake), self.kind).mean()
         finally:
-            for p in bare.parameters():
-                p.requires_grad_(True)
+            bare.requires_grad_(True)
         weight = fake.new_tensor(self.weight)
         if self.adaptive:
-            if last_layer is None or recon_loss is None:
-                raise ValueError("adaptive GAN weight needs recon_loss and the generator's last_layer weight")
-            weight = weight * adaptive_gan_weight(recon_loss, gan, last_layer, self.max_adaptive_weight)
+            if last_layer is None:
+                raise ValueError("the adaptive GAN weight needs the generator's last layer (a `last_layer` property)")
+            weight = weight * adaptive_gan_weight(recon_loss, gan, last_layer)
         return {"gan": gan, "gan_weight": weight, "gan_total": weight * gan}
 
     def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> dict:
         """{"disc": scalar loss to minimise, "r1": mean penalty, "logits_real", "logits_fake": means}."""
-        zero = real.new_zeros(())
-        if not self.active(step):
-            return {"disc": zero, "r1": zero, "logits_real": zero, "logits_fake": zero}
         if self.r1_weight > 0:
             penalty, logits_real = r1_penalty(self.discriminator, real)
         else:
-            penalty, logits_real = zero, self.discriminator(real.detach())
+            penalty, logits_real = real.new_zeros(()), self.discriminator(real.detach())
         logits_fake = self.discriminator(fake.detach())
         loss = discriminator_loss(logits_real, logits_fake, self.kind).mean() + 0.5 * self.r1_weight * penalty.mean()
         return {"disc": loss, "r1": penalty.mean().detach(), "logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
 
 
-def end_to_end_loss(
-    model: Denoiser,
-    z_T: torch.Tensor,
-    target: torch.Tensor,
-    schedule: NoiseSchedule,
-    num_steps: int,
-    *,
-    loss_weights: dict[str, float] | None = None,
-    lpips: LPIPS | None = None,
-    gan: GANLoss | None = None,
-    step: int = 0,
-    last_layer: torch.Tensor | None = None,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    target_image: torch.Tensor | None = None,
-    **sampler_kwargs,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Alg. 1 lines 6-11 for one batch: unroll the sampler from z_T, compare its output to the target
-    (Eq. 7), add the adversarial term (Eq. 8). Returns (loss, logs, output).
-
-    :param decode: maps sampler outputs to images for LPIPS and the discriminator (a VAE decoder in
-        latent space); None when the sampler works in pixel space.
-    :param target_image: the target in image space when `decode` is given (else decode(target)).
-    :returns: loss (scalar, to backpropagate), logs (detached scalars), output z0 (B, ...) — decode it
-        again (or pass the returned image) for the discriminator step.
-    """
-    output = unrolled_sample(model, z_T, schedule, num_steps, **sampler_kwargs)
-    need_images = (loss_weights or {}).get("lpips", 0) > 0 or (gan is not None and gan.active(step))
-    pred_image = decode(output) if decode is not None and need_images else None
-    if decode is not None and need_images and target_image is None:
-        with torch.no_grad():
-            target_image = decode(target)
-    terms = reconstruction_loss(output, target, loss_weights, lpips, pred_image=pred_image, target_image=target_image)
-    loss = terms["recon"].mean()
-    logs = {name: value.mean().detach() for name, value in terms.items()}
-    if gan is not None and gan.active(step):
-        adversarial = gan.generator_loss(output if pred_image is None else pred_image, loss, step, last_layer)
-        loss = loss + adversarial["gan_total"]
-        logs.update({name: value.detach() for name, value in adversarial.items()})
-    logs["loss"] = loss.detach()
-    return loss, logs, output if pred_image is None else pred_image
-
-
 # --------------------------------------------------------------------------------------------------
-# 7. EMA of the weights (Alg. 1 line 13)
+# 7. EMA of the weights (Alg. 1 line 15)
 # --------------------------------------------------------------------------------------------------
 
 
 class EMA:
     """Exponential moving average of a model's parameters (buffers are copied): a frozen deep copy
-    updated with theta_ema <- decay theta_ema + (1 - decay) theta. Give `decay` (paper: 0.95) or
-    `half_life` in steps (decay = 0.5 ** (1 / half_life))."""
+    updated with theta_EMA <- tau theta_EMA + (1 - tau) theta, tau = `decay` (paper: 0.95)."""
 
-    def __init__(self, model: nn.Module, decay: float | None = None, half_life: float | None = None):
-        if (decay is None) == (half_life is None):
-            raise ValueError("give exactly one of decay or half_life")
-        if half_life is not None:
-            if half_life <= 0:
-                raise ValueError(f"half_life must be > 0, got {half_life}")
-            decay = 0.5 ** (1.0 / half_life)
+    def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
@@ -736,118 +690,197 @@ def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, p
 
 
 # --------------------------------------------------------------------------------------------------
-# 9. Training utilities shared by train_toy.py and train_t2i.py
+# 9. Algorithm 1: the end-to-end training step (lines 6-15, Eq. 7-8, and the discriminator's update)
 # --------------------------------------------------------------------------------------------------
 
 
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Call write(binary file) on a temp file in the same folder, fsync, then rename over `path`, so a
-    crash mid-write never leaves a truncated file (the previous one stays intact)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def option(default, why: str, choices: tuple | None = None):
+    """A config field with a one-line "why" (and its valid values); the scripts turn each field into a
+    flag with that help."""
+    return field(default=default, metadata={"help": why, **({"choices": choices} if choices else {})})
 
 
-def save_checkpoint(state: dict, path: str) -> None:
-    """torch.save(state) to `path` atomically (see atomic_write)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+def check_choices(config) -> None:
+    """ValueError, listing the valid values, for any field of `config` declared with choices."""
+    for f in fields(config):
+        if "choices" in f.metadata:
+            _check_choice(f.name, getattr(config, f.name), f.metadata["choices"])
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint with torch.load(weights_only=True) (no arbitrary code from the file)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle, ...
-        raise ValueError(f"could not read checkpoint {path}: {error}") from error
+@dataclass
+class EndToEndConfig:
+    """Every option of the end-to-end method. The defaults are the paper's recipe (PixArt-delta, Sec. 4.1
+    and Table 2); train_toy.py and train_t2i.py embed this config, change the defaults that the toy
+    needs, and turn each field into a flag of the same name."""
+
+    # the unrolled sampler (Alg. 1 lines 7-12)
+    num_steps: int = option(4, "T: PixArt-delta is distilled to 4 LCM steps, and the paper trains at 4 NFE")
+    update: str = option("lcm", "the base's own update: predict x0, re-noise it (our reading of Alg. 1 line 9)", UPDATES)
+    eta: float = option(0.0, "DDIM stochasticity, with --update ddim only; 0 = the deterministic ODE step")
+    spacing: str = option("trailing", "trailing timesteps start at t = N-1, from pure noise: no leakage", SPACINGS)
+    # the coupling (Alg. 1 line 6)
+    coupling: str = option("independent", "Alg. 1 as written; inversion or teacher make L1/L2 well-posed", COUPLINGS)
+    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (--coupling inversion)")
+    teacher_steps: int = option(50, "frozen-base DDIM steps that make each target (--coupling teacher)")
+    # the reconstruction loss (Alg. 1 line 13, Eq. 7)
+    l1_weight: float = option(0.0, "lambda_L1; Table 2: L2 does slightly better")
+    l2_weight: float = option(1.0, "lambda_L2 (Table 2: L2 + LPIPS is the paper's best, FID 25.27)")
+    lpips_weight: float = option(1.0, "lambda_LPIPS on images (Table 2's best); the paper gives no relative weight")
+    lpips_net: str = option("alex", "LPIPS backbone (AlexNet: the LPIPS authors' default)", tuple(LPIPS_BACKBONE_FILES))
+    lpips_random_backbone: bool = option(False, "offline smoke runs only: random backbone, real heads")
+    # the adversarial term (Eq. 8) and its discriminator
+    gan_weight: float = option(0.0, "lambda_GAN; 0 = no discriminator (Table 2: +GAN costs FID, 25.74 vs 25.27)")
+    gan_kind: str = option("hinge", "GAN objective (taming-transformers' hinge)", GAN_KINDS)
+    gan_start_step: int = option(0, "step at which the GAN term and the discriminator's updates start")
+    gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers)")
+    r1_weight: float = option(0.0, "R1 penalty on the discriminator's real inputs; 0 = off")
+    disc_lr: float = option(1e-4, "discriminator AdamW lr, betas (0.5, 0.9) as taming; not given in the paper")
+    disc_channels: int = option(64, "PatchGAN width (taming's NLayerDiscriminator)")
+    disc_layers: int = option(3, "PatchGAN strided layers (taming's default)")
+    # the update (Alg. 1 lines 14-15)
+    grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off")
+    ema_decay: float = option(0.95, "tau of Alg. 1 line 15 (paper)")
+    # memory
+    grad_checkpoint: bool = option(True, "recompute each sampler step in backward: same gradients, ~1/T the memory")
+    backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.num_steps < 1 or not 0 <= self.backprop_steps <= self.num_steps:
+            raise ValueError(f"need num_steps >= 1 and 0 <= backprop_steps <= num_steps, got {self.num_steps}, "
+                             f"{self.backprop_steps}")
+        if min(self.l1_weight, self.l2_weight, self.lpips_weight, self.gan_weight, self.r1_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        if max(self.loss_weights.values()) == 0 and (self.gan_weight == 0 or self.gan_adaptive):
+            raise ValueError("no loss: give a reconstruction weight > 0, or a GAN weight with --no-gan-adaptive "
+                             "(the adaptive weight is a ratio to the reconstruction loss)")
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return {"l1": self.l1_weight, "l2": self.l2_weight, "lpips": self.lpips_weight}
+
+    def sampler_options(self, prediction_type: str) -> dict:
+        """The unrolled_sample keyword arguments these options fix."""
+        return dict(prediction_type=prediction_type, update=self.update, eta=self.eta, spacing=self.spacing,
+                    checkpoint=self.grad_checkpoint, backprop_steps=self.backprop_steps or None)
 
 
-def rng_state() -> dict:
-    """Every global RNG a training loop touches (torch CPU, CUDA, python, numpy), as tensors/tuples."""
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)),
-        "numpy_pos": int(numpy_state[2]),
-    }
+class EndToEndLoss(nn.Module):
+    """Alg. 1 lines 7-13 and Eq. 8 for one batch: unroll the T-step sampler from z_T, with gradients,
+    and put the loss on its output: L_total = d(z0, z0_hat) + lambda_GAN L_GAN.
 
+    A module so that DDP can wrap it: DDP then sees one forward per step, and the per-step activation
+    checkpointing runs inside that forward. Only `denoiser` is a submodule; the frozen LPIPS network, the
+    decoder and the discriminator stay outside DDP's view.
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-
-
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM (torchrun shutting down, a cluster preempting the job) turned into a
-    flag, `requested`, that a training loop reads between steps, so that it stops at a step boundary
-    with a consistent checkpoint instead of dying mid-step. A second Ctrl-C interrupts at once. Only
-    the main thread can install signal handlers; in any other thread this is a flag nobody sets.
-
-        with StopRequest() as stop:
-            for step in ...:
-                train_step(); if stop.requested: save(); break
+    :param denoiser: the trained model, denoiser(z_t, t, cond) -> output (see `Denoiser`).
+    :param decode: latents -> images for LPIPS and the discriminator (a VAE decoder); None in pixel space.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, config: EndToEndConfig,
+                 prediction_type: str = "v_prediction", *, lpips: "LPIPS | None" = None, gan: "GANLoss | None" = None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 1.0):
+        super().__init__()
+        check_prediction_type(prediction_type, schedule)
+        if config.lpips_weight > 0 and lpips is None:
+            raise ValueError("an lpips_weight > 0 needs an LPIPS module (e2ediff.LPIPS)")
+        self.denoiser, self.schedule, self.config = denoiser, schedule, config
+        self.sampler_options = dict(config.sampler_options(prediction_type), guidance_scale=guidance_scale)
+        self.helpers = {"lpips": lpips, "gan": gan, "decode": decode}  # a dict: not registered as submodules
 
-    def __enter__(self):
-        self.requested, self.previous = False, {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt("second Ctrl-C: stopped at once, without saving")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-
-    @staticmethod
-    def exit(message: str) -> None:
-        """End the program after a stop: the message on stderr, exit status 130 (the shell's "SIGINT")."""
-        print(f"\n{message}", file=sys.stderr)
-        sys.exit(130)
-
-
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception (FID)
-
-
-def inception_weights_path(path: str = "") -> str:
-    """Where the Inception FID weights are expected: `path` if given, else $TORCH_HOME/hub/checkpoints."""
-    return path or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS)
+    def forward(self, z_T: torch.Tensor, target: torch.Tensor, step: int, cond: Any = None, uncond: Any = None,
+                target_image: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """:returns: loss (scalar), logs (detached scalars), the output as an image (B, C, H, W) for the
+        discriminator's step — the sampler's z0 itself when there is no decoder."""
+        lpips, gan, decode = self.helpers["lpips"], self.helpers["gan"], self.helpers["decode"]
+        z0 = unrolled_sample(self.denoiser, z_T, self.schedule, self.config.num_steps, cond=cond, uncond=uncond,
+                             **self.sampler_options)  # Alg. 1 lines 7-12
+        gan_on = gan is not None and gan.active(step)
+        image = decode(z0) if decode is not None and (lpips is not None or gan_on) else z0
+        if decode is not None and image is not z0 and target_image is None:
+            with torch.no_grad():
+                target_image = decode(target)
+        loss, logs = z0.new_zeros(()), {}
+        if max(self.config.loss_weights.values()) > 0:  # Alg. 1 line 13, Eq. 7
+            terms = reconstruction_loss(z0, target, self.config.loss_weights, lpips, image, target_image)
+            loss = terms["recon"].mean()
+            logs = {name: value.mean().detach() for name, value in terms.items()}
+        if gan_on:  # Eq. 8
+            adversarial = gan.generator_loss(image, loss, step, getattr(self.denoiser, "last_layer", None))
+            loss = loss + adversarial["gan_total"]
+            logs.update({name: value.detach() for name, value in adversarial.items()})
+        logs["loss"] = loss.detach()
+        return loss, logs, image
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; otherwise the named device, which must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; valid here: 'auto', 'cpu'")
-    return device
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (DDP keeps it as .module), or the module itself."""
+    return getattr(module, "module", module)
+
+
+def train_step(
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: "EMA",
+    micro_batches: list[dict],
+    step: int,
+    *,
+    base_model: Denoiser | None = None,
+    gan: "GANLoss | None" = None,
+    no_sync: Callable[[nn.Module], Any] | None = None,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """Alg. 1 lines 6-15 for one optimiser step, with the discriminator's update. Returns the logs,
+    averaged over the micro-batches, and the gradient norm before clipping.
+
+    :param loss_fn: an `EndToEndLoss`, or DDP wrapping one.
+    :param micro_batches: G dicts (G > 1: gradient accumulation), each with "target" (B, ...) = z0 of
+        Alg. 1 line 4, and optional "cond", "uncond" (line 5), "images" (the target's pixels when the
+        sampler works in a latent space) and "z_T" (a cached coupling, e.g. the inversion of "target").
+    :param base_model: the frozen pretrained model that the inversion and teacher couplings run.
+    :param no_sync: module -> context in which its gradients are not all-reduced (DDP's no_sync); used
+        on every micro-batch but the last. None in a single process.
+    :param autocast: () -> the mixed-precision context for the forward passes.
+    """
+    inner = _unwrap(loss_fn)
+    config, schedule = inner.config, inner.schedule
+    prediction_type = inner.sampler_options["prediction_type"]
+    count, gan_on, totals = len(micro_batches), gan is not None and gan.active(step), {}
+    for index, batch in enumerate(micro_batches):
+        sync = index == count - 1 or no_sync is None
+        target, cond = batch["target"], batch.get("cond")
+        if batch.get("z_T") is not None:
+            z_T = batch["z_T"]
+        else:  # Alg. 1 line 6: the coupling pairs noise z_T with the target
+            with autocast():
+                z_T, target = couple(config.coupling, target, base_model=base_model, schedule=schedule, cond=cond,
+                                     prediction_type=prediction_type, inversion_steps=config.inversion_steps,
+                                     teacher_steps=config.teacher_steps)
+        # a teacher's target is the base's sample, not the data: its image is decoded from it
+        target_image = batch.get("images") if config.coupling != "teacher" else None
+        with (contextlib.nullcontext() if sync else no_sync(loss_fn)), autocast():
+            loss, logs, image = loss_fn(z_T, target, step, cond, batch.get("uncond"), target_image)  # lines 7-13
+            (loss / count).backward()
+        if gan_on:  # the discriminator's own step: real targets vs the sampler's detached outputs
+            real = target_image if target_image is not None else target
+            with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
+                disc = gan.discriminator_loss(real, image.detach(), step)
+                (disc["disc"] / count).backward()
+            logs["disc"] = disc["disc"].detach()
+        for name, value in logs.items():
+            totals[name] = totals.get(name, 0.0) + float(value) / count
+    parameters = inner.denoiser.parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip or float("inf"))
+    optimizer.step()  # Alg. 1 line 14
+    optimizer.zero_grad(set_to_none=True)
+    if gan_on:
+        gan.optimizer.step()
+        gan.optimizer.zero_grad(set_to_none=True)
+    ema.update(inner.denoiser)  # Alg. 1 line 15
+    return {**totals, "grad_norm": float(grad_norm)}
+
 
 
 if __name__ == "__main__":
@@ -857,12 +890,17 @@ if __name__ == "__main__":
         row = ", ".join(f"{s}: {start_leakage(schedule, 4, s):.4f}" for s in SPACINGS)
         print(f"scaled_linear zero_terminal_snr={zero_snr!s:5}  sqrt(abar) at the 4-step sampler's start -> {row}")
     torch.manual_seed(0)
-    schedule = make_schedule("linear", zero_terminal_snr=True)
-    net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 2))
-    model = lambda z, t, cond: net(torch.cat([z, (t.float() / 1000)[:, None]], dim=1))  # noqa: E731
-    target = torch.randn(64, 2)
-    z_T, target = couple("independent", target)
-    loss, logs, _ = end_to_end_loss(model, z_T, target, schedule, 4, checkpoint=True)
-    loss.backward()
-    grad_norm = sum(p.grad.norm() ** 2 for p in net.parameters()) ** 0.5
-    print(f"one 4-step end-to-end step: loss {logs['loss']:.4f}, gradient norm {grad_norm:.4f}")
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 2))
+
+        def forward(self, z, t, cond=None):
+            return self.net(torch.cat([z, (t.float() / 1000)[:, None]], dim=1))
+
+    model, config = Toy(), EndToEndConfig(update="ddim", lpips_weight=0.0)
+    loss_fn = EndToEndLoss(model, make_schedule("linear", zero_terminal_snr=True), config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    logs = train_step(loss_fn, optimizer, EMA(model, config.ema_decay), [{"target": torch.randn(64, 2)}], step=0)
+    print(f"one 4-step end-to-end step: loss {logs['loss']:.4f}, gradient norm {logs['grad_norm']:.4f}")
