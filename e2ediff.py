@@ -831,6 +831,7 @@ def train_step(
     gan: "GANLoss | None" = None,
     no_sync: Callable[[nn.Module], Any] | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Alg. 1 lines 6-15 for one optimiser step, with the discriminator's update. Returns the logs,
     averaged over the micro-batches, and the gradient norm before clipping.
@@ -843,6 +844,7 @@ def train_step(
     :param no_sync: module -> context in which its gradients are not all-reduced (DDP's no_sync); used
         on every micro-batch but the last. None in a single process.
     :param autocast: () -> the mixed-precision context for the forward passes.
+    :param generator: source of the couplings' noise z_T (injectable for reproducible runs).
     """
     inner = _unwrap(loss_fn)
     config, schedule = inner.config, inner.schedule
@@ -857,7 +859,7 @@ def train_step(
             with autocast():
                 z_T, target = couple(config.coupling, target, base_model=base_model, schedule=schedule, cond=cond,
                                      prediction_type=prediction_type, inversion_steps=config.inversion_steps,
-                                     teacher_steps=config.teacher_steps)
+                                     teacher_steps=config.teacher_steps, generator=generator)
         # a teacher's target is the base's sample, not the data: its image is decoded from it
         target_image = batch.get("images") if config.coupling != "teacher" else None
         with (contextlib.nullcontext() if sync else no_sync(loss_fn)), autocast():

@@ -43,16 +43,14 @@ Importable pieces (the notebook and benchmarks/ use them): Config, build_dataset
 pretrain, finetune, evaluate, train_classifier, ClassifierFrechetDistance, inception_fid.
 """
 
-import argparse
-import dataclasses
 import json
 import math
 import pickle
 import random
 import sys
 import time
-import typing
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,25 +60,34 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    INCEPTION_WEIGHTS, inception_weights_path,
-    EMA, GANLoss, LPIPS, PatchDiscriminator, couple, ddim_invert, diffusion_loss, end_to_end_loss,
-    StopRequest, atomic_write, load_checkpoint, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state,
-    unrolled_sample,
+    EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
+    check_choices, ddim_invert, diffusion_loss, make_schedule, option, train_step, unrolled_sample,
+)
+from train_utils import (
+    StopRequest, atomic_write, inception_weights_path, load_checkpoint, missing_inception_message,
+    parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
 )
 
 # ----------------------------------------------------------------------------------------------
-# Config: every default says why; the fields become the command-line flags.
+# Config: every default says why; the fields (and the method's, in e2e) become the command-line flags.
 
-
-def option(default, why):
-    return field(default=default, metadata={"help": why})
+# The toy's departures from the paper's recipe (EndToEndConfig's defaults), each with its reason.
+TOY_METHOD = dict(
+    coupling="inversion",  # a well-posed regression: Alg. 1's independent pairs under L2 collapse (README)
+    update="ddim",  # the base is a plain diffusion model, not an LCM: its own sampler is DDIM
+    lpips_weight=0.0,  # LPIPS needs ImageNet backbone weights, which an offline machine lacks
+    ema_decay=0.99,  # 600 steps at lr 1e-4: averages the last ~100 (the paper's 0.95, at lr 1e-6, ~20)
+    disc_channels=32, disc_layers=1,  # a PatchGAN whose patches fit 8x8 digits
+    grad_checkpoint=False,  # a small UNet at 8x8: memory is no concern, plain backprop is faster
+)
 
 
 @dataclass
 class Config:
     # what to run
-    stage: str = option("all", "all = pretrain, fine-tune, evaluate (the quickstart); or one stage")
-    dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline")
+    stage: str = option("all", "all = pretrain, fine-tune, evaluate (the quickstart); or one stage",
+                        ("all", "pretrain", "finetune", "eval"))
+    dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline", ("digits", "cifar10"))
     data_dir: str = option("data", "where CIFAR-10 lives (<data-dir>/cifar-10-batches-py)")
     download: bool = option(True, "fetch CIFAR-10 when it is missing and the network allows")
     out_dir: str = option("runs/toy-digits", "checkpoints, log, grids and results go here")
@@ -95,44 +102,22 @@ class Config:
     cond_drop_prob: float = option(0.1, "label dropout in pretraining, so classifier-free guidance works")
     guidance_scale: float = option(1.0, "classifier-free guidance when sampling; 1 = plain conditional")
     # diffusion
-    schedule: str = option("linear", "beta schedule of the base model (DDPM's linear)")
+    schedule: str = option("linear", "beta schedule of the base model (DDPM's linear)", SCHEDULES)
     zero_terminal_snr: bool = option(True, "rescale to alpha_T = 0 so x_T carries no image (Lin et al. 2024)")
     num_train_timesteps: int = option(1000, "training timesteps, the usual 1000")
-    prediction_type: str = option("v_prediction", "v-prediction: required with zero terminal SNR")
-    spacing: str = option("trailing", "trailing timesteps start sampling at t = T-1: no leakage")
-    # stage 1: pretraining
+    prediction_type: str = option("v_prediction", "v-prediction: required with zero terminal SNR", PREDICTION_TYPES)
+    # stage 1: pretraining (--grad-clip applies here too)
     pretrain_steps: int = option(3000, "enough for a base whose 50-step DDIM draws clean digits")
     pretrain_batch_size: int = option(128, "large enough for stable diffusion-loss gradients")
     pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up")
     warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)")
     pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps")
-    grad_clip: float = option(1.0, "clip the gradient norm in both stages; 0 = off")
-    # stage 2: end-to-end fine-tuning
+    # stage 2: end-to-end fine-tuning (the method's options: e2e)
     nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)")
     finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE")
     finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap")
     finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data")
-    finetune_ema_decay: float = option(0.99, "EMA of the fine-tuned weights (the paper uses 0.95)")
-    coupling: str = option("inversion", "how z_T is paired with x0; inversion makes L2 well-posed")
-    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (cached per example)")
-    teacher_steps: int = option(50, "base DDIM steps that make a target for the teacher coupling")
-    update: str = option("ddim", "sampler update: ddim (deterministic) or lcm (x0, re-noised)")
-    eta: float = option(0.0, "DDIM stochasticity; 0 = deterministic sampler")
-    l1_weight: float = option(0.0, "weight of the L1 reconstruction loss")
-    l2_weight: float = option(1.0, "weight of the L2 reconstruction loss (paper's best single loss)")
-    lpips_weight: float = option(0.0, "weight of LPIPS; needs torchvision's AlexNet/VGG weights")
-    lpips_net: str = option("alex", "LPIPS backbone")
-    lpips_random_backbone: bool = option(False, "offline smoke runs only: random backbone, real heads")
-    gan_weight: float = option(0.0, "PatchGAN loss weight; 0 = no discriminator")
-    gan_kind: str = option("hinge", "GAN objective")
-    gan_start_step: int = option(0, "fine-tuning step at which the GAN loss starts")
-    gan_adaptive: bool = option(True, "scale the GAN term by the ratio of gradient norms (taming)")
-    r1_weight: float = option(0.0, "R1 penalty on the discriminator; 0 = off")
-    disc_lr: float = option(1e-4, "discriminator learning rate")
-    disc_channels: int = option(32, "discriminator width")
-    disc_layers: int = option(1, "strided discriminator layers; 1 fits 8x8 images")
-    grad_checkpoint: bool = option(False, "recompute each sampler step in backward: less memory, ~1.3x time")
-    backprop_steps: int = option(0, "backprop only through the last K sampler steps; 0 = all")
+    e2e: EndToEndConfig = field(default_factory=partial(EndToEndConfig, **TOY_METHOD))
     # stage 3: evaluation
     base_nfe: tuple[int, ...] = option((1, 2, 4, 50), "base-model DDIM step counts to compare against")
     eval_samples: int = option(1000, "samples per table row")
@@ -144,9 +129,7 @@ class Config:
     save_every: int = option(500, "steps between checkpoints (also saved at the end and on Ctrl-C)")
 
     def __post_init__(self):
-        for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+        check_choices(self)
         if not all(1 <= steps <= 4 for steps in self.nfe):
             raise ValueError(f"nfe must be in 1..4 (the unrolled sampler's T), got {self.nfe}")
 
@@ -154,18 +137,6 @@ class Config:
     def out(self):
         return Path(self.out_dir)
 
-
-CHOICES = {
-    "stage": ("all", "pretrain", "finetune", "eval"),
-    "dataset": ("digits", "cifar10"),
-    "schedule": ("linear", "scaled_linear", "cosine"),
-    "prediction_type": ("v_prediction", "epsilon", "sample"),
-    "spacing": ("trailing", "leading", "linspace"),
-    "coupling": ("inversion", "independent", "teacher"),
-    "update": ("ddim", "lcm"),
-    "lpips_net": ("alex", "vgg", "squeeze"),
-    "gan_kind": ("hinge", "non_saturating"),
-}
 
 # Dataset-specific defaults that replace the digits defaults unless a flag is given. The CIFAR-10
 # values are a starting point for one GPU, not a tuned recipe.
@@ -186,37 +157,9 @@ MODEL_FIELDS = ("dataset", "model_channels", "channel_mult", "num_res_blocks", "
 
 
 def parse_config(argv=None):
-    """Command line -> Config: flags override the dataset preset, which overrides the defaults."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS)  # only the flags actually given reach the namespace
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"]
-        if f.name in CHOICES:
-            text += f" {{{', '.join(CHOICES[f.name])}}}"
-        text += f" [default: {format_value(f.default)}"
-        text += "".join(f"; {name}: {format_value(preset[f.name])}" for name, preset in PRESETS.items()
-                        if f.name in preset) + "]"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif typing.get_origin(f.type) is tuple:
-            parser.add_argument(flag, type=int_tuple, metavar="N[,N...]", help=text)
-        else:
-            parser.add_argument(flag, type=f.type, help=text)
-    given = vars(parser.parse_args(argv))
-    try:
-        return Config(**{**PRESETS.get(given.get("dataset", Config.dataset), {}), **given})
-    except ValueError as error:
-        parser.error(str(error))
-
-
-def int_tuple(text):
-    return tuple(int(part) for part in text.split(","))
-
-
-def format_value(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+    """Command line -> Config: flags override the dataset preset, which overrides the defaults. The
+    sampler length comes from --nfe, so EndToEndConfig's num_steps gets no flag here."""
+    return parse_flags(Config, argv, __doc__, PRESETS, preset_flag="dataset", hidden=("num_steps",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +233,7 @@ def build_dataset(config):
     """The dataset named by config.dataset, as an ImageData."""
     if config.dataset == "digits":
         return load_digits_data()
-    if config.dataset == "cifar10":
-        return load_cifar10(config.data_dir, config.download)
-    raise ValueError(f"unknown dataset {config.dataset!r}; valid: {', '.join(CHOICES['dataset'])}")
+    return load_cifar10(config.data_dir, config.download)
 
 
 class Batches:
@@ -564,8 +505,8 @@ def pretrain(config, data, device):
             loss = diffusion_loss(model, x0, schedule, config.prediction_type, cond=cond).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if config.e2e.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.e2e.grad_clip)
         optimizer.step()
         ema.update(model)
         return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
@@ -608,7 +549,8 @@ def load_base(config, data, device):
 
 @torch.no_grad()
 def invert_training_set(base, data, schedule, config, device):
-    """z_T = DDIM inversion of every training image by the frozen base, in fixed chunks.
+    """z_T = DDIM inversion of every training image by the frozen base, in fixed chunks: the coupling
+    of Alg. 1 line 6 with `--coupling inversion`, computed once.
 
     The base never changes during fine-tuning, so this per-example cache is exact; fixed chunks keep
     it bit-identical between a run and its resume.
@@ -618,7 +560,7 @@ def invert_training_set(base, data, schedule, config, device):
         x0 = data.train_images[start:start + config.eval_batch_size].to(device)
         cond, _ = conditions(config, data, data.train_labels[start:start + config.eval_batch_size].to(device))
         with autocast(device):
-            z_T = ddim_invert(base, x0, schedule, config.inversion_steps,
+            z_T = ddim_invert(base, x0, schedule, config.e2e.inversion_steps,
                               prediction_type=config.prediction_type, cond=cond)
         inverted.append(z_T.float().cpu())
     return torch.cat(inverted)
@@ -629,20 +571,20 @@ def finetune(config, data, device):
     base = load_base(config, data, device)
     schedule = build_schedule(config, device)
     z_T_cache = None
-    if config.coupling == "inversion":
+    if config.e2e.coupling == "inversion":
         started = time.time()
         z_T_cache = invert_training_set(base, data, schedule, config, device)
-        print(f"finetune: inverted {len(z_T_cache)} training images ({config.inversion_steps} DDIM "
+        print(f"finetune: inverted {len(z_T_cache)} training images ({config.e2e.inversion_steps} DDIM "
               f"steps) in {time.time() - started:.1f}s")
     lpips = None
-    if config.lpips_weight > 0:
-        lpips = LPIPS(net=config.lpips_net, random_backbone=config.lpips_random_backbone).to(device)
+    if config.e2e.lpips_weight > 0:
+        lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
     return {steps: finetune_one(config, data, device, base, schedule, steps, z_T_cache, lpips)
             for steps in config.nfe}
 
 
 def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpips):
-    """E2E fine-tuning of a copy of the base for a num_steps-step sampler into <out>/finetune-nfe<T>.pt."""
+    """Alg. 1 on a copy of the base for a num_steps-step sampler, into <out>/finetune-nfe<T>.pt."""
     name = f"finetune-nfe{num_steps}"
     path = config.out / f"{name}.pt"
     checkpoint = open_checkpoint(path, config, "finetune")
@@ -651,57 +593,33 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
         return path
     torch.manual_seed(config.seed)
     random.seed(config.seed)
+    method = replace(config.e2e, num_steps=num_steps)
     model = build_model(config, data).to(device)
-    model.load_state_dict(base.state_dict())  # start from the base's EMA weights
-    ema = EMA(model, decay=config.finetune_ema_decay)
+    model.load_state_dict(base.state_dict())  # Alg. 1 line 1: start from the base's EMA weights
+    ema = EMA(model, decay=method.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=0.0)
     batches = Batches(len(data.train_images), config.finetune_batch_size, config.seed)
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
     gan = None
-    if config.gan_weight > 0:
-        discriminator = PatchDiscriminator(data.image_shape[0], config.disc_channels, config.disc_layers).to(device)
-        gan = GANLoss(discriminator, kind=config.gan_kind, weight=config.gan_weight,
-                      start_step=config.gan_start_step, adaptive=config.gan_adaptive, r1_weight=config.r1_weight)
-        disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
-        parts.update(discriminator=discriminator, disc_optimizer=disc_optimizer)
+    if method.gan_weight > 0:
+        discriminator = PatchDiscriminator(data.image_shape[0], method.disc_channels, method.disc_layers)
+        gan = GANLoss(discriminator.to(device), method)
+        parts.update(discriminator=gan.discriminator, disc_optimizer=gan.optimizer)
+    loss_fn = EndToEndLoss(model, schedule, method, config.prediction_type, lpips=lpips, gan=gan,
+                           guidance_scale=config.guidance_scale)
     start_step = resume_parts(checkpoint, parts)
-    weights = {"l1": config.l1_weight, "l2": config.l2_weight, "lpips": config.lpips_weight}
-    print(f"{name}: coupling {config.coupling}, loss {weights}, gan {config.gan_weight}, "
+    print(f"{name}: coupling {method.coupling}, loss {method.loss_weights}, gan {method.gan_weight}, "
           f"steps {start_step} -> {config.finetune_steps} on {device}")
 
-    def train_step(step):
-        indices = batches.next()
-        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
-        cond, uncond = conditions(config, data, labels)
-        if z_T_cache is not None:
-            z_T, target = z_T_cache[indices].to(device), x0
-        else:
-            z_T, target = couple(config.coupling, x0, base_model=base, schedule=schedule,
-                                 prediction_type=config.prediction_type, cond=cond,
-                                 inversion_steps=config.inversion_steps, teacher_steps=config.teacher_steps)
-        with autocast(device):  # Alg. 1 lines 6-11: unroll the sampler with gradients, Eq. 7 (+ Eq. 8)
-            loss, logs, sample = end_to_end_loss(
-                model, z_T, target, schedule, num_steps, loss_weights=weights, lpips=lpips, gan=gan, step=step,
-                last_layer=model.last_layer, prediction_type=config.prediction_type, update=config.update,
-                eta=config.eta, spacing=config.spacing, cond=cond, uncond=uncond,
-                guidance_scale=config.guidance_scale, checkpoint=config.grad_checkpoint,
-                backprop_steps=config.backprop_steps or None)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        ema.update(model)
-        if gan is not None and gan.active(step):
-            with autocast(device):
-                disc_loss = gan.discriminator_loss(target, sample.detach(), step)["disc"]
-            disc_optimizer.zero_grad(set_to_none=True)
-            disc_loss.backward()
-            disc_optimizer.step()
-            logs["disc"] = disc_loss.detach()
-        return {key: value.item() for key, value in logs.items()}
+    def step(step):
+        indices = batches.next()  # Alg. 1 line 3; pixel space, so z0 = x0 (no line 4) and e_c = the label
+        cond, uncond = conditions(config, data, data.train_labels[indices].to(device))
+        batch = {"target": data.train_images[indices].to(device), "cond": cond, "uncond": uncond,
+                 "z_T": None if z_T_cache is None else z_T_cache[indices].to(device)}
+        return train_step(loss_fn, optimizer, ema, [batch], step, base_model=base, gan=gan,
+                          autocast=partial(autocast, device))  # Alg. 1 lines 6-15
 
-    train_loop(name, path, parts, config, train_step, start_step, config.finetune_steps,
+    train_loop(name, path, parts, config, step, start_step, config.finetune_steps,
                Log(config.out / "metrics.jsonl"), extra={"nfe": num_steps})
     return path
 
@@ -714,7 +632,7 @@ def load_finetuned(config, data, device, num_steps):
                                 f"first, or leave {num_steps} out of --nfe.")
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint["config"], config, path)
-    ema = EMA(build_model(config, data).to(device), decay=config.finetune_ema_decay)
+    ema = EMA(build_model(config, data).to(device), decay=config.e2e.ema_decay)
     ema.load_state_dict(checkpoint["ema"])
     return ema.module.eval().requires_grad_(False)
 
@@ -815,12 +733,9 @@ def inception_fid(images, data_dir, weights="", device=torch.device("cpu")):
 
     Raises FileNotFoundError, naming the file and where it goes, when the weights or data are absent.
     """
-    weights_path = Path(inception_weights_path(weights))
-    if not weights_path.is_file():
-        raise FileNotFoundError(
-            f"Inception FID needs torch-fidelity's Inception weights {INCEPTION_WEIGHTS} at {weights_path} "
-            f"(torch-fidelity downloads it on first use when online). Offline, copy the file to "
-            f"{weights_path.parent}/ or pass --inception-weights PATH.")
+    weights_path = inception_weights_path(weights)
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(f"Inception FID needs {missing_inception_message(weights_path)}")
     if not (Path(data_dir) / CIFAR10_FOLDER).is_dir():
         raise FileNotFoundError(f"Inception FID needs CIFAR-10 train in {Path(data_dir) / CIFAR10_FOLDER}")
     import torch_fidelity
@@ -847,7 +762,7 @@ def generate(model, config, data, schedule, num_steps, num_samples, device):
         cond, uncond = conditions(config, data, label_chunk.to(device))
         with autocast(device):
             x0 = unrolled_sample(model, z_T.to(device), schedule, num_steps,
-                                 prediction_type=config.prediction_type, update="ddim", spacing=config.spacing,
+                                 prediction_type=config.prediction_type, update="ddim", spacing=config.e2e.spacing,
                                  cond=cond, uncond=uncond, guidance_scale=config.guidance_scale)
         images.append(x0.float().clamp(-1, 1).cpu())
     return torch.cat(images)

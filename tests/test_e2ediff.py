@@ -1,7 +1,7 @@
 """Tests of the core module e2ediff.py. Run: python -m pytest -q tests/test_e2ediff.py"""
+import copy
 import math
 import os
-import random
 
 import numpy as np
 import pytest
@@ -204,15 +204,14 @@ def test_checkpointed_gradients_match_plain(update, guidance_scale):
     assert relative_error(grads[1], grads[0]) <= 1e-5
 
 
-def test_sampler_is_reproducible_with_a_generator_and_returns_its_trajectory():
+def test_sampler_is_reproducible_with_a_generator():
     schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
     model = gaussian_oracle(0.0, 1.0, schedule)
     z_T = torch.randn(4, 2)
-    runs = [e2ediff.unrolled_sample(model, z_T, schedule, 3, update="lcm", generator=torch.Generator().manual_seed(7), return_trajectory=True) for _ in range(2)]
-    torch.testing.assert_close(runs[0][0], runs[1][0])
-    assert len(runs[0][1]) == 3 and runs[0][1][-1] is runs[0][0]
+    runs = [e2ediff.unrolled_sample(model, z_T, schedule, 3, update="lcm", generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    torch.testing.assert_close(runs[0], runs[1])
     other = e2ediff.unrolled_sample(model, z_T, schedule, 3, update="lcm", generator=torch.Generator().manual_seed(8))
-    assert relative_error(other, runs[0][0]) > 1e-3  # the fresh noise does matter
+    assert relative_error(other, runs[0]) > 1e-3  # the fresh noise does matter
 
 
 def test_ddim_with_eta_zero_equals_ddim_default_and_eta_changes_it():
@@ -238,8 +237,9 @@ def test_independent_l2_collapses_to_the_mean_while_inversion_l2_keeps_the_modes
     Gaussians toward its mean; the inversion coupling keeps the modes."""
     base = toy2d.pretrain(steps=1500, batch=256, hidden=64)
     base_distance = toy2d.score(base, 4, n=1000)
-    independent = toy2d.finetune(base, "independent", num_steps=4, steps=250, lr=1e-3, dataset_size=2048, inversion_steps=25)
-    inversion = toy2d.finetune(base, "inversion", num_steps=4, steps=250, lr=1e-3, dataset_size=2048, inversion_steps=25)
+    settings = dict(num_steps=4, steps=250, lr=1e-3, dataset_size=2048, inversion_steps=25)
+    independent = toy2d.finetune(base, coupling="independent", **settings)
+    inversion = toy2d.finetune(base, coupling="inversion", **settings)
     d_independent, d_inversion = toy2d.score(independent, 4, n=1000), toy2d.score(inversion, 4, n=1000)
     radius_independent = toy2d.sample(independent, 4, n=1000).norm(dim=1).mean().item()
     radius_inversion = toy2d.sample(inversion, 4, n=1000).norm(dim=1).mean().item()
@@ -306,25 +306,30 @@ def test_adaptive_weight_is_the_clamped_ratio_of_gradient_norms():
     gan = (torch.tensor([0.0, 0.5]) * w).sum()  # gradient (0, .5): norm .5
     weight = e2ediff.adaptive_gan_weight(recon, gan, w)
     assert weight.item() == pytest.approx(5.0 / (0.5 + 1e-4), rel=1e-6) and not weight.requires_grad
-    assert e2ediff.adaptive_gan_weight(recon, gan, w, max_weight=2.0).item() == 2.0
+    flat = (torch.zeros(2) * w).sum()  # no GAN gradient: the ratio is 5 / 1e-4, clamped
+    assert e2ediff.adaptive_gan_weight(recon, flat, w).item() == e2ediff.MAX_ADAPTIVE_GAN_WEIGHT
 
 
-def test_no_discriminator_call_before_the_start_step():
+def test_no_discriminator_call_before_the_start_step_and_its_own_update_after():
+    torch.manual_seed(0)
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, gan_weight=0.5, gan_start_step=10,
+                                    gan_adaptive=False, grad_checkpoint=False)
+    model = TinyImageDenoiser()
     discriminator = e2ediff.PatchDiscriminator(in_channels=1, base_channels=8, num_layers=1)
     calls = []
     discriminator.register_forward_hook(lambda *args: calls.append(1))
-    gan = e2ediff.GANLoss(discriminator, start_step=10, adaptive=False, weight=0.5)
-    fake = torch.randn(2, 1, 8, 8, requires_grad=True)
-    before = gan.generator_loss(fake, None, step=9)
-    disc_before = gan.discriminator_loss(torch.randn(2, 1, 8, 8), fake, step=9)
-    assert calls == [] and before["gan_total"].item() == 0.0 and disc_before["disc"].item() == 0.0
-    after = gan.generator_loss(fake, None, step=10)
-    assert len(calls) == 1 and after["gan_weight"].item() == 0.5
-    after["gan_total"].backward()
-    assert fake.grad.abs().sum() > 0
-    assert all(p.grad is None for p in discriminator.parameters())  # the generator step leaves D alone
-    gan.discriminator_loss(torch.randn(2, 1, 8, 8), fake, step=10)["disc"].backward()
-    assert len(calls) == 3 and all(p.grad is not None for p in discriminator.parameters())
+    gan = e2ediff.GANLoss(discriminator, config)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+    optimizer, ema = torch.optim.SGD(model.parameters(), lr=0.1), e2ediff.EMA(model, config.ema_decay)
+    batch = [{"target": torch.randn(2, 1, 8, 8), "z_T": torch.randn(2, 1, 8, 8)}]
+    logs = e2ediff.train_step(loss_fn, optimizer, ema, batch, step=9, gan=gan)
+    assert calls == [] and "gan" not in logs and "disc" not in logs
+    weights = [p.detach().clone() for p in discriminator.parameters()]
+    logs = e2ediff.train_step(loss_fn, optimizer, ema, batch, step=10, gan=gan)
+    assert len(calls) == 3  # the generator's term (D frozen), then D on real and on fake
+    assert logs["gan_weight"] == 0.5 and math.isfinite(logs["disc"])
+    assert all(not torch.equal(w, p) for w, p in zip(weights, discriminator.parameters()))  # D took its step
 
 
 def test_r1_penalty_matches_closed_form_for_a_linear_discriminator():
@@ -347,7 +352,7 @@ def test_patch_discriminator_shapes_batch_independence_and_small_input_error():
 # ---------------------------------------------------------------- 7. EMA, 8. diffusion loss
 
 
-def test_ema_arithmetic_half_life_buffers_and_state_dict():
+def test_ema_arithmetic_buffers_and_state_dict():
     model = nn.BatchNorm1d(2)
     with torch.no_grad():
         model.weight.fill_(1.0)
@@ -359,14 +364,12 @@ def test_ema_arithmetic_half_life_buffers_and_state_dict():
     torch.testing.assert_close(ema.module.weight, torch.full((2,), 0.9 * 1 + 0.1 * 3))
     torch.testing.assert_close(ema.module.running_mean, torch.full((2,), 7.0))
     assert not ema.module.weight.requires_grad
-    halving = e2ediff.EMA(model, half_life=10)
-    assert halving.decay**10 == pytest.approx(0.5)
     restored = e2ediff.EMA(nn.BatchNorm1d(2), decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.decay == 0.9
     torch.testing.assert_close(restored.module.weight, ema.module.weight)
-    with pytest.raises(ValueError, match="exactly one"):
-        e2ediff.EMA(model)
+    with pytest.raises(ValueError, match="decay must be in"):
+        e2ediff.EMA(model, decay=1.5)
 
 
 @pytest.mark.parametrize("prediction_type", e2ediff.PREDICTION_TYPES)
@@ -379,58 +382,85 @@ def test_diffusion_loss_is_zero_for_the_oracle_and_positive_otherwise(prediction
     assert zero.min().item() > 1e-3
 
 
-# ---------------------------------------------------------------- 9. utilities
+# ---------------------------------------------------------------- 9. Algorithm 1
 
 
-def test_checkpoint_round_trip_is_weights_only_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    e2ediff.save_checkpoint({"step": 1, "weights": torch.arange(3.0), "config": {"lr": 1e-4}}, path)
-    assert torch.load(path, weights_only=True)["step"] == 1
-    assert e2ediff.load_checkpoint(path)["config"] == {"lr": 1e-4}
+class TinyImageDenoiser(nn.Module):
+    """A 1-channel conv denoiser with a time input: enough to train through the unrolled sampler."""
 
-    def broken_save(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
+    def __init__(self):
+        super().__init__()
+        self.conv_in, self.conv_out = nn.Conv2d(2, 16, 3, padding=1), nn.Conv2d(16, 1, 3, padding=1)
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        e2ediff.save_checkpoint({"step": 2}, path)
-    monkeypatch.undo()
-    assert e2ediff.load_checkpoint(path)["step"] == 1
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        e2ediff.load_checkpoint(str(tmp_path / "missing.pt"))
-    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read checkpoint"):
-        e2ediff.load_checkpoint(str(tmp_path / "garbage.pt"))
+    @property
+    def last_layer(self):
+        return self.conv_out.weight
+
+    def forward(self, z, t, cond=None):
+        time = (t.float() / 1000)[:, None, None, None].expand_as(z)
+        return self.conv_out(torch.tanh(self.conv_in(torch.cat([z, time], dim=1))))
 
 
-def test_stop_request_turns_sigint_and_sigterm_into_a_flag_and_a_second_ctrl_c_interrupts():
-    import signal
-    import time
+def test_train_step_is_algorithm_1_lines_6_to_15_written_out():
+    """train_step against the algorithm written by hand: couple, unroll, L2, clip, AdamW, EMA."""
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    config = e2ediff.EndToEndConfig(num_steps=3, update="ddim", lpips_weight=0.0, grad_clip=0.05, ema_decay=0.9,
+                                    grad_checkpoint=False)
+    torch.manual_seed(0)
+    by_hand, target = TinyImageDenoiser(), torch.randn(4, 1, 8, 8)
+    model = copy.deepcopy(by_hand)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (by_hand, model)]
+    emas = [e2ediff.EMA(m, config.ema_decay) for m in (by_hand, model)]
 
-    def deliver(signum):
-        os.kill(os.getpid(), signum)
-        time.sleep(0.05)  # Python runs the handler at the next bytecode boundary of the main thread
+    torch.manual_seed(1)
+    z_T = torch.randn_like(target)  # line 6, the independent coupling
+    z0 = e2ediff.unrolled_sample(by_hand, z_T, schedule, 3, update="ddim")  # lines 7-12
+    (z0 - target).pow(2).mean().backward()  # line 13, d = L2
+    norm = torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 0.05)
+    optimizers[0].step()  # line 14
+    emas[0].update(by_hand)  # line 15
 
-    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    with e2ediff.StopRequest() as stop:
-        assert not stop.requested
-        deliver(signal.SIGTERM)
-        assert stop.requested  # the loop saves at the end of its step instead of dying mid-step
-        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
-            deliver(signal.SIGINT)
-    assert {signum: signal.getsignal(signum) for signum in before} == before  # handlers restored
+    torch.manual_seed(1)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config)
+    logs = e2ediff.train_step(loss_fn, optimizers[1], emas[1], [{"target": target}], step=0)
+    assert logs["grad_norm"] == pytest.approx(norm.item(), rel=1e-6) and norm > 0.05  # clipping was active
+    for a, b in zip(emas[0].module.parameters(), emas[1].module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert logs["l2"] == pytest.approx(logs["loss"]) and logs["loss"] > 0
 
 
-def test_rng_state_round_trip_replays_every_generator(tmp_path):
-    state = e2ediff.rng_state()
-    e2ediff.save_checkpoint({"rng": state}, str(tmp_path / "rng.pt"))
-    first = (torch.rand(3), random.random(), np.random.rand(3))
-    e2ediff.set_rng_state(e2ediff.load_checkpoint(str(tmp_path / "rng.pt"))["rng"])
-    second = (torch.rand(3), random.random(), np.random.rand(3))
-    torch.testing.assert_close(first[0], second[0])
-    assert first[1] == second[1] and np.array_equal(first[2], second[2])
+def test_gradient_accumulation_over_micro_batches_equals_one_batch():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, grad_clip=0.0, grad_checkpoint=True)
+    torch.manual_seed(0)
+    models = [TinyImageDenoiser()]
+    models.append(copy.deepcopy(models[0]))
+    target, z_T = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+    whole = [{"target": target, "z_T": z_T}]
+    halves = [{"target": target[:4], "z_T": z_T[:4]}, {"target": target[4:], "z_T": z_T[4:]}]
+    for model, batches in zip(models, (whole, halves)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        e2ediff.train_step(e2ediff.EndToEndLoss(model, schedule, config), optimizer, e2ediff.EMA(model, 0.5), batches, 0)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[0].conv_out.weight, TinyImageDenoiser().conv_out.weight)
+
+
+def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    config = e2ediff.EndToEndConfig(num_steps=1, update="ddim", coupling="teacher", teacher_steps=20, lpips_weight=0.0,
+                                    grad_checkpoint=False)
+    teacher = gaussian_oracle(0.3, 0.0001, schedule)  # its samples are all ~0.3
+    torch.manual_seed(0)
+    model = TinyImageDenoiser()
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = [{"target": torch.full((16, 1, 8, 8), -0.7)}]  # the data says -0.7; only its shape is used
+    for step in range(200):
+        e2ediff.train_step(loss_fn, optimizer, e2ediff.EMA(model, 0.0), data, step, base_model=teacher)
+    with torch.no_grad():
+        out = e2ediff.unrolled_sample(model, torch.randn(64, 1, 8, 8), schedule, 1)
+    assert abs(out.mean().item() - 0.3) < 0.1
 
 
 # ---------------------------------------------------------------- bad input
@@ -452,6 +482,11 @@ def test_rng_state_round_trip_replays_every_generator(tmp_path):
     (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 3)), "shapes differ"),
     (lambda: e2ediff.discriminator_loss(torch.zeros(1, 1), torch.zeros(1, 1), "wasserstein"), "valid choices: 'hinge', 'non_saturating'"),
     (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
+    (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "unknown coupling 'nearest'; valid choices: 'independent'"),
+    (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "no loss"),
+    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), "backprop_steps <= num_steps"),
+    (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), "weights must be >= 0"),
+    (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs an LPIPS module"),
 ])
 def test_bad_input_raises_value_error_naming_the_valid_choices(call, message):
     with pytest.raises(ValueError, match=message):

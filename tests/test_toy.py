@@ -6,22 +6,29 @@ import json
 import os
 import pickle
 import signal
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 import torch
 
 import train_toy
+import train_utils
+from e2ediff import EndToEndConfig
 from train_toy import Config, load_checkpoint
 
 
+METHOD_FIELDS = {f.name for f in fields(EndToEndConfig)}
+
+
 def tiny(out_dir, **overrides):
-    """A config that runs every stage in about a second."""
+    """A config that runs every stage in about a second; overrides of the method's options go to e2e."""
     settings = dict(
         out_dir=str(out_dir), model_channels=8, pretrain_steps=6, pretrain_batch_size=32, warmup_steps=2,
-        finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2), inversion_steps=4,
+        finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2),
         eval_samples=100, eval_batch_size=100, classifier_epochs=1, log_every=1, save_every=100)
-    return Config(**{**settings, **overrides})
+    method = {name: overrides.pop(name) for name in list(overrides) if name in METHOD_FIELDS}
+    return Config(**{**settings, **overrides}, e2e=replace(Config().e2e, inversion_steps=4, **method))
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +119,17 @@ def test_ctrl_c_saves_a_checkpoint_and_finetune_resumes_bit_identically(tmp_path
     (tmp_path / "halves").mkdir()
     (tmp_path / "halves" / "pretrain.pt").write_bytes((tmp_path / "straight" / "pretrain.pt").read_bytes())
 
-    calls, real_loss = [], train_toy.end_to_end_loss
+    calls, real_step = [], train_toy.train_step
     def ctrl_c_at_step_2(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train_toy, "end_to_end_loss", ctrl_c_at_step_2)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_toy, "train_step", ctrl_c_at_step_2)
     with pytest.raises(KeyboardInterrupt, match="finetune-nfe2 interrupted at step 2"):
         train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,)), digits, cpu)
     assert load_checkpoint(tmp_path / "halves" / "finetune-nfe2.pt")["step"] == 2
-    monkeypatch.setattr(train_toy, "end_to_end_loss", real_loss)
+    monkeypatch.setattr(train_toy, "train_step", real_step)
 
     train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,), resume=True), digits, cpu)
     assert_bit_identical(tmp_path / "straight" / "finetune-nfe2.pt", tmp_path / "halves" / "finetune-nfe2.pt",
@@ -216,7 +223,7 @@ def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, 
 
 def test_inception_fid_without_weights_names_the_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=train_toy.INCEPTION_WEIGHTS) as error:
+    with pytest.raises(FileNotFoundError, match=train_utils.INCEPTION_WEIGHTS) as error:
         train_toy.inception_fid(torch.zeros(4, 3, 32, 32), tmp_path)
     assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
 
@@ -275,12 +282,13 @@ def test_ctrl_c_exits_with_status_130_and_says_how_to_continue(tmp_path, capsys,
 
 
 def test_unknown_dataset_or_option_lists_the_valid_choices(capsys):
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid: digits, cifar10"):
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; valid choices: 'digits', 'cifar10'"):
         Config(dataset="mnist")
     with pytest.raises(SystemExit) as exit_info:
         train_toy.parse_config(["--coupling", "nearest"])
     assert exit_info.value.code == 2
-    assert "valid: inversion, independent, teacher" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "invalid choice: 'nearest'" in error and all(name in error for name in ("independent", "inversion", "teacher"))
     with pytest.raises(SystemExit):
         train_toy.parse_config(["--learning-rat", "1"])
     assert "unrecognized arguments: --learning-rat" in capsys.readouterr().err
@@ -291,7 +299,9 @@ def test_help_explains_every_flag_and_cifar10_preset_fills_unset_flags(capsys):
         train_toy.parse_config(["--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for field in Config.__dataclass_fields__:
-        assert "--" + field.replace("_", "-") in text
+    flags = [name for name in Config.__dataclass_fields__ if name != "e2e"] + sorted(METHOD_FIELDS - {"num_steps"})
+    for name in flags:
+        assert "--" + name.replace("_", "-") in text
+    assert "--num-steps" not in text  # the toy's T comes from --nfe
     config = train_toy.parse_config(["--dataset", "cifar10", "--model-channels", "96"])
     assert (config.model_channels, config.num_res_blocks, config.out_dir) == (96, 2, "runs/toy-cifar10")
