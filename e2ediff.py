@@ -56,7 +56,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -536,17 +536,9 @@ class PatchDiscriminator(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def min_input_size(self) -> int:
-        """Smallest H, W for which at least one patch logit comes out."""
-        size = 1
-        while True:
-            h = size
-            for _ in range(self.num_layers):
-                h = (h - 2) // 2 + 1  # 4x4, stride 2, pad 1
-            h = (h - 2) // 1 + 1  # 4x4, stride 1, pad 1 (twice)
-            h = (h - 2) // 1 + 1
-            if h >= 1:
-                return size
-            size += 1
+        """Smallest H, W for which a patch logit comes out: each strided 4x4 conv (pad 1) maps h to
+        floor(h / 2), each of the two last (stride 1) to h - 1, so floor(h / 2^n) - 2 >= 1."""
+        return 3 * 2**self.num_layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1, h, w) patch logits."""
@@ -602,7 +594,7 @@ class GANLoss:
     bare module (no discriminator gradients are wanted there), the discriminator step the wrapper.
     """
 
-    def __init__(self, discriminator: nn.Module, config: "EndToEndConfig"):
+    def __init__(self, discriminator: nn.Module, config: EndToEndConfig):
         self.discriminator, self.kind, self.weight = discriminator, config.gan_kind, config.gan_weight
         self.start_step, self.adaptive, self.r1_weight = config.gan_start_step, config.gan_adaptive, config.r1_weight
         self.optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
@@ -780,7 +772,7 @@ class EndToEndLoss(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, config: EndToEndConfig,
-                 prediction_type: str = "v_prediction", *, lpips: "LPIPS | None" = None, gan: "GANLoss | None" = None,
+                 prediction_type: str = "v_prediction", *, lpips: LPIPS | None = None, gan: GANLoss | None = None,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 1.0):
         super().__init__()
         check_prediction_type(prediction_type, schedule)
@@ -791,15 +783,18 @@ class EndToEndLoss(nn.Module):
         self.helpers = {"lpips": lpips, "gan": gan, "decode": decode}  # a dict: not registered as submodules
 
     def forward(self, z_T: torch.Tensor, target: torch.Tensor, step: int, cond: Any = None, uncond: Any = None,
-                target_image: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        """:returns: loss (scalar), logs (detached scalars), the output as an image (B, C, H, W) for the
-        discriminator's step — the sampler's z0 itself when there is no decoder."""
+                target_image: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """:returns: loss (scalar), logs (detached scalars), and the output and the target as images
+        (B, C, H, W) for the discriminator's step: decoded, or z0 and the target themselves when there
+        is no decoder (or neither LPIPS nor the GAN needs images)."""
         lpips, gan, decode = self.helpers["lpips"], self.helpers["gan"], self.helpers["decode"]
         z0 = unrolled_sample(self.denoiser, z_T, self.schedule, self.config.num_steps, cond=cond, uncond=uncond,
                              **self.sampler_options)  # Alg. 1 lines 7-12
         gan_on = gan is not None and gan.active(step)
         image = decode(z0) if decode is not None and (lpips is not None or gan_on) else z0
-        if decode is not None and image is not z0 and target_image is None:
+        if image is z0:
+            target_image = target
+        elif target_image is None:
             with torch.no_grad():
                 target_image = decode(target)
         loss, logs = z0.new_zeros(()), {}
@@ -812,7 +807,7 @@ class EndToEndLoss(nn.Module):
             loss = loss + adversarial["gan_total"]
             logs.update({name: value.detach() for name, value in adversarial.items()})
         logs["loss"] = loss.detach()
-        return loss, logs, image
+        return loss, logs, image, target_image
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -823,12 +818,13 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
-    ema: "EMA",
-    micro_batches: list[dict],
+    ema: EMA,
+    micro_batches: Iterable[dict],
     step: int,
     *,
+    accumulation: int | None = None,
     base_model: Denoiser | None = None,
-    gan: "GANLoss | None" = None,
+    gan: GANLoss | None = None,
     no_sync: Callable[[nn.Module], Any] | None = None,
     autocast: Callable[[], Any] = contextlib.nullcontext,
     generator: torch.Generator | None = None,
@@ -840,6 +836,8 @@ def train_step(
     :param micro_batches: G dicts (G > 1: gradient accumulation), each with "target" (B, ...) = z0 of
         Alg. 1 line 4, and optional "cond", "uncond" (line 5), "images" (the target's pixels when the
         sampler works in a latent space) and "z_T" (a cached coupling, e.g. the inversion of "target").
+        A list, or any iterable (a generator that encodes each micro-batch only when it is needed).
+    :param accumulation: G, when `micro_batches` has no len().
     :param base_model: the frozen pretrained model that the inversion and teacher couplings run.
     :param no_sync: module -> context in which its gradients are not all-reduced (DDP's no_sync); used
         on every micro-batch but the last. None in a single process.
@@ -849,9 +847,10 @@ def train_step(
     inner = _unwrap(loss_fn)
     config, schedule = inner.config, inner.schedule
     prediction_type = inner.sampler_options["prediction_type"]
-    count, gan_on, totals = len(micro_batches), gan is not None and gan.active(step), {}
-    for index, batch in enumerate(micro_batches):
-        sync = index == count - 1 or no_sync is None
+    count = len(micro_batches) if accumulation is None else accumulation
+    gan_on, totals, seen = gan is not None and gan.active(step), {}, 0
+    for batch in micro_batches:
+        sync = seen == count - 1 or no_sync is None  # DDP all-reduces the gradients once, after the last
         target, cond = batch["target"], batch.get("cond")
         if batch.get("z_T") is not None:
             z_T = batch["z_T"]
@@ -863,16 +862,18 @@ def train_step(
         # a teacher's target is the base's sample, not the data: its image is decoded from it
         target_image = batch.get("images") if config.coupling != "teacher" else None
         with (contextlib.nullcontext() if sync else no_sync(loss_fn)), autocast():
-            loss, logs, image = loss_fn(z_T, target, step, cond, batch.get("uncond"), target_image)  # lines 7-13
+            loss, logs, fake, real = loss_fn(z_T, target, step, cond, batch.get("uncond"), target_image)  # 7-13
             (loss / count).backward()
-        if gan_on:  # the discriminator's own step: real targets vs the sampler's detached outputs
-            real = target_image if target_image is not None else target
+        if gan_on:  # the discriminator's own step: the targets (as images) vs the sampler's detached outputs
             with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
-                disc = gan.discriminator_loss(real, image.detach(), step)
+                disc = gan.discriminator_loss(real, fake.detach(), step)
                 (disc["disc"] / count).backward()
             logs["disc"] = disc["disc"].detach()
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + float(value) / count
+        seen += 1
+    if seen != count:
+        raise ValueError(f"expected {count} micro-batches (accumulation), got {seen}")
     parameters = inner.denoiser.parameters()
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip or float("inf"))
     optimizer.step()  # Alg. 1 line 14
@@ -882,7 +883,6 @@ def train_step(
         gan.optimizer.zero_grad(set_to_none=True)
     ema.update(inner.denoiser)  # Alg. 1 line 15
     return {**totals, "grad_norm": float(grad_norm)}
-
 
 
 if __name__ == "__main__":

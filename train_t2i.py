@@ -6,6 +6,12 @@ setting: PixArt-delta (a 0.6B PixArt transformer distilled to 4 LCM steps) with 
 and T5 text embeddings (frozen), AdamW lr 1e-6, weight decay 1e-8, EMA 0.95, batch 8 per GPU,
 24k steps, L2 on latents + LPIPS on decoded images.
 
+The method is e2ediff.py's. This script loads the pretrained parts (Alg. 1 line 1), streams the data
+and encodes it (lines 3-5: z0 = E(x0), e_c = T(c)), and hands every step's micro-batches to
+e2ediff.train_step (lines 6-15: the coupling, the unrolled sampler, the loss, the AdamW update, the
+EMA). The method's options (--num-steps, --coupling, the loss weights, the GAN, --ema-decay, ...) are
+the fields of e2ediff.EndToEndConfig, whose defaults are the paper's recipe.
+
 One code path for one process and for many: DDP is switched on when torchrun sets RANK (NCCL on
 GPUs, gloo on CPU). Rank 0 logs, samples and saves; every rank seeds differently.
 
@@ -43,6 +49,10 @@ Continue from <out-dir>/ckpt.pt (model, EMA, optimisers, discriminator, step, da
 
     torchrun ... train_t2i.py ... --resume
 
+Ctrl-C or SIGTERM (torchrun forwards both to every rank): every rank finishes its step, they agree on
+it, checkpoint it and exit with status 130; --resume continues from there. A rank that dies or hangs
+fails the run after at most --dist-timeout seconds instead of leaving the others waiting.
+
 Pre-compute VAE latents and T5 embeddings once (same torchrun command; each rank writes its share),
 then train on them without running T5 or the VAE encoder in the training step:
 
@@ -54,15 +64,15 @@ model is scored by torchmetrics' CLIP score (--clip-model) and FID (torch-fideli
 weights, --inception-weights) every --eval-every steps and at the end; a missing model or weights
 file is reported in the log and skipped.
 
-Memory and throughput knobs: --checkpoint-steps (on: one sampler step's activations at a time),
+Memory and throughput knobs: --grad-checkpoint (on: one sampler step's activations at a time),
 --checkpoint-blocks (also every transformer/VAE-decoder block), --backprop-steps K (gradients through
 the last K steps only), --batch-size with --grad-accum (same global batch, less memory),
 --lpips-weight 0 (no differentiable VAE decode at full resolution: the largest activation cost),
 --precompute-to (no T5 or VAE encoder in the step), --mixed-precision bf16, --num-workers.
 
-Outputs in --out-dir: log.jsonl (config, one row per log step, checkpoints with a per-rank weight
-checksum, evaluations), ckpt.pt, samples/step_NNNNNNN.png (EMA model, fixed prompts and noise) and
-transformer_ema/ (the EMA denoiser in diffusers format, loadable into the pipeline) at the end.
+Outputs in --out-dir: log.jsonl (config, one row per log step, checkpoints, evaluations), ckpt.pt,
+samples/step_NNNNNNN.png (EMA model, fixed prompts and noise) and transformer_ema/ (the EMA denoiser
+in diffusers format, loadable into the pipeline) at the end.
 `python train_t2i.py --help` lists every flag with its default and why.
 
 Try it on CPU in a minute with tiny random models (what tests/test_t2i.py does):
@@ -72,11 +82,9 @@ Try it on CPU in a minute with tiny random models (what tests/test_t2i.py does):
         --data /tmp/tiny/images --resolution 64 --max-text-length 16 --batch-size 2 --max-steps 3 \\
         --log-every 1 --lpips-weight 0 --out-dir /tmp/tiny/run
 """
+from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
-import dataclasses
 import datetime
 import hashlib
 import io
@@ -87,7 +95,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -98,17 +106,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from e2ediff import (
-    INCEPTION_WEIGHTS, inception_weights_path,
-    EMA, GANLoss, LPIPS, PatchDiscriminator, check_prediction_type, couple, end_to_end_loss, load_checkpoint,
-    StopRequest, make_schedule, rng_state, save_checkpoint, select_device, set_rng_state, unrolled_sample,
+    EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
+    check_choices, check_prediction_type, make_schedule, option, train_step, unrolled_sample,
+)
+from train_utils import (
+    StopRequest, flat_config, inception_weights_path, load_checkpoint, missing_inception_message, parse_config,
+    rng_state, save_checkpoint, select_device, set_rng_state,
 )
 
 # ----------------------------------------------------------------------------------------------
-# Config: every default says why; the fields become the command-line flags.
-
-
-def option(default, why):
-    return field(default=default, metadata={"help": why})
+# Config: every default says why; the fields (the method's EndToEndConfig flattened in) are the flags.
 
 
 @dataclass
@@ -121,31 +128,12 @@ class Config:
     text_encoder: str = option("", "override the text encoder; empty = <pretrained>/text_encoder, T5")
     tokenizer: str = option("", "override the tokenizer; empty = <pretrained>/tokenizer")
     scheduler: str = option("", "override the folder holding scheduler_config.json (the noise schedule)")
-    prediction_type: str = option("", "empty = the scheduler config's (epsilon for PixArt-delta)")
+    prediction_type: str = option("", "empty = the scheduler config's (epsilon for PixArt-delta)",
+                                  ("",) + PREDICTION_TYPES)
     zero_terminal_snr: bool = option(False, "off: PixArt-delta predicts epsilon, which zero terminal SNR rules out")
     max_text_length: int = option(120, "T5 tokens per caption: the PixArt pipelines' max_sequence_length")
-    # sampler (Alg. 1 lines 6-10)
-    num_steps: int = option(4, "PixArt-delta is distilled to 4 LCM steps; the paper trains at 4 NFE")
-    update: str = option("lcm", "PixArt-delta's sampler: predict x0, re-noise (our reading of Alg. 1 l. 9)")
-    eta: float = option(0.0, "DDIM stochasticity (only with --update ddim)")
-    spacing: str = option("trailing", "starts at t=999 like PixArt-delta's LCM scheduler (999 759 499 259 vs 999 749 499 249)")
-    coupling: str = option("independent", "Alg. 1: z_T independent of the data; inversion is better posed")
-    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (--coupling inversion)")
-    teacher_steps: int = option(50, "frozen-base DDIM steps per target (--coupling teacher)")
-    # losses (Eq. 7, Eq. 8)
-    l1_weight: float = option(0.0, "L1 on latents; Table 2: L2 is slightly better")
-    l2_weight: float = option(1.0, "L2 on latents (Table 2: L2 + LPIPS is the paper's best, FID 25.27)")
-    lpips_weight: float = option(1.0, "LPIPS on VAE-decoded images (Table 2's best); relative weight not given: 1")
-    lpips_net: str = option("alex", "LPIPS backbone (AlexNet: the LPIPS authors' default)")
-    lpips_random_backbone: bool = option(False, "TESTS ONLY: random backbone, real heads (works offline)")
-    gan_weight: float = option(0.0, "PatchGAN term; 0 = off (Table 2: +GAN costs FID, 25.74 vs 25.27)")
-    gan_kind: str = option("hinge", "GAN objective (taming-transformers' hinge)")
-    gan_start_step: int = option(0, "step at which the GAN term and the discriminator updates start")
-    gan_adaptive: bool = option(True, "scale the GAN term by the ratio of gradient norms (taming)")
-    r1_weight: float = option(0.0, "R1 penalty on the discriminator; 0 = off")
-    disc_lr: float = option(1e-4, "discriminator Adam lr, betas (0.5, 0.9); not given in the paper")
-    disc_channels: int = option(64, "PatchGAN width (taming's NLayerDiscriminator)")
-    disc_layers: int = option(3, "PatchGAN strided layers (taming's default)")
+    # the method: Alg. 1 lines 6-15 (sampler, coupling, losses, GAN, clip, EMA, memory)
+    e2e: EndToEndConfig = field(default_factory=EndToEndConfig)
     # optimisation
     batch_size: int = option(8, "images per GPU per micro-step: the paper's 8 (x 64 A100s = 512)")
     grad_accum: int = option(1, "micro-steps per optimiser step: keep 512 images per step on fewer GPUs")
@@ -153,19 +141,17 @@ class Config:
     weight_decay: float = option(1e-8, "AdamW weight decay (paper)")
     adam_beta1: float = option(0.9, "AdamW default (the paper names AdamW, not its betas)")
     adam_beta2: float = option(0.999, "AdamW default")
-    grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off")
-    ema_decay: float = option(0.95, "EMA of the weights (paper, Alg. 1 line 13)")
     max_steps: int = option(24000, "optimiser steps (paper)")
-    mixed_precision: str = option("bf16", "bf16 autocast on GPU (weights and AdamW stay fp32); CPU runs fp32")
-    checkpoint_steps: bool = option(True, "recompute each sampler step in backward: T steps at 1024^2 do not fit")
+    mixed_precision: str = option("bf16", "bf16 autocast on GPU (weights and AdamW stay fp32); CPU runs fp32",
+                                  ("bf16", "no"))
     checkpoint_blocks: bool = option(False, "also checkpoint every transformer and VAE-decoder block: less memory")
-    backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)")
     # data
     data: str = option("", "imagefolder, WebDataset shards (folder, brace pattern, pipe:) or a --precompute-to folder")
     resolution: int = option(1024, "PixArt-delta 1024-MS works at 1024^2, where the paper evaluates")
     num_workers: int = option(4, "DataLoader workers per rank (image decoding and tokenising)")
     precompute_to: str = option("", "write VAE latents + text embeddings of --data to this folder, then exit")
-    cache_dtype: str = option("float16", "dtype of pre-computed tensors: float16 halves T5-XXL's 120x4096 per caption")
+    cache_dtype: str = option("float16", "dtype of pre-computed tensors: float16 halves T5-XXL's 120x4096 per caption",
+                              ("float16", "bfloat16", "float32"))
     # run
     out_dir: str = option("runs/t2i", "log.jsonl, ckpt.pt, samples/ and transformer_ema/ go here")
     device: str = option("auto", "auto = cuda (one per local rank) > mps > cpu")
@@ -184,28 +170,12 @@ class Config:
     inception_weights: str = option("", "torch-fidelity's Inception weights; empty = $TORCH_HOME/hub/checkpoints")
 
     def __post_init__(self):
-        for name, valid in CHOICES.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(map(repr, valid))}")
+        check_choices(self)
         if not self.data:
             raise ValueError("--data is required: an imagefolder, WebDataset shards or a --precompute-to folder")
         if self.resolution % 8:
             raise ValueError(f"--resolution must be a multiple of 8 (the VAE factor), got {self.resolution}")
-        if not 0 <= self.backprop_steps <= self.num_steps:
-            raise ValueError(f"--backprop-steps must be in [0, --num-steps={self.num_steps}], "
-                             f"got {self.backprop_steps}")
 
-
-CHOICES = {
-    "prediction_type": ("", "epsilon", "sample", "v_prediction"),
-    "update": ("lcm", "ddim"),
-    "spacing": ("trailing", "leading", "linspace"),
-    "coupling": ("independent", "inversion", "teacher"),
-    "lpips_net": ("alex", "vgg", "squeeze"),
-    "gan_kind": ("hinge", "non_saturating"),
-    "mixed_precision": ("bf16", "no"),
-    "cache_dtype": ("float16", "bfloat16", "float32"),
-}
 
 SAMPLE_PROMPTS = (
     "A photo of a red fox standing in a snowy forest at dawn",
@@ -213,24 +183,6 @@ SAMPLE_PROMPTS = (
     "A bowl of ramen on a wooden table, close-up, soft light",
     "A watercolor painting of a lighthouse on a cliff at sunset",
 )
-
-
-def parse_config(argv=None):
-    """Command line -> Config."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"] + (f" {{{', '.join(c for c in CHOICES[f.name] if c)}}}" if f.name in CHOICES else "")
-        text += f" [default: {f.default!r}]"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=text)
-    try:
-        return Config(**vars(parser.parse_args(argv)))
-    except ValueError as error:
-        parser.error(str(error))
-
 
 # ----------------------------------------------------------------------------------------------
 # Distributed setup: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; without them this is one process.
@@ -277,43 +229,18 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_gather_object(obj, ctx: Dist) -> list:
+def all_gather_object(obj) -> list:
+    """[every rank's obj]; [obj] in a single process."""
     if not dist.is_initialized():
         return [obj]
-    gathered = [None] * ctx.world_size
+    gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def sync_gradients(module, sync: bool):
-    """DDP's gradient all-reduce only on the last micro-step of an accumulation (no_sync before it)."""
-    return module.no_sync() if isinstance(module, DDP) and not sync else contextlib.nullcontext()
 
 
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def weights_checksum(*modules) -> str:
-    """sha256 of every parameter's bytes: equal on all ranks iff DDP kept the replicas identical."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for param in module.parameters():
-            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def inject_test_fault(step: int, ctx: Dist):
-    """TESTS ONLY: E2EDIFF_TEST_FAULT="raise:<rank>:<step>" or "hang:<rank>:<step>" makes one rank fail."""
-    spec = os.environ.get("E2EDIFF_TEST_FAULT")
-    if not spec:
-        return
-    mode, rank, at_step = spec.split(":")
-    if int(rank) == ctx.rank and int(at_step) == step:
-        if mode == "raise":
-            raise RuntimeError(f"E2EDIFF_TEST_FAULT: rank {ctx.rank} fails at step {step}")
-        time.sleep(10**6)  # "hang": the other ranks must time out instead of waiting forever
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +317,7 @@ def load_transformer(config: Config):
     return load_part(config, "transformer", AutoModel.from_pretrained)
 
 
-class Denoiser(nn.Module):
+class DiffusersDenoiser(nn.Module):
     """A diffusers PixArt transformer (or UNet2DConditionModel) in e2ediff's protocol:
     model(z_t (B, C, h, w), t (B,), cond=(text_embeddings (B, L, D), attention_mask (B, L))) -> (B, C, h, w)."""
 
@@ -410,7 +337,7 @@ class Denoiser(nn.Module):
         text_embeddings, attention_mask = cond
         kwargs = {}
         if type(self.transformer).__name__ == "PixArtTransformer2DModel":
-            # as diffusers' PixArtAlphaPipeline (step 6.1): the 1024-MS models also take the image size
+            # the multi-scale (1024-MS) models also take the image size and aspect ratio
             kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
             if self.transformer.use_additional_conditions:
                 height, width = (s * self.vae_scale_factor for s in z_t.shape[-2:])
@@ -422,30 +349,6 @@ class Denoiser(nn.Module):
         if output.shape[1] == 2 * z_t.shape[1]:  # PixArt's out_channels = 2 C: a learned variance we do not use
             output = output[:, : z_t.shape[1]]
         return output
-
-
-class EndToEnd(nn.Module):
-    """Alg. 1 lines 6-11 as one module: unroll the sampler, Eq. 7 (+ Eq. 8) on its output.
-
-    DDP wraps this, so DDP sees one forward per step and the per-step activation checkpointing runs
-    inside it (DDP cannot wrap a module that is checkpointed from outside). Only `denoiser` is a
-    registered submodule: the frozen VAE, LPIPS and the discriminator stay outside DDP's view.
-    """
-
-    def __init__(self, denoiser: Denoiser, schedule, config: Config, prediction_type: str, decode, lpips, gan):
-        super().__init__()
-        self.denoiser, self.schedule, self.config, self.prediction_type = denoiser, schedule, config, prediction_type
-        self.helpers = {"decode": decode, "lpips": lpips, "gan": gan}  # a dict: not registered as submodules
-
-    def forward(self, z_T, target, cond, step: int, target_image=None):
-        c = self.config
-        return end_to_end_loss(
-            self.denoiser, z_T, target, self.schedule, c.num_steps,
-            loss_weights={"l1": c.l1_weight, "l2": c.l2_weight, "lpips": c.lpips_weight},
-            lpips=self.helpers["lpips"], gan=self.helpers["gan"], step=step, last_layer=self.denoiser.last_layer,
-            decode=self.helpers["decode"], target_image=target_image, prediction_type=self.prediction_type,
-            update=c.update, eta=c.eta, spacing=c.spacing, cond=cond, checkpoint=c.checkpoint_steps,
-            backprop_steps=c.backprop_steps or None)
 
 
 class LatentCodec:
@@ -528,10 +431,9 @@ class CaptionStream(IterableDataset):
     """Image-caption samples (or pre-computed tensors) for this rank and DataLoader worker.
 
     The units are shuffled once with a seed all ranks share and dealt out to the world_size x
-    num_workers readers (as wds.split_by_node then wds.split_by_worker would: no two readers share a
-    unit); each reader reshuffles its own share every epoch. A bad sample is skipped and counted once,
-    by the one reader that owns it. Each item carries its reader's position after it, so a checkpoint
-    can restart every reader where it stopped.
+    num_workers readers, no two readers sharing a unit; each reader reshuffles its own share every
+    epoch. A bad sample is skipped and counted once, by the one reader that owns it. Each item carries
+    its reader's position after it, so a checkpoint can restart every reader where it stopped.
     """
 
     def __init__(self, spec: str, resolution: int, rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -583,25 +485,27 @@ class CaptionStream(IterableDataset):
     def read(self, unit):
         """Yields (key, item or None, skip reason or None) for every sample of one unit."""
         if self.kind == "imagefolder":
-            yield self._read_row(*unit)
+            folder, row = unit
+            key = str(row.get("file_name"))
+            yield self._sample(key, row.get("text"), lambda: open(os.path.join(folder, key), "rb"))
         elif self.kind == "webdataset":
             yield from self._read_shard(unit)
         else:
             yield self._read_precomputed(unit)
 
-    def _read_row(self, folder, row):
-        key = str(row.get("file_name"))
-        caption = row.get("text")
+    def _sample(self, key, caption, open_image):
+        """(key, {"pixels", "caption", "key"}, None), or (key, None, reason) for a bad sample."""
         if caption is None:
             return key, None, "missing_caption"
-        if not str(caption).strip():
+        caption = (caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)).strip()
+        if not caption:
             return key, None, "empty_caption"
         try:
-            with Image.open(os.path.join(folder, key)) as image:
+            with open_image() as file, Image.open(file) as image:
                 pixels = self.transform(image.convert("RGB"))
-        except Exception:  # unreadable, truncated, missing file, decompression bomb: one bad sample
+        except Exception:  # missing, unreadable, truncated, a decompression bomb: one bad sample
             return key, None, "corrupt_image"
-        return key, {"pixels": pixels, "caption": str(caption), "key": key}, None
+        return key, {"pixels": pixels, "caption": caption, "key": key}, None
 
     def _read_shard(self, url):
         import webdataset as wds
@@ -609,23 +513,8 @@ class CaptionStream(IterableDataset):
         samples = wds.tarfile_to_samples(handler=lambda error: errors.append(error) or True)([{"url": url}])
         shard = (re.findall(r"([^/\s]+)\.tar", url) or [hashlib.sha1(url.encode()).hexdigest()[:12]])[-1]
         for sample in samples:
-            key = f"{shard}-{sample['__key__']}"
-            image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-            caption = sample.get("txt")
-            if caption is None:
-                yield key, None, "missing_caption"
-                continue
-            caption = caption.decode("utf-8", errors="replace").strip()
-            if not caption:
-                yield key, None, "empty_caption"
-                continue
-            try:
-                with Image.open(io.BytesIO(image_bytes)) as image:
-                    pixels = self.transform(image.convert("RGB"))
-            except Exception:  # no image in the sample, or an undecodable one
-                yield key, None, "corrupt_image"
-                continue
-            yield key, {"pixels": pixels, "caption": caption, "key": key}, None
+            image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), b"")
+            yield self._sample(f"{shard}-{sample['__key__']}", sample.get("txt"), lambda: io.BytesIO(image))
         if errors:  # a truncated or unreadable tar: the rest of the shard is lost, the run goes on
             yield url, None, "corrupt_shard"
 
@@ -729,8 +618,8 @@ def precompute(config: Config, ctx: Dist):
 # Evaluation: CLIP score and FID through torchmetrics, on an imagefolder of prompts and images.
 
 class CLIPFeatures(nn.Module):
-    """A CLIPModel whose get_*_features return tensors: transformers 5 returns a ModelOutput, which
-    torchmetrics 1.9's CLIPScore cannot read (Lightning-AI/torchmetrics#3407, fixed after 1.9.0)."""
+    """A CLIPModel whose get_*_features return tensors: transformers 5 returns a ModelOutput there,
+    which torchmetrics 1.9's CLIPScore cannot read."""
 
     def __init__(self, model):
         super().__init__()
@@ -763,9 +652,7 @@ def build_metrics(config: Config, device) -> tuple[dict, list[str]]:
                         f"(hf download {config.clip_model} --local-dir {local}) and pass --clip-model {local}.")
     weights = inception_weights_path(config.inception_weights)
     if not os.path.isfile(weights):
-        messages.append(f"FID skipped: torch-fidelity's Inception weights {INCEPTION_WEIGHTS} are not at {weights} "
-                        f"(torch-fidelity downloads them on first use when online: copy the file to "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/ or pass --inception-weights PATH).")
+        messages.append("FID skipped: " + missing_inception_message(weights))
     else:
         try:
             from torchmetrics.image.fid import FrechetInceptionDistance
@@ -781,24 +668,25 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(config: Config, ctx: Dist, denoiser, text_encoder, tokenizer, codec, schedule, prediction_type) -> dict:
-    """Generate one image per --eval-data prompt (ranks share the prompts) and score them.
-    Returns {"clip_score": ., "fid": .} for the available metrics, and "messages" for the others."""
+def evaluate(run: Run) -> dict:
+    """Generate one image per --eval-data prompt with the EMA model (ranks share the prompts) and score
+    them. Returns {"clip_score": ., "fid": .} for the available metrics, and "messages" for the others."""
+    config, ctx = run.config, run.ctx
     metrics, messages = build_metrics(config, ctx.device)
     if not metrics:
         return {"messages": messages}
     stream = CaptionStream(config.eval_data, config.resolution, ctx.rank, ctx.world_size, config.seed, epochs=1)
-    budget = config.eval_samples or len(stream.units)
+    budget = -(-(config.eval_samples or len(stream.units)) // ctx.world_size)  # this rank's share
     generator = torch.Generator(ctx.device).manual_seed(config.seed + 1000 * ctx.rank)
     seen = 0
-    for batch in make_loader(stream, config, tokenizer, ctx.device):
-        take = min(len(batch["keys"]), max(0, -(-budget // ctx.world_size) - seen))
+    for batch in make_loader(stream, config, run.tokenizer, ctx.device):
+        take = min(len(batch["keys"]), max(0, budget - seen))
         if take == 0:
             break
         seen += take
         real = batch["pixels"][:take].to(ctx.device)
-        cond = encode_text(text_encoder, batch["input_ids"][:take], batch["attention_mask"][:take])
-        fake = generate(config, denoiser, cond, schedule, prediction_type, codec, generator)
+        fake = generate(run, encode_text(run.text_encoder, batch["input_ids"][:take], batch["attention_mask"][:take]),
+                        generator)
         if "fid" in metrics:
             metrics["fid"].update(to_uint8(real), real=True)
             metrics["fid"].update(to_uint8(fake), real=False)
@@ -809,21 +697,30 @@ def evaluate(config: Config, ctx: Dist, denoiser, text_encoder, tokenizer, codec
 
 
 @torch.no_grad()
-def generate(config: Config, denoiser, cond, schedule, prediction_type, codec: LatentCodec, generator) -> torch.Tensor:
-    """Images in [-1, 1] from the model's own T-step sampler (no gradients)."""
-    text_embeddings = cond[0]
-    channels = denoiser.transformer.config.in_channels
-    size = config.resolution // codec.factor
-    z_T = torch.randn(len(text_embeddings), channels, size, size, generator=generator, device=generator.device)
-    with autocast(config, text_embeddings.device):
-        z0 = unrolled_sample(denoiser, z_T.to(text_embeddings.device), schedule, config.num_steps, cond=cond,
-                             prediction_type=prediction_type, update=config.update, eta=config.eta,
-                             spacing=config.spacing, generator=generator)
-        return codec.decode(z0).float().clamp(-1, 1)
+def generate(run: Run, cond, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] from the EMA model's own T-step sampler (Alg. 1 lines 6-12 without gradients)."""
+    denoiser, device = run.ema.module, cond[0].device
+    size = run.config.resolution // run.codec.factor
+    z_T = torch.randn(len(cond[0]), denoiser.transformer.config.in_channels, size, size, generator=generator,
+                      device=generator.device).to(device)
+    with autocast(run.config, device):
+        z0 = unrolled_sample(denoiser, z_T, run.schedule, run.config.e2e.num_steps, cond=cond, generator=generator,
+                             **run.config.e2e.sampler_options(run.prediction_type))
+        return run.codec.decode(z0).float().clamp(-1, 1)
+
+
+def save_samples(run: Run) -> str:
+    """A grid of the EMA model's samples for the fixed prompts and fixed noise; returns its path."""
+    import torchvision
+    images = generate(run, run.sample_cond, torch.Generator(run.ctx.device).manual_seed(run.config.seed))
+    path = os.path.join(run.config.out_dir, "samples", f"step_{run.step:07d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torchvision.utils.save_image((images + 1) / 2, path, nrow=len(images))
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training: the parts (Alg. 1 line 1), the data and its encoding (lines 3-5), e2ediff.train_step (6-15).
 
 
 def frozen_dtype(config: Config, device) -> torch.dtype:
@@ -842,233 +739,206 @@ class Log:
         self.path, self.master = path, master
 
     def __call__(self, row: dict, text: str | None = None):
-        if not self.master:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(text or json.dumps(row), flush=True)
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(text or json.dumps(row), flush=True)
 
 
-def save_samples(config, step, denoiser, sample_cond, schedule, prediction_type, codec, device):
-    """A grid of the EMA model's samples for the fixed prompts and fixed noise (rank 0)."""
-    import torchvision
-    generator = torch.Generator(device).manual_seed(config.seed)
-    images = generate(config, denoiser, sample_cond, schedule, prediction_type, codec, generator)
-    path = os.path.join(config.out_dir, "samples", f"step_{step:07d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torchvision.utils.save_image((images + 1) / 2, path, nrow=len(images))
-    return path
+class Run:
+    """One training run: the frozen parts (schedule, text encoder, VAE, the base for the coupling), the
+    trained denoiser inside its EndToEndLoss (DDP-wrapped when distributed) with its AdamW, EMA and
+    GANLoss, and where the run is: `step`, and `readers`, each DataLoader worker's stream position."""
+
+    def __init__(self, config: Config, ctx: Dist, log: Log):  # Alg. 1 line 1: start from the pretrained model
+        self.config, self.ctx, self.log, self.step, self.readers = config, ctx, log, 0, {}
+        self.ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+        scheduler_config = load_scheduler_config(config)
+        self.prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+        self.schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr).to(ctx.device)
+        check_prediction_type(self.prediction_type, self.schedule)
+        self.text_encoder, self.tokenizer = load_text_parts(config, ctx.device, frozen_dtype(config, ctx.device))
+        self.codec = LatentCodec(load_vae(config, ctx.device))
+        transformer = load_transformer(config).to(ctx.device, torch.float32).train()  # fp32: 1e-6 steps vanish in bf16
+        if config.checkpoint_blocks:
+            transformer.enable_gradient_checkpointing()
+            self.codec.vae.enable_gradient_checkpointing()
+        if (latent_size := config.resolution // self.codec.factor) != transformer.config.sample_size:
+            log({"event": "note", "message": f"training at {config.resolution}px = {latent_size}^2 latents; the "
+                 f"transformer was trained at sample_size {transformer.config.sample_size}"})
+        self.denoiser = DiffusersDenoiser(transformer, self.codec.factor)
+        self.base = None  # the frozen pretrained denoiser that the inversion and teacher couplings run
+        if config.e2e.coupling != "independent":
+            self.base = copy.deepcopy(self.denoiser).to(frozen_dtype(config, ctx.device)).eval().requires_grad_(False)
+        prompts = SAMPLE_PROMPTS
+        if config.sample_prompts:
+            with open(config.sample_prompts) as f:
+                prompts = tuple(line.strip() for line in f if line.strip())
+        self.sample_cond = encode_text(self.text_encoder, *tokenize(self.tokenizer, prompts, config.max_text_length))
+        if data_kind(config.data) == "precomputed" and not config.eval_data:
+            self.text_encoder = None  # pre-computed embeddings: T5 is not needed in the training step
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.loss_fn, self.gan = self.build_loss()
+        self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           betas=(config.adam_beta1, config.adam_beta2))
+        self.ema = EMA(self.denoiser, config.e2e.ema_decay)
+
+    def build_loss(self) -> tuple[nn.Module, GANLoss | None]:
+        """EndToEndLoss (Alg. 1 lines 7-13, Eq. 7-8), LPIPS on VAE-decoded images and, with --gan-weight > 0,
+        a PatchGAN discriminator; DDP wraps the loss (so the denoiser) and the discriminator when distributed."""
+        e2e, device = self.config.e2e, self.ctx.device
+
+        def wrap(module):
+            return DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if self.ctx.enabled \
+                else module
+        lpips = LPIPS(e2e.lpips_net, random_backbone=e2e.lpips_random_backbone).to(device) if e2e.lpips_weight else None
+        gan = GANLoss(wrap(PatchDiscriminator(3, e2e.disc_channels, e2e.disc_layers).to(device)), e2e) \
+            if e2e.gan_weight > 0 else None
+        loss_fn = EndToEndLoss(self.denoiser, self.schedule, e2e, self.prediction_type, lpips=lpips, gan=gan,
+                               decode=self.codec.decode)
+        return wrap(loss_fn), gan
+
+    @property
+    def discriminator(self) -> nn.Module | None:
+        """The PatchGAN itself (not its DDP wrapper); None without the GAN."""
+        return None if self.gan is None else getattr(self.gan.discriminator, "module", self.gan.discriminator)
+
+    def due(self, every: int) -> bool:
+        """Every `every` steps, and always at the last step; 0 = only at the last step."""
+        return self.step == self.config.max_steps or (every > 0 and self.step % every == 0)
+
+    def resume(self) -> None:
+        """Load <out-dir>/ckpt.pt (every rank reads it). With the same world size and worker count every
+        reader and RNG continues exactly where it stopped; otherwise the data restarts the epoch the
+        slowest reader was in, and the RNGs are reseeded."""
+        config, ctx = self.config, self.ctx
+        checkpoint = load_checkpoint(self.ckpt_path)
+        self.denoiser.transformer.load_state_dict(checkpoint["model"])
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.gan is not None and checkpoint["discriminator"] is not None:
+            self.discriminator.load_state_dict(checkpoint["discriminator"])
+            self.gan.optimizer.load_state_dict(checkpoint["disc_optimizer"])
+        self.step, saved = checkpoint["step"], checkpoint["config"]
+        exact = checkpoint["world_size"] == ctx.world_size and saved["num_workers"] == config.num_workers
+        if exact:
+            self.readers = checkpoint["data"][ctx.rank]
+            set_rng_state(checkpoint["rng"][ctx.rank])
+        else:
+            epoch = min((s["epoch"] for states in checkpoint["data"] for s in states.values()), default=0)
+            self.readers = {worker: {"epoch": epoch, "unit": 0, "item": 0, "bad": {}}
+                            for worker in range(max(config.num_workers, 1))}
+            torch.manual_seed(config.seed + ctx.rank + 7919 * self.step)
+        now = flat_config(config)
+        changed = {name: (old, now.get(name)) for name, old in saved.items() if now.get(name, old) != old}
+        changed.pop("resume", None)
+        self.log({"event": "resume", "step": self.step, "path": self.ckpt_path, "exact_data_position": exact,
+                  "changed_config": changed})
+
+    def save(self) -> None:
+        """Checkpoint this step: rank 0 writes it (atomically), with every rank's data position and RNGs."""
+        data_states, rng_states = all_gather_object(self.readers), all_gather_object(rng_state())
+        if self.ctx.master:
+            disc = self.discriminator
+            save_checkpoint({
+                "model": self.denoiser.transformer.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "discriminator": disc.state_dict() if disc else None,
+                "disc_optimizer": self.gan.optimizer.state_dict() if disc else None, "step": self.step,
+                "config": flat_config(self.config), "world_size": self.ctx.world_size, "data": data_states,
+                "rng": rng_states}, self.ckpt_path)
+        self.log({"event": "checkpoint", "step": self.step, "path": self.ckpt_path})
+        barrier()
+
+    def micro_batch(self, batch: dict) -> dict:
+        """Alg. 1 lines 3-5 for one DataLoader batch: z0 = E(x0), a sample of the VAE posterior, and
+        e_c = T(c), or both from a --precompute-to folder. "images" are the real pixels that LPIPS and the
+        discriminator compare with; without them (pre-computed data) EndToEndLoss decodes the target."""
+        self.readers[batch["state"]["worker"]] = batch["state"]
+        device, codec = self.ctx.device, self.codec
+        with torch.no_grad(), autocast(self.config, device):
+            if "pixels" in batch:
+                images = batch["pixels"].to(device)
+                target = codec.sample(*codec.distribution(images))
+                cond = encode_text(self.text_encoder, batch["input_ids"], batch["attention_mask"])
+            else:
+                target = codec.sample(batch["latent_mean"].to(device), batch["latent_std"].to(device))
+                cond = (batch["text_embeddings"].to(device, torch.float32), batch["attention_mask"].to(device))
+                images = None
+        return {"target": target, "cond": cond, "images": images}
+
+    def log_window(self, window: list[dict]) -> None:
+        """One log row: every value's mean over the steps since the last row and over the ranks."""
+        names = sorted(window[-1])
+        sums = torch.tensor([sum(row.get(name, 0.0) for row in window) for name in names], dtype=torch.float64)
+        means = all_reduce(sums) / (len(window) * self.ctx.world_size)
+        row = {"step": self.step, **dict(zip(names, means.tolist()))}
+        images_per_step = self.config.batch_size * self.config.grad_accum * self.ctx.world_size
+        row.update(skipped=count_skipped(self.readers), images_per_sec=images_per_step / row["sec_per_step"])
+        self.log(row, f"step {self.step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
+                      f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | "
+                      f"skipped {row['skipped']}")
+
+    def after_step(self) -> None:
+        """The sample grid, the checkpoint and the evaluation, each when due."""
+        if self.ctx.master and self.due(self.config.sample_every):
+            self.log({"event": "samples", "step": self.step, "path": save_samples(self)})
+        if self.due(self.config.ckpt_every):
+            self.save()
+        if self.config.eval_data and self.due(self.config.eval_every):
+            self.log({"event": "eval", "step": self.step, **evaluate(self)})
 
 
-def train(config: Config, ctx: Dist):
+def train(config: Config, ctx: Dist) -> None:
     torch.manual_seed(config.seed + ctx.rank)  # every rank its own noise; DDP broadcasts rank 0's weights
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     os.makedirs(config.out_dir, exist_ok=True)
     log = Log(os.path.join(config.out_dir, "log.jsonl"), ctx.master)
-    log({"event": "config", "world_size": ctx.world_size, "device": str(ctx.device), **asdict(config)},
+    log({"event": "config", "world_size": ctx.world_size, "device": str(ctx.device), **flat_config(config)},
         f"train_t2i: {ctx.world_size} process(es) on {ctx.device.type}; config in {log.path}")
-
     kind = data_kind(config.data)
     if kind == "precomputed":
         with open(os.path.join(config.data, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["resolution"] != config.resolution:
-            raise ValueError(f"{config.data} was pre-computed at --resolution {meta['resolution']}, "
-                             f"not {config.resolution}")
-
-    # ---- models
-    scheduler_config = load_scheduler_config(config)
-    prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr).to(ctx.device)
-    check_prediction_type(prediction_type, schedule)
-    text_encoder, tokenizer = load_text_parts(config, ctx.device, frozen_dtype(config, ctx.device))
-    codec = LatentCodec(load_vae(config, ctx.device))
-    transformer = load_transformer(config).to(ctx.device, torch.float32).train()  # fp32: 1e-6 updates vanish in bf16
-    if config.checkpoint_blocks:
-        transformer.enable_gradient_checkpointing()
-        codec.vae.enable_gradient_checkpointing()
-    denoiser = Denoiser(transformer, codec.factor)
-    if config.resolution // codec.factor != transformer.config.sample_size:
-        log({"event": "note", "message": f"training at {config.resolution}px = {config.resolution // codec.factor}^2 "
-             f"latents; the transformer was trained at sample_size {transformer.config.sample_size}"})
-    ema = EMA(denoiser, decay=config.ema_decay)
-    base = None
-    if config.coupling != "independent":  # the frozen pretrained model that inverts data / makes targets
-        base = copy.deepcopy(denoiser).to(frozen_dtype(config, ctx.device)).eval().requires_grad_(False)
-    lpips = None
-    if config.lpips_weight > 0:
-        lpips = LPIPS(config.lpips_net, random_backbone=config.lpips_random_backbone).to(ctx.device)
-    gan = discriminator = disc_optimizer = None
-    if config.gan_weight > 0:
-        discriminator = PatchDiscriminator(3, config.disc_channels, config.disc_layers).to(ctx.device)
-        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2))
-
-    # ---- fixed prompts for the sample grids, encoded once
-    prompts = SAMPLE_PROMPTS
-    if config.sample_prompts:
-        with open(config.sample_prompts) as f:
-            prompts = tuple(line.strip() for line in f if line.strip())
-    sample_cond = encode_text(text_encoder, *tokenize(tokenizer, prompts, config.max_text_length))
-    if kind == "precomputed" and not config.eval_data:
-        del text_encoder  # pre-computed embeddings: T5 is not needed in the training step
-        text_encoder = None
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    # ---- resume (all ranks read the checkpoint)
-    step, reader_states = 0, {}
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+            resolution = json.load(f)["resolution"]
+        if resolution != config.resolution:
+            raise ValueError(f"{config.data} was pre-computed at --resolution {resolution}, not {config.resolution}")
+    run = Run(config, ctx, log)
     if config.resume:
-        checkpoint = load_checkpoint(ckpt_path)
-        transformer.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if discriminator is not None and checkpoint.get("discriminator") is not None:
-            discriminator.load_state_dict(checkpoint["discriminator"])
-            disc_optimizer.load_state_dict(checkpoint["disc_optimizer"])
-        step = checkpoint["step"]
-        saved_config = checkpoint["config"]
-        same_layout = checkpoint["world_size"] == ctx.world_size and saved_config["num_workers"] == config.num_workers
-        if same_layout:
-            reader_states = checkpoint["data"][ctx.rank]
-            set_rng_state(checkpoint["rng"][ctx.rank])
-        else:  # another world size or worker count: restart the epoch the slowest reader was in
-            epoch = min((s["epoch"] for rank_states in checkpoint["data"] for s in rank_states.values()), default=0)
-            fresh = {"epoch": epoch, "unit": 0, "item": 0, "bad": {}}
-            reader_states = {worker: dict(fresh) for worker in range(max(config.num_workers, 1))}
-            torch.manual_seed(config.seed + ctx.rank + 7919 * step)
-        changed = {name: (old, getattr(config, name)) for name, old in saved_config.items()
-                   if name != "resume" and getattr(config, name, old) != old}
-        log({"event": "resume", "step": step, "path": ckpt_path, "exact_data_position": same_layout,
-             "changed_config": changed})
-        del checkpoint
-
-    # ---- DDP: only the trainable modules (the discriminator first: the GAN loss holds the wrapped one)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    disc_model = discriminator
-    if discriminator is not None and ctx.enabled:
-        disc_model = DDP(discriminator, device_ids=device_ids)
-    if discriminator is not None:
-        gan = GANLoss(disc_model, kind=config.gan_kind, weight=config.gan_weight, start_step=config.gan_start_step,
-                      adaptive=config.gan_adaptive, r1_weight=config.r1_weight)
-    model = EndToEnd(denoiser, schedule, config, prediction_type, codec.decode, lpips, gan)
-    if ctx.enabled:
-        model = DDP(model, device_ids=device_ids)
-
-    # ---- data
-    stream = CaptionStream(config.data, config.resolution, ctx.rank, ctx.world_size, config.seed, start=reader_states)
-    batches = iter(make_loader(stream, config, tokenizer, ctx.device))
-    images_per_step = config.batch_size * config.grad_accum * ctx.world_size
-    log({"event": "start", "step": step, "data": kind, "units": len(stream.units), "prediction_type": prediction_type,
-         "parameters": sum(p.numel() for p in denoiser.parameters()), "global_batch": images_per_step})
-
-    def save(step):
-        """Checkpoint (rank 0 writes, atomically) and the replica check (every rank's weight checksum)."""
-        data_states = all_gather_object(reader_states, ctx)
-        rng_states = all_gather_object(rng_state(), ctx)
-        checksums = all_gather_object(weights_checksum(denoiser, *([discriminator] if discriminator else [])), ctx)
-        if ctx.master:
-            save_checkpoint({
-                "model": transformer.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "discriminator": discriminator.state_dict() if discriminator else None,
-                "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer else None,
-                "step": step, "config": asdict(config), "world_size": ctx.world_size,
-                "data": data_states, "rng": rng_states}, ckpt_path)
-        identical = len(set(checksums)) == 1
-        log({"event": "checkpoint", "step": step, "path": ckpt_path, "replica_checksums": checksums,
-             "replicas_identical": identical})
-        barrier()
-        if not identical:
-            raise RuntimeError(f"DDP replicas diverged at step {step}: weight checksums {checksums}")
-
-    def run_eval(step):
-        result = evaluate(config, ctx, ema.module, text_encoder, tokenizer, codec, schedule, prediction_type)
-        log({"event": "eval", "step": step, **result})
-
-    # ---- the loop (Alg. 1)
+        run.resume()
+    stream = CaptionStream(config.data, config.resolution, ctx.rank, ctx.world_size, config.seed, start=run.readers)
+    batches = iter(make_loader(stream, config, run.tokenizer, ctx.device))
+    log({"event": "start", "step": run.step, "data": kind, "units": len(stream.units),
+         "prediction_type": run.prediction_type, "parameters": sum(p.numel() for p in run.denoiser.parameters()),
+         "global_batch": config.batch_size * config.grad_accum * ctx.world_size})
     window = []
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
-        while step < config.max_steps:
-            inject_test_fault(step, ctx)
-            started, logs_step = time.time(), Counter()
-            for micro in range(config.grad_accum):
-                batch = next(batches)
-                reader_states[batch["state"]["worker"]] = batch["state"]
-                with torch.no_grad(), autocast(config, ctx.device):  # Alg. 1 lines 3-4: z0 = E(x0), e_c = TextEnc(c)
-                    pixels = batch["pixels"].to(ctx.device) if "pixels" in batch else None
-                    if pixels is not None:
-                        z0 = codec.sample(*codec.distribution(pixels))
-                        cond = encode_text(text_encoder, batch["input_ids"], batch["attention_mask"])
-                    else:
-                        z0 = codec.sample(batch["latent_mean"].to(ctx.device), batch["latent_std"].to(ctx.device))
-                        cond = (batch["text_embeddings"].to(ctx.device, torch.float32),
-                                batch["attention_mask"].to(ctx.device))
-                    z_T, target = couple(config.coupling, z0, base_model=base, schedule=schedule, cond=cond,
-                                         prediction_type=prediction_type, inversion_steps=config.inversion_steps,
-                                         teacher_steps=config.teacher_steps)
-                    gan_on = gan is not None and gan.active(step)
-                    target_image = None
-                    if config.lpips_weight > 0 or gan_on:  # real pixels when they are the target, else decoded targets
-                        real_is_target = pixels is not None and config.coupling != "teacher"
-                        target_image = pixels if real_is_target else codec.decode(target)
-                last = micro == config.grad_accum - 1
-                with sync_gradients(model, last), autocast(config, ctx.device):
-                    loss, logs, image = model(z_T, target, cond, step, target_image)  # Alg. 1 lines 6-11
-                    (loss / config.grad_accum).backward()
-                if gan_on:  # the discriminator's own step on real vs the sampler's (detached) images
-                    with sync_gradients(disc_model, last), autocast(config, ctx.device):
-                        disc = gan.discriminator_loss(target_image, image.detach(), step)
-                        (disc["disc"] / config.grad_accum).backward()
-                    logs = {**logs, "disc": disc["disc"].detach()}
-                for name, value in logs.items():
-                    logs_step[name] += float(value) / config.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()  # Alg. 1 line 12
-            optimizer.zero_grad(set_to_none=True)
-            if gan_on:
-                disc_optimizer.step()
-                disc_optimizer.zero_grad(set_to_none=True)
-            ema.update(denoiser)  # Alg. 1 line 13
-            step += 1
-            window.append({**logs_step, "grad_norm": float(grad_norm), "sec_per_step": time.time() - started})
-
-            def due(every):  # every N steps, and always at the last step; 0 = only at the last step
-                return step == config.max_steps or (every > 0 and step % every == 0)
-
-            if due(config.log_every):  # means over the window and over ranks
-                names = sorted(window[-1])
-                sums = torch.tensor([sum(row.get(n, 0.0) for row in window) for n in names], dtype=torch.float64)
-                means = all_reduce(sums) / (len(window) * ctx.world_size)
-                row = {"step": step, **dict(zip(names, means.tolist()))}
-                row.update(skipped=count_skipped(reader_states), images_per_sec=images_per_step / row["sec_per_step"])
-                log(row, f"step {step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
-                         f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | skipped {row['skipped']}")
+        while run.step < config.max_steps:
+            started = time.time()
+            micro_batches = (run.micro_batch(next(batches)) for _ in range(config.grad_accum))  # encoded one by one
+            logs = train_step(run.loss_fn, run.optimizer, run.ema, micro_batches, run.step, base_model=run.base,
+                              accumulation=config.grad_accum, gan=run.gan, no_sync=DDP.no_sync if ctx.enabled else None,
+                              autocast=partial(autocast, config, ctx.device))  # Alg. 1 lines 6-15
+            run.step += 1
+            window.append({**logs, "sec_per_step": time.time() - started})
+            if run.due(config.log_every):
+                run.log_window(window)
                 window = []
             # any rank's signal stops every rank at this same step (one tiny all-reduce per step)
             if all_reduce(torch.tensor([float(stop.requested)], dtype=torch.float64)).item() > 0:
-                save(step)
-                log({"event": "stopped", "step": step, "path": ckpt_path})
-                raise KeyboardInterrupt(f"stopped at step {step} on a signal; saved {ckpt_path}. "
+                run.save()
+                log({"event": "stopped", "step": run.step, "path": run.ckpt_path})
+                raise KeyboardInterrupt(f"stopped at step {run.step} on a signal; saved {run.ckpt_path}. "
                                         f"Continue with the same command plus --resume.")
-            if ctx.master and due(config.sample_every):
-                path = save_samples(config, step, ema.module, sample_cond, schedule, prediction_type, codec, ctx.device)
-                log({"event": "samples", "step": step, "path": path})
-            if due(config.ckpt_every):
-                save(step)
-            if config.eval_data and due(config.eval_every):
-                run_eval(step)
-
+            run.after_step()
     if ctx.master:
-        ema.module.transformer.save_pretrained(os.path.join(config.out_dir, "transformer_ema"))
-        log({"event": "done", "step": step, "transformer_ema": os.path.join(config.out_dir, "transformer_ema")})
+        run.ema.module.transformer.save_pretrained(os.path.join(config.out_dir, "transformer_ema"))
+        log({"event": "done", "step": run.step, "transformer_ema": os.path.join(config.out_dir, "transformer_ema")})
     barrier()
 
 
 def main(argv=None):
-    config = parse_config(argv)
+    config = parse_config(Config, argv, __doc__)
     ctx = setup_distributed(config)
     try:
         if config.precompute_to:

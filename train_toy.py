@@ -39,8 +39,10 @@ not the Inception FID and its numbers are not comparable with published FIDs. On
 also reports the real Inception FID against CIFAR-10 train statistics through torch-fidelity, when
 torch-fidelity's Inception weights are on disk.
 
-Importable pieces (the notebook and benchmarks/ use them): Config, build_dataset, UNet, build_model,
-pretrain, finetune, evaluate, train_classifier, ClassifierFrechetDistance, inception_fid.
+The method itself is e2ediff.py (each fine-tuning step is `e2ediff.train_step`, Alg. 1 lines 6-15);
+the networks and the metric are toy_nets.py; checkpoints, flags and signals are train_utils.py.
+Importable stages (the notebook and benchmarks/ use them): Config, build_dataset, build_model,
+pretrain, finetune, load_base, load_finetuned, generate, evaluate, train_classifier.
 """
 
 import json
@@ -55,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -63,9 +64,10 @@ from e2ediff import (
     EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
     check_choices, ddim_invert, diffusion_loss, make_schedule, option, train_step, unrolled_sample,
 )
+from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
 from train_utils import (
-    StopRequest, atomic_write, inception_weights_path, load_checkpoint, missing_inception_message,
-    parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
+    StopRequest, atomic_write, load_checkpoint, parse_config as parse_flags, rng_state, save_checkpoint,
+    select_device, set_rng_state,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -192,9 +194,6 @@ def load_digits_data(test_fraction=0.2):
     return ImageData("digits", images[train], labels[train], images[test], labels[test], 10)
 
 
-CIFAR10_FOLDER = "cifar-10-batches-py"
-
-
 def load_cifar10(data_dir, download: bool):
     """CIFAR-10 from <data_dir>/cifar-10-batches-py (the python-pickle release), downloaded if missing.
 
@@ -262,94 +261,7 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model: a small DDPM-style UNet (residual blocks, time + class embedding, no attention).
-
-
-def timestep_embedding(t, dim, max_period=10_000):
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM). t (B,) -> (B, dim)."""
-    half = dim // 2
-    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * frequencies[None]
-    return torch.cat([angles.cos(), angles.sin()], dim=1)
-
-
-def group_norm(channels):
-    return nn.GroupNorm(math.gcd(8, channels), channels)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the embedding added in between, a skip connection around."""
-
-    def __init__(self, in_channels, out_channels, embed_dim):
-        super().__init__()
-        self.norm1, self.conv1 = group_norm(in_channels), nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embed = nn.Linear(embed_dim, out_channels)
-        self.norm2, self.conv2 = group_norm(out_channels), nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-
-    def forward(self, x, embedding):
-        h = self.conv1(F.silu(self.norm1(x))) + self.embed(embedding)[:, :, None, None]
-        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
-
-
-class UNet(nn.Module):
-    """Denoiser model(z_t, t, cond) -> output of z_t's shape; cond = class labels (B,) or None.
-
-    Label num_classes is the "no class" token of classifier-free guidance; cond=None means it too.
-    """
-
-    def __init__(self, in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, num_classes=None):
-        super().__init__()
-        self.model_channels, self.num_classes = model_channels, num_classes
-        embed_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
-        self.class_embed = nn.Embedding(num_classes + 1, embed_dim) if num_classes else None
-        self.input = nn.Conv2d(in_channels, model_channels, 3, padding=1)
-        self.down, skip_channels, channels = nn.ModuleList(), [model_channels], model_channels
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                self.down.append(ResBlock(channels, mult * model_channels, embed_dim))
-                channels = mult * model_channels
-                skip_channels.append(channels)
-            if level < len(channel_mult) - 1:  # halve the resolution
-                self.down.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
-                skip_channels.append(channels)
-        self.middle = nn.ModuleList([ResBlock(channels, channels, embed_dim), ResBlock(channels, channels, embed_dim)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(channels + skip_channels.pop(), mult * model_channels, embed_dim))
-                channels = mult * model_channels
-            if level > 0:  # double the resolution
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(channels, channels, 3, padding=1)))
-        self.out = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, in_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
-
-    @property
-    def last_layer(self):
-        """The output conv's weight: the GAN loss's adaptive weight compares gradient norms here."""
-        return self.out[-1].weight
-
-    def forward(self, z_t, t, cond=None):
-        embedding = self.time_embed(timestep_embedding(t, self.model_channels))  # (B, 4C)
-        if self.class_embed is not None:
-            if cond is None:
-                cond = torch.full_like(t, self.num_classes)
-            embedding = embedding + self.class_embed(cond)
-        h = self.input(z_t)
-        skips = [h]
-        for block in self.down:
-            h = block(h, embedding) if isinstance(block, ResBlock) else block(h)
-            skips.append(h)
-        for block in self.middle:
-            h = block(h, embedding)
-        for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1), embedding) if isinstance(block, ResBlock) else block(h)
-        return self.out(h).float()  # fp32 out, so the sampler's arithmetic stays fp32 under autocast
+# Model (the UNet is in toy_nets.py), schedule, conditions.
 
 
 def build_model(config, data):
@@ -389,10 +301,11 @@ def check_compatible(saved_config, config, path):
                          f"Pass the same flags, or choose another --out-dir.")
 
 
-def open_checkpoint(path, config, stage):
-    """The checkpoint to resume from (None to start fresh); refuses to overwrite without --resume."""
+def open_checkpoint(path, config, stage, steps):
+    """(the checkpoint to resume from or None, whether it already ran all `steps`); refuses to
+    overwrite a run without --resume."""
     if not path.exists():
-        return None
+        return None, False
     if not config.resume:
         raise FileExistsError(f"{path} exists. Pass --resume to continue it (finished stages are "
                               f"skipped), or choose another --out-dir to start over.")
@@ -400,7 +313,9 @@ def open_checkpoint(path, config, stage):
     if checkpoint.get("stage") != stage:
         raise ValueError(f"{path} is not a {stage} checkpoint (it holds {checkpoint.get('stage')!r})")
     check_compatible(checkpoint["config"], config, path)
-    return checkpoint
+    if checkpoint["step"] >= steps:
+        print(f"{path.stem}: {path} is finished (step {checkpoint['step']}), skipping")
+    return checkpoint, checkpoint["step"] >= steps
 
 
 class Log:
@@ -478,9 +393,8 @@ def set_learning_rate(optimizer, lr):
 def pretrain(config, data, device):
     """Train the base denoiser (diffusion loss, EMA) into <out>/pretrain.pt; returns its path."""
     path = config.out / "pretrain.pt"
-    checkpoint = open_checkpoint(path, config, "pretrain")
-    if checkpoint is not None and checkpoint["step"] >= config.pretrain_steps:
-        print(f"pretrain: {path} is finished (step {checkpoint['step']}), skipping")
+    checkpoint, finished = open_checkpoint(path, config, "pretrain", config.pretrain_steps)
+    if finished:
         return path
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -587,9 +501,8 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
     """Alg. 1 on a copy of the base for a num_steps-step sampler, into <out>/finetune-nfe<T>.pt."""
     name = f"finetune-nfe{num_steps}"
     path = config.out / f"{name}.pt"
-    checkpoint = open_checkpoint(path, config, "finetune")
-    if checkpoint is not None and checkpoint["step"] >= config.finetune_steps:
-        print(f"{name}: {path} is finished (step {checkpoint['step']}), skipping")
+    checkpoint, finished = open_checkpoint(path, config, "finetune", config.finetune_steps)
+    if finished:
         return path
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -641,23 +554,6 @@ def load_finetuned(config, data, device, num_steps):
 # Metrics: classifier Fréchet distance (offline), Inception FID (CIFAR-10, with torch-fidelity).
 
 
-class Classifier(nn.Module):
-    """Small CNN classifier; its penultimate features (`.features`, (N, 2*width)) define the CFD."""
-
-    def __init__(self, in_channels, num_classes, width=32):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.features.num_features = 2 * width  # torchmetrics reads the feature size from here
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
 def train_classifier(config, data, device):
     """The metric's classifier, trained on the train split; cached in <out>/classifier.pt."""
     path = config.out / "classifier.pt"
@@ -688,63 +584,6 @@ def train_classifier(config, data, device):
     print(f"classifier: test accuracy {accuracy:.3f}")
     save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
     return classifier
-
-
-class ClassifierFrechetDistance:
-    """Classifier Fréchet distance (CFD) of images to a fixed reference set — not the Inception FID.
-
-    ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) over the classifier's penultimate features,
-    computed by torchmetrics' FrechetInceptionDistance with that feature network. Images in [-1, 1].
-    """
-
-    def __init__(self, classifier, reference, batch_size=500):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        self.device = next(classifier.parameters()).device
-        self.batch_size = batch_size
-        self.metric = FrechetInceptionDistance(feature=classifier.features, reset_real_features=False).to(self.device)
-        self.feed(reference, real=True)
-
-    @torch.no_grad()
-    def feed(self, images, real):
-        for chunk in images.split(self.batch_size):
-            self.metric.update(chunk.to(self.device, torch.float32), real=real)
-
-    def __call__(self, images):
-        self.metric.reset()  # keeps the reference statistics
-        self.feed(images, real=False)
-        return float(self.metric.compute())
-
-
-class TensorImages(torch.utils.data.Dataset):
-    """A tensor of images as the Dataset torch-fidelity takes (items are tensors, not tuples)."""
-
-    def __init__(self, images):
-        self.images = images
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.images[index]
-
-
-def inception_fid(images, data_dir, weights="", device=torch.device("cpu")):
-    """Inception FID of images ((N, 3, H, W) in [-1, 1]) against CIFAR-10 train, via torch-fidelity.
-
-    Raises FileNotFoundError, naming the file and where it goes, when the weights or data are absent.
-    """
-    weights_path = inception_weights_path(weights)
-    if not Path(weights_path).is_file():
-        raise FileNotFoundError(f"Inception FID needs {missing_inception_message(weights_path)}")
-    if not (Path(data_dir) / CIFAR10_FOLDER).is_dir():
-        raise FileNotFoundError(f"Inception FID needs CIFAR-10 train in {Path(data_dir) / CIFAR10_FOLDER}")
-    import torch_fidelity
-    uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    metrics = torch_fidelity.calculate_metrics(
-        input1=TensorImages(uint8), input2="cifar10-train", fid=True,
-        datasets_root=str(data_dir), datasets_download=False,
-        feature_extractor_weights_path=str(weights_path), cuda=device.type == "cuda", verbose=False)
-    return metrics["frechet_inception_distance"]
 
 
 # ----------------------------------------------------------------------------------------------

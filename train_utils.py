@@ -65,19 +65,27 @@ def parse_config(config_class, argv=None, description: str = "", presets: dict |
         else:
             parser.add_argument(name, type=kind, choices=choices, help=text)
     given = vars(parser.parse_args(argv))
-    values = {**presets.get(given.get(preset_flag), {}), **given}
-    top = {f.name: values[f.name] for owner, f, _, _ in flags if owner is None and f.name in values}
-    for owner in {owner for owner, *_ in flags if owner is not None}:
-        nested = next(f for f in dataclasses.fields(config_class) if f.name == owner).default_factory()
-        inner = {f.name: values[f.name] for o, f, _, _ in flags if o == owner and f.name in values}
-        try:
-            top[owner] = dataclasses.replace(nested, **inner)
-        except ValueError as error:
-            parser.error(str(error))
     try:
-        return config_class(**top)
+        return make_config(config_class, **{**presets.get(given.get(preset_flag), {}), **given})
     except ValueError as error:
         parser.error(str(error))
+
+
+def make_config(config_class, **values):
+    """config_class from flat {field: value}, named as the flags are: the fields of a nested config go
+    into it, on top of the defaults that the outer config gives it."""
+    top = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is dataclasses.MISSING and dataclasses.is_dataclass(nested := f.default_factory()):
+            inner = {g.name for g in dataclasses.fields(nested)}
+            top[f.name] = dataclasses.replace(nested, **{k: v for k, v in values.items() if k in inner})
+            values = {k: v for k, v in values.items() if k not in inner}
+    return config_class(**values, **top)
+
+
+def changed(config, **values):
+    """A copy of config with some flat fields changed (as make_config names them)."""
+    return make_config(type(config), **{**flat_config(config), **values})
 
 
 def flat_config(config) -> dict:

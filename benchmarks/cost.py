@@ -41,7 +41,8 @@ import torch  # noqa: E402
 
 import e2ediff  # noqa: E402
 from report import write_results  # noqa: E402
-from train_toy import UNet  # noqa: E402
+from train_utils import select_device  # noqa: E402
+from toy_nets import UNet  # noqa: E402
 
 SETUPS = {  # name -> (image shape, UNet kwargs, batch)
     "cifar": ((3, 32, 32), dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2), 32),
@@ -77,8 +78,9 @@ def train_step(mode: str, num_steps: int, model, optimizer, schedule, z_T, targe
             loss.backward()
             optimizer.step()
         return
-    loss, _, _ = e2ediff.end_to_end_loss(model, z_T, target, schedule, num_steps, loss_weights={"l2": 1.0},
-                                         checkpoint=mode == "ckpt", backprop_steps=1 if mode == "trunc" else None)
+    config = e2ediff.EndToEndConfig(num_steps=num_steps, update="ddim", lpips_weight=0.0, grad_checkpoint=mode == "ckpt",
+                                    backprop_steps=1 if mode == "trunc" else 0)
+    loss = e2ediff.EndToEndLoss(model, schedule, config)(z_T, target, step=0)[0]  # Alg. 1 lines 7-13
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -220,7 +222,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
     args = parser.parse_args(argv)
-    device = e2ediff.select_device(args.device)
+    device = select_device(args.device)
     if args.memory_probe:
         setup, mode, k = args.memory_probe.split(",")
         print(json.dumps(measure_memory_here(setup, mode, int(k), device)))

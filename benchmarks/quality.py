@@ -47,8 +47,10 @@ import torch  # noqa: E402
 
 import e2ediff  # noqa: E402
 import toy2d  # noqa: E402
+import toy_nets  # noqa: E402
 import train_toy  # noqa: E402
 from report import write_results  # noqa: E402
+from train_utils import make_config  # noqa: E402
 
 # Every run setting, per mode; "why" in the comment. Full mode took 34 minutes on 2 idle CPU cores.
 PLANS = {
@@ -83,8 +85,8 @@ DIGITS_TABLE2 = {
     "L2+LPIPS": dict(l2_weight=1.0, lpips_weight=1.0),
     "L2+LPIPS+GAN": dict(l2_weight=1.0, lpips_weight=1.0, gan_weight=GAN_WEIGHT),
 }
-RING_TABLE2 = {"L1": dict(loss_weights={"l1": 1.0}), "L2": dict(loss_weights={"l2": 1.0}),
-               "L2+GAN": dict(loss_weights={"l2": 1.0}, gan_weight=GAN_WEIGHT)}
+RING_TABLE2 = {"L1": dict(l1_weight=1.0, l2_weight=0.0), "L2": dict(l2_weight=1.0),
+               "L2+GAN": dict(l2_weight=1.0, gan_weight=GAN_WEIGHT)}
 SCHEDULES = {  # leakage comparison: name -> Config fields
     "zero-SNR, trailing": dict(zero_terminal_snr=True, spacing="trailing"),
     "linear, leading": dict(zero_terminal_snr=False, spacing="leading"),
@@ -135,8 +137,8 @@ def lpips_backbone():
 
 
 def digits_config(plan, seed, out_dir, schedule, nfe, **fields):
-    return train_toy.Config(
-        dataset="digits", out_dir=str(out_dir), seed=seed, device="cpu", nfe=tuple(nfe),
+    return make_config(
+        train_toy.Config, dataset="digits", out_dir=str(out_dir), seed=seed, device="cpu", nfe=tuple(nfe),
         pretrain_steps=plan["digits_pretrain_steps"], finetune_steps=plan["digits_finetune_steps"],
         eval_samples=plan["digits_eval_samples"], classifier_epochs=plan["classifier_epochs"],
         teacher_steps=plan["teacher_steps"], lpips_random_backbone=plan["lpips_random_backbone"],
@@ -170,7 +172,7 @@ def digits_rows(plan, seed, work):
         train_toy.pretrain(base_config, data, device)
         if cfd is None:  # one metric classifier per seed, in the main schedule's base folder
             classifier = train_toy.train_classifier(base_config, data, device)
-            cfd = train_toy.ClassifierFrechetDistance(classifier, data.test_images, base_config.eval_batch_size)
+            cfd = toy_nets.ClassifierFrechetDistance(classifier, data.test_images, base_config.eval_batch_size)
             classifier_path = base_config.out / "classifier.pt"
         elif not (base_config.out / "classifier.pt").exists():
             os.link(classifier_path, base_config.out / "classifier.pt")

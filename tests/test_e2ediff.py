@@ -1,7 +1,6 @@
 """Tests of the core module e2ediff.py. Run: python -m pytest -q tests/test_e2ediff.py"""
 import copy
 import math
-import os
 
 import numpy as np
 import pytest

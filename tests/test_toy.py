@@ -6,12 +6,13 @@ import json
 import os
 import pickle
 import signal
-from dataclasses import fields, replace
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
+import toy_nets
 import train_toy
 import train_utils
 from e2ediff import EndToEndConfig
@@ -22,13 +23,12 @@ METHOD_FIELDS = {f.name for f in fields(EndToEndConfig)}
 
 
 def tiny(out_dir, **overrides):
-    """A config that runs every stage in about a second; overrides of the method's options go to e2e."""
+    """A config that runs every stage in about a second."""
     settings = dict(
         out_dir=str(out_dir), model_channels=8, pretrain_steps=6, pretrain_batch_size=32, warmup_steps=2,
-        finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2),
+        finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2), inversion_steps=4,
         eval_samples=100, eval_batch_size=100, classifier_epochs=1, log_every=1, save_every=100)
-    method = {name: overrides.pop(name) for name in list(overrides) if name in METHOD_FIELDS}
-    return Config(**{**settings, **overrides}, e2e=replace(Config().e2e, inversion_steps=4, **method))
+    return train_utils.make_config(Config, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -201,15 +201,15 @@ def classifier(digits, tmp_path_factory):
 
 
 def test_cfd_of_data_against_itself_is_zero(classifier, digits):
-    cfd = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)
+    cfd = toy_nets.ClassifierFrechetDistance(classifier, digits.test_images)
     assert abs(cfd(digits.test_images)) < 1e-3
 
 
 def test_cfd_of_noise_is_far_above_the_train_test_floor_and_symmetric(classifier, digits):
     noise = torch.rand(len(digits.test_images), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    floor = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)(digits.train_images)
-    noise_to_data = train_toy.ClassifierFrechetDistance(classifier, digits.test_images)(noise)
-    data_to_noise = train_toy.ClassifierFrechetDistance(classifier, noise)(digits.test_images)
+    floor = toy_nets.ClassifierFrechetDistance(classifier, digits.test_images)(digits.train_images)
+    noise_to_data = toy_nets.ClassifierFrechetDistance(classifier, digits.test_images)(noise)
+    data_to_noise = toy_nets.ClassifierFrechetDistance(classifier, noise)(digits.test_images)
     assert noise_to_data > 20 * floor > 0
     assert data_to_noise == pytest.approx(noise_to_data, rel=1e-4)
 
@@ -224,7 +224,7 @@ def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, 
 def test_inception_fid_without_weights_names_the_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=train_utils.INCEPTION_WEIGHTS) as error:
-        train_toy.inception_fid(torch.zeros(4, 3, 32, 32), tmp_path)
+        toy_nets.inception_fid(torch.zeros(4, 3, 32, 32), tmp_path)
     assert str(tmp_path / "hub" / "checkpoints") in str(error.value)
 
 

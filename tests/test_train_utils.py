@@ -28,6 +28,8 @@ def test_flags_of_a_nested_method_config_keep_their_names_and_the_scripts_defaul
     assert config.e2e.l2_weight == 0.5 and not config.e2e.grad_checkpoint
     assert config.e2e.coupling == "inversion"  # the script's default, not EndToEndConfig's
     assert train_utils.flat_config(config)["coupling"] == "inversion"
+    other = train_utils.changed(config, steps=4, ema_decay=0.5)
+    assert (other.steps, other.sizes, other.e2e.ema_decay, other.e2e.l2_weight) == (4, (4, 8), 0.5, 0.5)
 
 
 def test_presets_fill_unset_flags_and_bad_values_exit_naming_the_valid_choices(capsys):
