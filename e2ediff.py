@@ -420,8 +420,9 @@ class LPIPS(nn.Module):
     and images smaller than `min_size` are upsampled (AlexNet needs >= 32 px). The network stays in
     eval mode, never requires grad, and so never enters an optimiser — gradients flow to the inputs.
 
-    :param random_backbone: use a randomly initialised backbone with the real linear heads. For
-        tests only: an untrained backbone is not a perceptual metric.
+    :param random_backbone: use a randomly initialised backbone with the real linear heads, for offline
+        smoke runs (tests; the notebook and benchmarks say so when they fall back to it): an untrained
+        backbone is not a perceptual metric.
     """
 
     def __init__(self, net: str = "alex", random_backbone: bool = False, min_size: int = 64):
@@ -436,7 +437,7 @@ class LPIPS(nn.Module):
                     f"LPIPS needs the torchvision {net} backbone weights '{LPIPS_BACKBONE_FILES[net]}' at {path} "
                     f"($TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}). "
                     f"Fetch it once with network access (e.g. `python -c \"import lpips; lpips.LPIPS(net='{net}')\"`) "
-                    "or copy the file there. (random_backbone=True exists for tests only.)"
+                    "or copy the file there. (random_backbone=True, --lpips-random-backbone: offline smoke runs only.)"
                 )
         with warnings.catch_warnings():  # lpips 0.1.4 still calls torchvision's deprecated `pretrained=`
             warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
@@ -707,7 +708,7 @@ class EndToEndConfig:
 
     # the unrolled sampler (Alg. 1 lines 7-12)
     num_steps: int = option(4, "T: PixArt-delta is distilled to 4 LCM steps, and the paper trains at 4 NFE")
-    update: str = option("lcm", "the base's own update: predict x0, re-noise it (our reading of Alg. 1 line 9)", UPDATES)
+    update: str = option("lcm", "the base's update: predict x0, re-noise it (our reading of Alg. 1 line 9)", UPDATES)
     eta: float = option(0.0, "DDIM stochasticity, with --update ddim only; 0 = the deterministic ODE step")
     spacing: str = option("trailing", "trailing timesteps start at t = N-1, from pure noise: no leakage", SPACINGS)
     # the coupling (Alg. 1 line 6)

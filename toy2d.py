@@ -67,7 +67,7 @@ class MLPDiscriminator(nn.Module):
 
 
 def default_schedule() -> e2ediff.NoiseSchedule:
-    """Linear betas rescaled to zero terminal SNR (Lin et al. 2024), as in NOTES section 1."""
+    """Linear betas rescaled to zero terminal SNR (Lin et al. 2024): x_T is pure noise."""
     return e2ediff.make_schedule("linear", zero_terminal_snr=True)
 
 

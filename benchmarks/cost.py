@@ -3,8 +3,8 @@
 For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (medians reported):
   - wall time of one end-to-end training step (unrolled sampler forward, loss, backward, AdamW step):
     plain, per-step checkpointed, and truncated to the last step (DRaFT-K with K = 1);
-  - the floor: T standard diffusion training steps at the same batch (NOTES section 4: an unrolled
-    step does T forwards and T backwards, like T single steps);
+  - the floor: T standard diffusion training steps at the same batch (an unrolled step does
+    T forwards and T backwards, like T single steps);
   - peak memory of each: each configuration runs in a fresh subprocess (CPU: the RSS high-water
     mark, reset after setup through /proc/self/clear_refs, above the RSS after setup; CUDA:
     max_memory_allocated above the setup level),
@@ -19,7 +19,7 @@ For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (m
 
 Writes benchmarks/results/cost[-quick].json and cost[-quick].png; the last line printed is one JSON
 object with the headline ratios (cost_ratio_T4_plain, cost_ratio_T4_ckpt, mem_ratio_T4_ckpt,
-sampler_overhead). Goals (issue 6): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45,
+sampler_overhead). Goals (the README's cost section): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45,
 mem_ratio_T4_ckpt <= 1.3, sampler_overhead <= 0.05. Goals are reported, never tuned for.
 """
 from __future__ import annotations

@@ -232,7 +232,7 @@ def test_teacher_coupling_targets_are_the_base_models_many_step_samples():
 
 
 def test_independent_l2_collapses_to_the_mean_while_inversion_l2_keeps_the_modes():
-    """NOTES section 1 at test size: Alg. 1 as written (independent pairs, L2) shrinks the ring of 8
+    """The README's ring table at test size: Alg. 1 as written (independent pairs, L2) shrinks the ring of 8
     Gaussians toward its mean; the inversion coupling keeps the modes."""
     base = toy2d.pretrain(steps=1500, batch=256, hidden=64)
     base_distance = toy2d.score(base, 4, n=1000)
