@@ -341,8 +341,8 @@ class Log:
             atomic_write(str(self.path), lambda f: f.write("".join(keep).encode()))
 
 
-def train_loop(name, path, parts, config, train_step, start_step, steps, log, extra=None):
-    """Run train_step(step) -> dict of floats for steps start_step+1 .. steps; log, save, stop safely.
+def train_loop(name, path, parts, config, one_step, start_step, steps, log, extra=None):
+    """Run one_step(step) -> dict of floats for steps start_step+1 .. steps; log, save, stop safely.
 
     parts: name -> object with state_dict() (model, EMA, optimisers, Batches), saved in every
     checkpoint with the step, the config and the RNG states. A non-finite loss stops the run without
@@ -358,7 +358,7 @@ def train_loop(name, path, parts, config, train_step, start_step, steps, log, ex
     started = time.time()
     with StopRequest() as stop, tqdm(total=steps, initial=start_step, desc=name, dynamic_ncols=True) as bar:
         for step in range(start_step + 1, steps + 1):
-            metrics = train_step(step)
+            metrics = one_step(step)
             bad = [key for key, value in metrics.items() if not math.isfinite(value)]
             if bad:
                 raise FloatingPointError(
@@ -408,7 +408,7 @@ def pretrain(config, data, device):
     print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"steps {start_step} -> {config.pretrain_steps} on {device}")
 
-    def train_step(step):
+    def one_step(step):
         indices = batches.next()
         x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
         cond, uncond = conditions(config, data, labels)
@@ -425,7 +425,7 @@ def pretrain(config, data, device):
         ema.update(model)
         return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
 
-    train_loop("pretrain", path, parts, config, train_step, start_step, config.pretrain_steps,
+    train_loop("pretrain", path, parts, config, one_step, start_step, config.pretrain_steps,
                Log(config.out / "metrics.jsonl"))
     return path
 
@@ -524,7 +524,7 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
     print(f"{name}: coupling {method.coupling}, loss {method.loss_weights}, gan {method.gan_weight}, "
           f"steps {start_step} -> {config.finetune_steps} on {device}")
 
-    def step(step):
+    def one_step(step):
         indices = batches.next()  # Alg. 1 line 3; pixel space, so z0 = x0 (no line 4) and e_c = the label
         cond, uncond = conditions(config, data, data.train_labels[indices].to(device))
         batch = {"target": data.train_images[indices].to(device), "cond": cond, "uncond": uncond,
@@ -532,7 +532,7 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
         return train_step(loss_fn, optimizer, ema, [batch], step, base_model=base, gan=gan,
                           autocast=partial(autocast, device))  # Alg. 1 lines 6-15
 
-    train_loop(name, path, parts, config, step, start_step, config.finetune_steps,
+    train_loop(name, path, parts, config, one_step, start_step, config.finetune_steps,
                Log(config.out / "metrics.jsonl"), extra={"nfe": num_steps})
     return path
 
