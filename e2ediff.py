@@ -68,6 +68,11 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """model(z_t (B, ...), t (B,) long in [0, N), cond) -> output shaped like z_t."""
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (DDP keeps it as .module), or the module itself."""
+    return getattr(module, "module", module)
+
+
 def _check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
@@ -605,7 +610,7 @@ class GANLoss:
 
     def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor, step: int, last_layer: torch.Tensor | None = None) -> dict:
         """{"gan": scalar generator loss, "gan_weight": its weight (adaptive x weight), "gan_total": product}."""
-        bare = getattr(self.discriminator, "module", self.discriminator)
+        bare = unwrap(self.discriminator)
         bare.requires_grad_(False)  # no discriminator grads from the generator's loss
         try:
             gan = generator_adversarial_loss(bare(fake), self.kind).mean()
@@ -642,11 +647,11 @@ class EMA:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        model = getattr(model, "module", model)  # unwrap DDP
+        model = unwrap(model)
         for ema_param, param in zip(self.module.parameters(), model.parameters(), strict=True):
             ema_param.lerp_(param.detach().to(ema_param.dtype), 1.0 - self.decay)
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
@@ -811,11 +816,6 @@ class EndToEndLoss(nn.Module):
         return loss, logs, image, target_image
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (DDP keeps it as .module), or the module itself."""
-    return getattr(module, "module", module)
-
-
 def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -845,7 +845,7 @@ def train_step(
     :param autocast: () -> the mixed-precision context for the forward passes.
     :param generator: source of the couplings' noise z_T (injectable for reproducible runs).
     """
-    inner = _unwrap(loss_fn)
+    inner = unwrap(loss_fn)
     config, schedule = inner.config, inner.schedule
     prediction_type = inner.sampler_options["prediction_type"]
     count = len(micro_batches) if accumulation is None else accumulation

@@ -107,7 +107,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
-    check_choices, check_prediction_type, make_schedule, option, train_step, unrolled_sample,
+    check_choices, check_prediction_type, make_schedule, option, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
     StopRequest, flat_config, inception_weights_path, load_checkpoint, missing_inception_message, parse_config,
@@ -802,7 +802,12 @@ class Run:
     @property
     def discriminator(self) -> nn.Module | None:
         """The PatchGAN itself (not its DDP wrapper); None without the GAN."""
-        return None if self.gan is None else getattr(self.gan.discriminator, "module", self.gan.discriminator)
+        return None if self.gan is None else unwrap(self.gan.discriminator)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step, over every rank and micro-batch."""
+        return self.config.batch_size * self.config.grad_accum * self.ctx.world_size
 
     def due(self, every: int) -> bool:
         """Every `every` steps, and always at the last step; 0 = only at the last step."""
@@ -873,8 +878,7 @@ class Run:
         sums = torch.tensor([sum(row.get(name, 0.0) for row in window) for name in names], dtype=torch.float64)
         means = all_reduce(sums) / (len(window) * self.ctx.world_size)
         row = {"step": self.step, **dict(zip(names, means.tolist()))}
-        images_per_step = self.config.batch_size * self.config.grad_accum * self.ctx.world_size
-        row.update(skipped=count_skipped(self.readers), images_per_sec=images_per_step / row["sec_per_step"])
+        row.update(skipped=count_skipped(self.readers), images_per_sec=self.global_batch / row["sec_per_step"])
         self.log(row, f"step {self.step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
                       f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | "
                       f"skipped {row['skipped']}")
@@ -910,7 +914,7 @@ def train(config: Config, ctx: Dist) -> None:
     batches = iter(make_loader(stream, config, run.tokenizer, ctx.device))
     log({"event": "start", "step": run.step, "data": kind, "units": len(stream.units),
          "prediction_type": run.prediction_type, "parameters": sum(p.numel() for p in run.denoiser.parameters()),
-         "global_batch": config.batch_size * config.grad_accum * ctx.world_size})
+         "global_batch": run.global_batch})
     window = []
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while run.step < config.max_steps:

@@ -24,17 +24,22 @@ import torch
 # nested config dataclass (the scripts embed e2ediff.EndToEndConfig) become flags of their own names.
 
 
-def _flags(config_class) -> list[tuple[str | None, dataclasses.Field, type, Any]]:
-    """(owner field or None, field, type, default) for every flag of config_class, nested ones flattened."""
-    rows = []
+def _nested(config_class) -> dict[str, Any]:
+    """{field: its default instance} for every field of config_class that is itself a config dataclass."""
+    return {f.name: nested for f in dataclasses.fields(config_class)
+            if f.default is dataclasses.MISSING and dataclasses.is_dataclass(nested := f.default_factory())}
+
+
+def _flags(config_class) -> list[tuple[dataclasses.Field, type, Any]]:
+    """(field, type, default) for every flag of config_class, the nested configs' fields flattened in."""
+    nested, rows = _nested(config_class), []
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            inner = typing.get_type_hints(type(default))
-            rows += [(f.name, g, inner[g.name], getattr(default, g.name)) for g in dataclasses.fields(default)]
+        if f.name in nested:
+            inner = typing.get_type_hints(type(nested[f.name]))
+            rows += [(g, inner[g.name], getattr(nested[f.name], g.name)) for g in dataclasses.fields(nested[f.name])]
         else:
-            rows.append((None, f, hints[f.name], default))
+            rows.append((f, hints[f.name], f.default))
     return rows
 
 
@@ -53,8 +58,9 @@ def parse_config(config_class, argv=None, description: str = "", presets: dict |
     presets = presets or {}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)  # only the flags given reach the namespace
-    flags = [row for row in _flags(config_class) if row[1].name not in hidden]
-    for _, f, kind, default in flags:
+    for f, kind, default in _flags(config_class):
+        if f.name in hidden:
+            continue
         text = f.metadata["help"] + f" [default: {_show(default)}"
         text += "".join(f"; {name}: {_show(p[f.name])}" for name, p in presets.items() if f.name in p) + "]"
         name, choices = "--" + f.name.replace("_", "-"), f.metadata.get("choices")
@@ -75,11 +81,10 @@ def make_config(config_class, **values):
     """config_class from flat {field: value}, named as the flags are: the fields of a nested config go
     into it, on top of the defaults that the outer config gives it."""
     top = {}
-    for f in dataclasses.fields(config_class):
-        if f.default is dataclasses.MISSING and dataclasses.is_dataclass(nested := f.default_factory()):
-            inner = {g.name for g in dataclasses.fields(nested)}
-            top[f.name] = dataclasses.replace(nested, **{k: v for k, v in values.items() if k in inner})
-            values = {k: v for k, v in values.items() if k not in inner}
+    for name, nested in _nested(config_class).items():
+        inner = {f.name for f in dataclasses.fields(nested)}
+        top[name] = dataclasses.replace(nested, **{k: v for k, v in values.items() if k in inner})
+        values = {k: v for k, v in values.items() if k not in inner}
     return config_class(**values, **top)
 
 
