@@ -692,17 +692,52 @@ def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, p
 # --------------------------------------------------------------------------------------------------
 
 
-def option(default, why: str, choices: tuple | None = None):
-    """A config field with a one-line "why" (and its valid values); the scripts turn each field into a
-    flag with that help."""
-    return field(default=default, metadata={"help": why, **({"choices": choices} if choices else {})})
+def option(default, why: str, choices: tuple | None = None, valid: str = ""):
+    """A config field with a one-line "why", and what it may hold: `choices`, or `valid`, a range that
+    reads as it is written: "> 0", ">= 1", "[0, 1]", "[0, 1)" (each element of a tuple), "non-empty".
+    Floats must also be finite. The scripts turn each field into a flag with that help."""
+    return field(default=default, metadata={"help": why, **({"choices": choices} if choices else {}),
+                                            **({"valid": valid} if valid else {})})
 
 
-def check_choices(config) -> None:
-    """ValueError, listing the valid values, for any field of `config` declared with choices."""
+class OptionError(ValueError):
+    """A config field holds a value it cannot take. `name` is the field, so that a command line can
+    name its flag: "--finetune-lr: got nan, need a finite number > 0"."""
+
+    def __init__(self, name: str, value: Any, need: str):
+        self.name, self.value, self.need = name, value, need
+        super().__init__(f"{name}: got {value!r}, need {need}")
+
+
+def _within(value, valid: str) -> bool:
+    """Whether a number satisfies a `valid` range of option()."""
+    if valid.startswith(">="):
+        return value >= float(valid[2:])
+    if valid.startswith(">"):
+        return value > float(valid[1:])
+    low, high = (float(bound) for bound in valid[1:-1].split(","))
+    return (low <= value if valid[0] == "[" else low < value) and (value <= high if valid[-1] == "]" else value < high)
+
+
+def check_options(config) -> None:
+    """OptionError for the first field of `config` whose value its option() declaration rules out:
+    not one of its choices, not finite, outside its `valid` range, an empty tuple or string."""
     for f in fields(config):
-        if "choices" in f.metadata:
-            _check_choice(f.name, getattr(config, f.name), f.metadata["choices"])
+        value, valid = getattr(config, f.name), f.metadata.get("valid", "")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise OptionError(f.name, value, "one of " + ", ".join(map(repr, f.metadata["choices"])))
+        if valid == "non-empty" or isinstance(value, tuple) and not value:
+            if not value:
+                raise OptionError(f.name, value, "a non-empty value")
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, bool) or not all(isinstance(n, (int, float)) for n in numbers):
+            continue
+        need = ("comma-separated integers, each" if isinstance(value, tuple) else
+                "a finite number" if isinstance(f.default, float) else "an integer")
+        need += "" if not valid else f" {valid}" if valid[0] == ">" else f" in {valid}"
+        if not all(math.isfinite(n) and (not valid or _within(n, valid)) for n in numbers):
+            raise OptionError(f.name, value, need)
 
 
 @dataclass
@@ -712,48 +747,50 @@ class EndToEndConfig:
     needs, and turn each field into a flag of the same name."""
 
     # the unrolled sampler (Alg. 1 lines 7-12)
-    num_steps: int = option(4, "T: PixArt-delta is distilled to 4 LCM steps, and the paper trains at 4 NFE")
+    num_steps: int = option(4, "T: PixArt-delta is distilled to 4 LCM steps, and the paper trains at 4 NFE",
+                            valid=">= 1")
     update: str = option("lcm", "the base's update: predict x0, re-noise it (our reading of Alg. 1 line 9)", UPDATES)
-    eta: float = option(0.0, "DDIM stochasticity, with --update ddim only; 0 = the deterministic ODE step")
+    eta: float = option(0.0, "DDIM stochasticity, with --update ddim only; 0 = the deterministic ODE step",
+                         valid="[0, 1]")
     spacing: str = option("trailing", "trailing timesteps start at t = N-1, from pure noise: no leakage", SPACINGS)
     # the coupling (Alg. 1 line 6)
     coupling: str = option("independent", "Alg. 1 as written; inversion or teacher make L1/L2 well-posed", COUPLINGS)
-    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (--coupling inversion)")
-    teacher_steps: int = option(50, "frozen-base DDIM steps that make each target (--coupling teacher)")
+    inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (--coupling inversion)", valid=">= 1")
+    teacher_steps: int = option(50, "frozen-base DDIM steps that make each target (--coupling teacher)", valid=">= 1")
     # the reconstruction loss (Alg. 1 line 13, Eq. 7)
-    l1_weight: float = option(0.0, "lambda_L1; Table 2: L2 does slightly better")
-    l2_weight: float = option(1.0, "lambda_L2 (Table 2: L2 + LPIPS is the paper's best, FID 25.27)")
-    lpips_weight: float = option(1.0, "lambda_LPIPS on images (Table 2's best); the paper gives no relative weight")
+    l1_weight: float = option(0.0, "lambda_L1; Table 2: L2 does slightly better", valid=">= 0")
+    l2_weight: float = option(1.0, "lambda_L2 (Table 2: L2 + LPIPS is the paper's best, FID 25.27)", valid=">= 0")
+    lpips_weight: float = option(1.0, "lambda_LPIPS on images (Table 2's best); the paper gives no relative weight",
+                                valid=">= 0")
     lpips_net: str = option("alex", "LPIPS backbone (AlexNet: the LPIPS authors' default)", tuple(LPIPS_BACKBONE_FILES))
     lpips_random_backbone: bool = option(False, "offline smoke runs only: random backbone, real heads")
     # the adversarial term (Eq. 8) and its discriminator
-    gan_weight: float = option(0.0, "lambda_GAN; 0 = no discriminator (Table 2: +GAN costs FID, 25.74 vs 25.27)")
+    gan_weight: float = option(0.0, "lambda_GAN; 0 = no discriminator (Table 2: +GAN costs FID, 25.74 vs 25.27)",
+                              valid=">= 0")
     gan_kind: str = option("hinge", "GAN objective (taming-transformers' hinge)", GAN_KINDS)
-    gan_start_step: int = option(0, "step at which the GAN term and the discriminator's updates start")
+    gan_start_step: int = option(0, "step at which the GAN term and the discriminator's updates start", valid=">= 0")
     gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers)")
-    r1_weight: float = option(0.0, "R1 penalty on the discriminator's real inputs; 0 = off")
-    disc_lr: float = option(1e-4, "discriminator AdamW lr, betas (0.5, 0.9) as taming; not given in the paper")
-    disc_channels: int = option(64, "PatchGAN width (taming's NLayerDiscriminator)")
-    disc_layers: int = option(3, "PatchGAN strided layers (taming's default)")
+    r1_weight: float = option(0.0, "R1 penalty on the discriminator's real inputs; 0 = off", valid=">= 0")
+    disc_lr: float = option(1e-4, "discriminator AdamW lr, betas (0.5, 0.9) as taming; not given in the paper",
+                           valid="> 0")
+    disc_channels: int = option(64, "PatchGAN width (taming's NLayerDiscriminator)", valid=">= 1")
+    disc_layers: int = option(3, "PatchGAN strided layers (taming's default)", valid=">= 1")
     # the update (Alg. 1 lines 14-15)
-    grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off")
-    ema_decay: float = option(0.95, "tau of Alg. 1 line 15 (paper)")
+    grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off",
+                              valid=">= 0")
+    ema_decay: float = option(0.95, "tau of Alg. 1 line 15 (paper)", valid="[0, 1]")
     # memory
     grad_checkpoint: bool = option(True, "recompute each sampler step in backward: same gradients, ~1/T the memory")
-    backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)")
+    backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)",
+                            valid=">= 0")
 
     def __post_init__(self):
-        check_choices(self)
-        if self.num_steps < 1 or not 0 <= self.backprop_steps <= self.num_steps:
-            raise ValueError(f"need num_steps >= 1 and 0 <= backprop_steps <= num_steps, got {self.num_steps}, "
-                             f"{self.backprop_steps}")
-        if min(self.l1_weight, self.l2_weight, self.lpips_weight, self.gan_weight, self.r1_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
+        check_options(self)
+        if self.backprop_steps > self.num_steps:
+            raise OptionError("backprop_steps", self.backprop_steps, f"at most num_steps ({self.num_steps})")
         if max(self.loss_weights.values()) == 0 and (self.gan_weight == 0 or self.gan_adaptive):
-            raise ValueError("no loss: give a reconstruction weight > 0, or a GAN weight with --no-gan-adaptive "
-                             "(the adaptive weight is a ratio to the reconstruction loss)")
-        if not 0 <= self.ema_decay <= 1:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+            raise OptionError("l2_weight", self.l2_weight, "a reconstruction weight > 0 (l1, l2 or lpips), or a "
+                              "GAN weight with --no-gan-adaptive (the adaptive weight is a ratio to that loss)")
 
     @property
     def loss_weights(self) -> dict[str, float]:

@@ -107,11 +107,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
-    check_choices, check_prediction_type, make_schedule, option, train_step, unrolled_sample, unwrap,
+    OptionError, check_options, check_prediction_type, make_schedule, option, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
-    StopRequest, flat_config, inception_weights_path, load_checkpoint, missing_inception_message, parse_config,
-    rng_state, save_checkpoint, select_device, set_rng_state,
+    INCEPTION_WEIGHTS, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
+    inception_weights_path, load_checkpoint, missing_inception_message, parse_config, rng_state, save_checkpoint,
+    select_device, set_rng_state,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -131,50 +132,51 @@ class Config:
     prediction_type: str = option("", "empty = the scheduler config's (epsilon for PixArt-delta)",
                                   ("",) + PREDICTION_TYPES)
     zero_terminal_snr: bool = option(False, "off: PixArt-delta predicts epsilon, which zero terminal SNR rules out")
-    max_text_length: int = option(120, "T5 tokens per caption: the PixArt pipelines' max_sequence_length")
+    max_text_length: int = option(120, "T5 tokens per caption: the PixArt pipelines' max_sequence_length", valid=">= 1")
     # the method: Alg. 1 lines 6-15 (sampler, coupling, losses, GAN, clip, EMA, memory)
     e2e: EndToEndConfig = field(default_factory=EndToEndConfig)
     # optimisation
-    batch_size: int = option(8, "images per GPU per micro-step: the paper's 8 (x 64 A100s = 512)")
-    grad_accum: int = option(1, "micro-steps per optimiser step: keep 512 images per step on fewer GPUs")
-    lr: float = option(1e-6, "AdamW learning rate (paper)")
-    weight_decay: float = option(1e-8, "AdamW weight decay (paper)")
-    adam_beta1: float = option(0.9, "AdamW default (the paper names AdamW, not its betas)")
-    adam_beta2: float = option(0.999, "AdamW default")
-    max_steps: int = option(24000, "optimiser steps (paper)")
+    batch_size: int = option(8, "images per GPU per micro-step: the paper's 8 (x 64 A100s = 512)", valid=">= 1")
+    grad_accum: int = option(1, "micro-steps per optimiser step: keep 512 images per step on fewer GPUs", valid=">= 1")
+    lr: float = option(1e-6, "AdamW learning rate (paper)", valid="> 0")
+    weight_decay: float = option(1e-8, "AdamW weight decay (paper)", valid=">= 0")
+    adam_beta1: float = option(0.9, "AdamW default (the paper names AdamW, not its betas)", valid="[0, 1)")
+    adam_beta2: float = option(0.999, "AdamW default", valid="[0, 1)")
+    max_steps: int = option(24000, "optimiser steps (paper)", valid=">= 1")
     mixed_precision: str = option("bf16", "bf16 autocast on GPU (weights and AdamW stay fp32); CPU runs fp32",
                                   ("bf16", "no"))
     checkpoint_blocks: bool = option(False, "also checkpoint every transformer and VAE-decoder block: less memory")
     # data
     data: str = option("", "imagefolder, WebDataset shards (folder, brace pattern, pipe:) or a --precompute-to folder")
-    resolution: int = option(1024, "PixArt-delta 1024-MS works at 1024^2, where the paper evaluates")
-    num_workers: int = option(4, "DataLoader workers per rank (image decoding and tokenising)")
+    resolution: int = option(1024, "PixArt-delta 1024-MS works at 1024^2, where the paper evaluates", valid=">= 8")
+    num_workers: int = option(4, "DataLoader workers per rank (image decoding and tokenising)", valid=">= 0")
     precompute_to: str = option("", "write VAE latents + text embeddings of --data to this folder, then exit")
     cache_dtype: str = option("float16", "dtype of pre-computed tensors: float16 halves T5-XXL's 120x4096 per caption",
                               ("float16", "bfloat16", "float32"))
     # run
-    out_dir: str = option("runs/t2i", "log.jsonl, ckpt.pt, samples/ and transformer_ema/ go here")
+    out_dir: str = option("runs/t2i", "log.jsonl, ckpt.pt, samples/ and transformer_ema/ go here", valid="non-empty")
     device: str = option("auto", "auto = cuda (one per local rank) > mps > cpu")
-    seed: int = option(0, "base seed; rank r uses seed + r")
+    seed: int = option(0, "base seed; rank r uses seed + r", valid=">= 0")
     resume: bool = option(False, "continue from <out-dir>/ckpt.pt")
-    log_every: int = option(10, "steps between log rows")
-    sample_every: int = option(500, "steps between sample grids (and at the end); 0 = only at the end")
-    ckpt_every: int = option(1000, "steps between checkpoints (and at the end); 0 = only at the end")
+    log_every: int = option(10, "steps between log rows", valid=">= 1")
+    sample_every: int = option(500, "steps between sample grids (and at the end); 0 = only at the end", valid=">= 0")
+    ckpt_every: int = option(1000, "steps between checkpoints (and at the end); 0 = only at the end", valid=">= 0")
     sample_prompts: str = option("", "file with one prompt per line; empty = a built-in list of four")
-    dist_timeout: float = option(1800.0, "seconds a collective waits for a stuck rank before the run fails")
+    dist_timeout: float = option(1800.0, "seconds a collective waits for a stuck rank before the run fails", valid="> 0")
     # evaluation
     eval_data: str = option("", "imagefolder of prompts + reference images (e.g. COCO-30k); empty = no eval")
-    eval_every: int = option(0, "steps between evaluations; 0 = only at the end")
-    eval_samples: int = option(0, "prompts to evaluate; 0 = all of --eval-data")
+    eval_every: int = option(0, "steps between evaluations; 0 = only at the end", valid=">= 0")
+    eval_samples: int = option(0, "prompts to evaluate; 0 = all of --eval-data", valid=">= 0")
     clip_model: str = option("openai/clip-vit-large-patch14", "CLIP for the CLIP score (torchmetrics' default)")
-    inception_weights: str = option("", "torch-fidelity's Inception weights; empty = $TORCH_HOME/hub/checkpoints")
+    inception_weights: str = option("", f"torch-fidelity's Inception weights, the file {INCEPTION_WEIGHTS}; "
+                                           f"empty = $TORCH_HOME/hub/checkpoints/{INCEPTION_WEIGHTS}")
 
     def __post_init__(self):
-        check_choices(self)
+        check_options(self)
         if not self.data:
-            raise ValueError("--data is required: an imagefolder, WebDataset shards or a --precompute-to folder")
+            raise OptionError("data", self.data, "an imagefolder, WebDataset shards or a --precompute-to folder")
         if self.resolution % 8:
-            raise ValueError(f"--resolution must be a multiple of 8 (the VAE factor), got {self.resolution}")
+            raise OptionError("resolution", self.resolution, "a multiple of 8 (the VAE's downsampling factor)")
 
 
 SAMPLE_PROMPTS = (
@@ -818,7 +820,7 @@ class Run:
         reader and RNG continues exactly where it stopped; otherwise the data restarts the epoch the
         slowest reader was in, and the RNGs are reseeded."""
         config, ctx = self.config, self.ctx
-        checkpoint = load_checkpoint(self.ckpt_path)
+        checkpoint = load_checkpoint(self.ckpt_path, hint=CHECKPOINT_HINT.format(path=self.ckpt_path))
         self.denoiser.transformer.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -902,11 +904,6 @@ def train(config: Config, ctx: Dist) -> None:
     log({"event": "config", "world_size": ctx.world_size, "device": str(ctx.device), **flat_config(config)},
         f"train_t2i: {ctx.world_size} process(es) on {ctx.device.type}; config in {log.path}")
     kind = data_kind(config.data)
-    if kind == "precomputed":
-        with open(os.path.join(config.data, "meta.json")) as f:
-            resolution = json.load(f)["resolution"]
-        if resolution != config.resolution:
-            raise ValueError(f"{config.data} was pre-computed at --resolution {resolution}, not {config.resolution}")
     run = Run(config, ctx, log)
     if config.resume:
         run.resume()
@@ -941,14 +938,107 @@ def train(config: Config, ctx: Dist) -> None:
     barrier()
 
 
+# ----------------------------------------------------------------------------------------------
+# Before any work: the extras, every path, the device and the checkpoint checked; nothing written yet.
+
+T2I_EXTRAS = ("diffusers", "transformers", "sentencepiece", "safetensors", "webdataset", "accelerate")
+MODEL_PARTS = {  # flag -> the file that shows the part is there (in <pretrained>/<part>/ or at an override's root)
+    "transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json",
+}
+CHECKPOINT_HINT = "To start over, move it away (mv {path} {path}.bad) and run without --resume; or restore a copy."
+
+
+def check_extras() -> None:
+    """UsageError naming requirements-t2i.txt when a package this script needs is not installed."""
+    import importlib.util
+    missing = [name for name in T2I_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"train_t2i.py needs the text-to-image extras (missing: {', '.join(missing)}): "
+                         f"pip install -r requirements-t2i.txt")
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model argument is a local path rather than a hub id (org/name or name)."""
+    return (os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
+def check_model(name: str, value: str, file: str) -> None:
+    """A local path must exist; a hub id must be in the local cache when the hub is offline."""
+    if looks_local(value):
+        if not os.path.isdir(value):
+            raise UsageError(f"{flag(name)}: got {value!r}, which is not a folder (a local path; hub ids read org/name)")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(value, file), str):
+        local = os.path.join("models", value.rstrip("/").split("/")[-1])
+        raise UsageError(f"{flag(name)}: {value!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; where "
+                         f"the hub is reachable run `hf download {value} --local-dir {local}`, then pass "
+                         f"{flag(name)} {local}")
+
+
+def preflight(config: Config) -> dict | None:
+    """Check what the run needs before it loads a model or writes a file: the extras, the device, the data,
+    the models, the prompt and evaluation files, and the checkpoint. UsageError otherwise. Returns the
+    checkpoint's metadata (step, ...) when --resume will continue one, else None."""
+    check_extras()
+    select_device(config.device)
+    try:
+        kind = data_kind(config.data)
+        if kind == "webdataset":
+            list_units(config.data, kind)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    if kind == "precomputed" and not config.precompute_to:
+        with open(os.path.join(config.data, "meta.json")) as f:
+            resolution = json.load(f)["resolution"]
+        if resolution != config.resolution:
+            raise UsageError(f"--resolution: got {config.resolution}, but --data {config.data} was pre-computed at "
+                             f"{resolution}")
+    for part, file in MODEL_PARTS.items():
+        if getattr(config, part):
+            check_model(part, getattr(config, part), file)
+        else:
+            check_model("pretrained", config.pretrained, f"{part}/{file}")
+    if config.eval_data:
+        check_model("clip_model", config.clip_model, "config.json")
+        if not os.path.isfile(os.path.join(config.eval_data, "metadata.jsonl")):
+            raise UsageError(f"--eval-data: got {config.eval_data!r}, need an imagefolder with metadata.jsonl")
+    if config.sample_prompts:
+        check_readable_file(config.sample_prompts, "sample_prompts", "a text file with one prompt per line")
+    if config.inception_weights:
+        check_readable_file(config.inception_weights, "inception_weights", f"the file {INCEPTION_WEIGHTS}")
+    if config.precompute_to:
+        return None
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    if not config.resume:
+        if os.path.exists(path):
+            raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out-dir")
+        return None
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint at {path}; run without --resume to start a new run")
+    checkpoint = load_checkpoint(path, hint=CHECKPOINT_HINT.format(path=path), mmap=True)  # maps, reads nothing big
+    return {"step": checkpoint["step"]}
+
+
 def main(argv=None):
-    config = parse_config(Config, argv, __doc__)
+    try:
+        config = parse_config(Config, argv, __doc__)
+        resumed = preflight(config)
+    except UsageError as error:
+        exit_with(error)
+    if resumed and resumed["step"] >= config.max_steps and os.path.isdir(os.path.join(config.out_dir, "transformer_ema")):
+        print(f"{config.out_dir} is finished (step {resumed['step']} of --max-steps {config.max_steps}); nothing to do")
+        return
     ctx = setup_distributed(config)
     try:
         if config.precompute_to:
             precompute(config, ctx)
         else:
             train(config, ctx)
+    except UsageError as error:
+        exit_with(error)
     except (MissingModelError, FileNotFoundError, ValueError) as error:
         sys.exit(f"error (rank {ctx.rank}): {error}")
     except KeyboardInterrupt as interrupt:

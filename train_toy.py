@@ -49,6 +49,7 @@ import json
 import math
 import pickle
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -62,12 +63,12 @@ from tqdm import tqdm
 
 from e2ediff import (
     EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
-    check_choices, ddim_invert, diffusion_loss, make_schedule, option, train_step, unrolled_sample,
+    OptionError, check_options, ddim_invert, diffusion_loss, make_schedule, option, train_step, unrolled_sample,
 )
 from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
 from train_utils import (
-    StopRequest, atomic_write, load_checkpoint, parse_config as parse_flags, rng_state, save_checkpoint,
-    select_device, set_rng_state,
+    INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, load_checkpoint,
+    parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -92,48 +93,58 @@ class Config:
     dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline", ("digits", "cifar10"))
     data_dir: str = option("data", "where CIFAR-10 lives (<data-dir>/cifar-10-batches-py)")
     download: bool = option(True, "fetch CIFAR-10 when it is missing and the network allows")
-    out_dir: str = option("runs/toy-digits", "checkpoints, log, grids and results go here")
+    out_dir: str = option("runs/toy-digits", "checkpoints, log, grids and results go here", valid="non-empty")
     device: str = option("auto", "auto picks cuda > mps > cpu; bf16 autocast on cuda")
-    seed: int = option(0, "seeds model init, data order, noise and the evaluation noise")
+    seed: int = option(0, "seeds model init, data order, noise and the evaluation noise", valid=">= 0")
     resume: bool = option(False, "continue each stage from its checkpoint; finished stages are skipped")
     # model
-    model_channels: int = option(32, "UNet width at full resolution; 32 keeps digits fast on CPU")
-    channel_mult: tuple[int, ...] = option((1, 2), "width multiplier per resolution level (8x8 -> 4x4)")
-    num_res_blocks: int = option(1, "residual blocks per level; one suffices for 8x8 digits")
+    model_channels: int = option(32, "UNet width at full resolution; 32 keeps digits fast on CPU", valid=">= 1")
+    channel_mult: tuple[int, ...] = option((1, 2), "width multiplier per resolution level (8x8 -> 4x4)",
+                                            valid=">= 1")
+    num_res_blocks: int = option(1, "residual blocks per level; one suffices for 8x8 digits", valid=">= 1")
     class_conditional: bool = option(True, "class labels as condition: the toy analogue of text prompts")
-    cond_drop_prob: float = option(0.1, "label dropout in pretraining, so classifier-free guidance works")
-    guidance_scale: float = option(1.0, "classifier-free guidance when sampling; 1 = plain conditional")
+    cond_drop_prob: float = option(0.1, "label dropout in pretraining, so classifier-free guidance works",
+                                   valid="[0, 1]")
+    guidance_scale: float = option(1.0, "classifier-free guidance when sampling; 1 = plain conditional",
+                                   valid=">= 0")
     # diffusion
     schedule: str = option("linear", "beta schedule of the base model (DDPM's linear)", SCHEDULES)
     zero_terminal_snr: bool = option(True, "rescale to alpha_T = 0 so x_T carries no image (Lin et al. 2024)")
-    num_train_timesteps: int = option(1000, "training timesteps, the usual 1000")
+    num_train_timesteps: int = option(1000, "training timesteps, the usual 1000", valid=">= 2")
     prediction_type: str = option("v_prediction", "v-prediction: required with zero terminal SNR", PREDICTION_TYPES)
     # stage 1: pretraining (--grad-clip applies here too)
-    pretrain_steps: int = option(3000, "enough for a base whose 50-step DDIM draws clean digits")
-    pretrain_batch_size: int = option(128, "large enough for stable diffusion-loss gradients")
-    pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up")
-    warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)")
-    pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps")
+    pretrain_steps: int = option(3000, "enough for a base whose 50-step DDIM draws clean digits", valid=">= 1")
+    pretrain_batch_size: int = option(128, "large enough for stable diffusion-loss gradients", valid=">= 1")
+    pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up", valid="> 0")
+    warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)", valid=">= 0")
+    pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps",
+                                       valid="[0, 1]")
     # stage 2: end-to-end fine-tuning (the method's options: e2e)
-    nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)")
-    finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE")
-    finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap")
-    finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data")
+    nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)", valid="[1, 4]")
+    finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
+    finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap", valid=">= 1")
+    finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data", valid="> 0")
     e2e: EndToEndConfig = field(default_factory=partial(EndToEndConfig, **TOY_METHOD))
     # stage 3: evaluation
-    base_nfe: tuple[int, ...] = option((1, 2, 4, 50), "base-model DDIM step counts to compare against")
-    eval_samples: int = option(1000, "samples per table row")
-    eval_batch_size: int = option(500, "batch size for sampling, inversion and metrics")
-    classifier_epochs: int = option(30, "epochs of the metric's classifier (seconds on digits)")
-    inception_weights: str = option("", "torch-fidelity's Inception weights; empty = torch hub dir")
+    base_nfe: tuple[int, ...] = option((1, 2, 4, 50), "base-model DDIM step counts to compare against",
+                                       valid=">= 1")
+    eval_samples: int = option(1000, "samples per table row", valid=">= 1")
+    eval_batch_size: int = option(500, "batch size for sampling, inversion and metrics", valid=">= 1")
+    classifier_epochs: int = option(30, "epochs of the metric's classifier (seconds on digits)", valid=">= 1")
+    inception_weights: str = option("", f"torch-fidelity's Inception weights, the file {INCEPTION_WEIGHTS}; "
+                                           f"empty = <torch hub dir>/checkpoints/{INCEPTION_WEIGHTS}")
     # logging and checkpoints
-    log_every: int = option(50, "steps between rows of metrics.jsonl")
-    save_every: int = option(500, "steps between checkpoints (also saved at the end and on Ctrl-C)")
+    log_every: int = option(50, "steps between rows of metrics.jsonl", valid=">= 1")
+    save_every: int = option(500, "steps between checkpoints (also saved at the end and on Ctrl-C)", valid=">= 1")
 
     def __post_init__(self):
-        check_choices(self)
-        if not all(1 <= steps <= 4 for steps in self.nfe):
-            raise ValueError(f"nfe must be in 1..4 (the unrolled sampler's T), got {self.nfe}")
+        check_options(self)
+        if self.e2e.backprop_steps > min(self.nfe):
+            raise OptionError("backprop_steps", self.e2e.backprop_steps, f"at most the smallest --nfe ({min(self.nfe)})")
+        for name, steps in [("base_nfe", max(self.base_nfe)), ("inversion_steps", self.e2e.inversion_steps),
+                            ("teacher_steps", self.e2e.teacher_steps)]:
+            if steps > self.num_train_timesteps:
+                raise OptionError(name, steps, f"at most --num-train-timesteps ({self.num_train_timesteps})")
 
     @property
     def out(self):
@@ -203,10 +214,13 @@ def load_cifar10(data_dir, download: bool):
     folder = Path(data_dir) / CIFAR10_FOLDER
     if not folder.is_dir() and download:
         import torchvision
+        created = not Path(data_dir).exists()
         try:
             torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
         except OSError as error:  # offline: urllib's URLError
             print(f"CIFAR-10 download failed: {error}", file=sys.stderr)
+            if created:  # leave no empty folder behind
+                shutil.rmtree(data_dir, ignore_errors=True)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
@@ -291,14 +305,25 @@ def autocast(device):
 
 
 def check_compatible(saved_config, config, path):
-    """ValueError naming every model-shape field where a checkpoint's config differs from ours."""
+    """UsageError naming every model-shape field where a checkpoint's config differs from ours."""
     def normal(value):
         return list(value) if isinstance(value, (list, tuple)) else value
-    differing = [f"{name}: checkpoint {saved_config.get(name)!r} vs now {getattr(config, name)!r}"
+    differing = [f"--{name.replace('_', '-')}: checkpoint {saved_config.get(name)!r} vs now {getattr(config, name)!r}"
                  for name in MODEL_FIELDS if normal(saved_config.get(name)) != normal(getattr(config, name))]
     if differing:
-        raise ValueError(f"{path} was written with another config ({'; '.join(differing)}). "
+        raise UsageError(f"{path} was written with other model flags ({'; '.join(differing)}). "
                          f"Pass the same flags, or choose another --out-dir.")
+
+
+def read_checkpoint(path, config, stage):
+    """A checkpoint of `stage` made with our model flags; UsageError, with how to recover, otherwise."""
+    hint = (f"To redo the {stage} stage from scratch, move it away (mv {path} {path}.bad) and rerun; or choose "
+            f"another --out-dir.")
+    checkpoint = load_checkpoint(path, hint=hint)
+    if checkpoint.get("stage") != stage:
+        raise UsageError(f"{path} is not a {stage} checkpoint (it holds {checkpoint.get('stage')!r}). {hint}")
+    check_compatible(checkpoint["config"], config, path)
+    return checkpoint
 
 
 def open_checkpoint(path, config, stage, steps):
@@ -307,15 +332,23 @@ def open_checkpoint(path, config, stage, steps):
     if not path.exists():
         return None, False
     if not config.resume:
-        raise FileExistsError(f"{path} exists. Pass --resume to continue it (finished stages are "
-                              f"skipped), or choose another --out-dir to start over.")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("stage") != stage:
-        raise ValueError(f"{path} is not a {stage} checkpoint (it holds {checkpoint.get('stage')!r})")
-    check_compatible(checkpoint["config"], config, path)
-    if checkpoint["step"] >= steps:
-        print(f"{path.stem}: {path} is finished (step {checkpoint['step']}), skipping")
+        raise UsageError(f"{path} exists. Pass --resume to continue it (finished stages are skipped), or "
+                         f"choose another --out-dir to start over.")
+    checkpoint = read_checkpoint(path, config, stage)
     return checkpoint, checkpoint["step"] >= steps
+
+
+def finished_checkpoint(path, config, stage, steps, how):
+    """The checkpoint of a stage that a later stage builds on: it must exist (`how`: what makes it), be
+    readable, match our model flags and have run all `steps`."""
+    if not path.exists():
+        raise UsageError(f"no {stage} checkpoint at {path}: {how}, or point --out-dir at the run that has it.")
+    checkpoint = read_checkpoint(path, config, stage)
+    if checkpoint["step"] < steps:
+        flag = "--pretrain-steps" if stage == "pretrain" else "--finetune-steps"
+        raise UsageError(f"{path} stopped at step {checkpoint['step']} of {steps}: finish it with --stage {stage} "
+                         f"--resume, or pass {flag} {checkpoint['step']} to use it as it is.")
+    return checkpoint
 
 
 class Log:
@@ -328,6 +361,10 @@ class Log:
     def write(self, row):
         with open(self.path, "a") as file:
             file.write(json.dumps(row) + "\n")
+
+    def forget(self, stage):
+        """Drop every row of `stage`: an evaluation run again replaces the rows of the last one."""
+        self.forget_after(stage, -math.inf)
 
     def forget_after(self, stage, step):
         """A run of `stage` (re)starts after `step`: drop that stage's rows past it, which a run that
@@ -361,9 +398,10 @@ def train_loop(name, path, parts, config, one_step, start_step, steps, log, extr
             metrics = one_step(step)
             bad = [key for key, value in metrics.items() if not math.isfinite(value)]
             if bad:
-                raise FloatingPointError(
-                    f"{name}: non-finite {', '.join(bad)} at step {step}; stopped without saving, "
-                    f"the last good checkpoint ({path}) is untouched. Try a lower learning rate.")
+                kept = f"the last good checkpoint ({path}) is untouched" if path.exists() else \
+                    f"no checkpoint of {name} was written yet"
+                raise FloatingPointError(f"{name}: non-finite {', '.join(bad)} at step {step}; stopped without "
+                                         f"saving, {kept}. Try a lower learning rate.")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if step % config.log_every == 0 or step == steps:
@@ -395,6 +433,7 @@ def pretrain(config, data, device):
     path = config.out / "pretrain.pt"
     checkpoint, finished = open_checkpoint(path, config, "pretrain", config.pretrain_steps)
     if finished:
+        print(f"pretrain: {path} is finished, skipping")
         return path
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -442,16 +481,8 @@ def resume_parts(checkpoint, parts):
 
 def load_base(config, data, device):
     """The frozen EMA weights of the pretrained base model, checked against the config."""
-    path = config.out / "pretrain.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no pretrained base model at {path}: run --stage pretrain first "
-                                f"(or --stage all), or point --out-dir at the run that has it.")
-    checkpoint = load_checkpoint(path)
-    check_compatible(checkpoint["config"], config, path)
-    if checkpoint["step"] < config.pretrain_steps:
-        raise ValueError(f"{path} stopped at step {checkpoint['step']} of {config.pretrain_steps}: "
-                         f"finish it with --stage pretrain --resume, or pass --pretrain-steps "
-                         f"{checkpoint['step']} to use it as it is.")
+    checkpoint = finished_checkpoint(config.out / "pretrain.pt", config, "pretrain", config.pretrain_steps,
+                                     "run --stage pretrain first (or --stage all)")
     ema = EMA(build_model(config, data).to(device), decay=config.pretrain_ema_decay)
     ema.load_state_dict(checkpoint["ema"])
     return ema.module.eval().requires_grad_(False)
@@ -481,7 +512,15 @@ def invert_training_set(base, data, schedule, config, device):
 
 
 def finetune(config, data, device):
-    """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}."""
+    """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}.
+    Finished models are skipped, and the base's inversion runs only if some model still trains."""
+    paths = {steps: config.out / f"finetune-nfe{steps}.pt" for steps in config.nfe}
+    todo = [steps for steps, path in paths.items()
+            if not open_checkpoint(path, config, "finetune", config.finetune_steps)[1]]
+    for steps in sorted(set(paths) - set(todo)):
+        print(f"finetune-nfe{steps}: {paths[steps]} is finished, skipping")
+    if not todo:
+        return paths
     base = load_base(config, data, device)
     schedule = build_schedule(config, device)
     z_T_cache = None
@@ -493,17 +532,16 @@ def finetune(config, data, device):
     lpips = None
     if config.e2e.lpips_weight > 0:
         lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
-    return {steps: finetune_one(config, data, device, base, schedule, steps, z_T_cache, lpips)
-            for steps in config.nfe}
+    for steps in todo:
+        finetune_one(config, data, device, base, schedule, steps, z_T_cache, lpips)
+    return paths
 
 
 def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpips):
     """Alg. 1 on a copy of the base for a num_steps-step sampler, into <out>/finetune-nfe<T>.pt."""
     name = f"finetune-nfe{num_steps}"
     path = config.out / f"{name}.pt"
-    checkpoint, finished = open_checkpoint(path, config, "finetune", config.finetune_steps)
-    if finished:
-        return path
+    checkpoint, _ = open_checkpoint(path, config, "finetune", config.finetune_steps)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     method = replace(config.e2e, num_steps=num_steps)
@@ -539,12 +577,9 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
 
 def load_finetuned(config, data, device, num_steps):
     """The EMA weights of the model fine-tuned for num_steps sampler steps."""
-    path = config.out / f"finetune-nfe{num_steps}.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"no fine-tuned model at {path}: run --stage finetune --nfe {num_steps} "
-                                f"first, or leave {num_steps} out of --nfe.")
-    checkpoint = load_checkpoint(path)
-    check_compatible(checkpoint["config"], config, path)
+    checkpoint = finished_checkpoint(config.out / f"finetune-nfe{num_steps}.pt", config, "finetune",
+                                     config.finetune_steps, f"run --stage finetune --nfe {num_steps} first, or leave "
+                                     f"{num_steps} out of --nfe")
     ema = EMA(build_model(config, data).to(device), decay=config.e2e.ema_decay)
     ema.load_state_dict(checkpoint["ema"])
     return ema.module.eval().requires_grad_(False)
@@ -632,6 +667,7 @@ def evaluate(config, data, device):
         candidates.append(("E2E fine-tuned", steps, f"e2e-nfe{steps}",
                            generate(model, config, data, schedule, steps, config.eval_samples, device)))
     rows, log = [], Log(config.out / "metrics.jsonl")
+    log.forget("eval")  # an evaluation run again replaces the last one's rows
     for label, steps, name, images in tqdm(candidates, desc="eval", dynamic_ncols=True):
         row = {"model": label, "nfe": steps, "cfd": cfd(images)}
         if data.name == "cifar10" and inception_error is None:
@@ -677,21 +713,83 @@ def results_table(rows, data, inception_error):
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# Before any work: every input checked, and every checkpoint the run will read or continue opened.
+
+
+def preflight(config):
+    """Check what this run needs before it builds a model or touches the disk: the device, the data
+    folder, the Inception weights, and every checkpoint it will continue (--resume) or build on.
+    Returns (the device, whether every training stage of this run is already finished)."""
+    device = select_device(config.device)
+    folder = Path(config.data_dir) / CIFAR10_FOLDER
+    if config.dataset == "cifar10" and not config.download and not folder.is_dir():
+        raise UsageError(f"--data-dir: no CIFAR-10 in {folder}/ and --no-download; unpack cifar-10-python.tar.gz "
+                         f"into {config.data_dir}/, or allow --download")
+    if config.inception_weights:
+        check_readable_file(config.inception_weights, "inception_weights", f"the file {INCEPTION_WEIGHTS}")
+    out, finished = config.out, []
+    if config.stage in ("all", "pretrain"):
+        finished.append(open_checkpoint(out / "pretrain.pt", config, "pretrain", config.pretrain_steps)[1])
+    if config.stage in ("all", "finetune"):
+        finished += [open_checkpoint(out / f"finetune-nfe{steps}.pt", config, "finetune", config.finetune_steps)[1]
+                     for steps in config.nfe]
+    if config.stage in ("finetune", "eval"):
+        finished_checkpoint(out / "pretrain.pt", config, "pretrain", config.pretrain_steps,
+                            "run --stage pretrain first (or --stage all)")
+    if config.stage == "eval":
+        for steps in config.nfe:
+            finished_checkpoint(out / f"finetune-nfe{steps}.pt", config, "finetune", config.finetune_steps,
+                                f"run --stage finetune --nfe {steps} first, or leave {steps} out of --nfe")
+    return device, all(finished)
+
+
+def check_batch_sizes(config, data):
+    """UsageError for a batch larger than the training split of the stages this run trains."""
+    sizes = {"pretrain_batch_size": config.stage in ("all", "pretrain"),
+             "finetune_batch_size": config.stage in ("all", "finetune")}
+    for name in (name for name, used in sizes.items() if used):
+        if getattr(config, name) > len(data.train_images):
+            raise UsageError(f"--{name.replace('_', '-')}: got {getattr(config, name)}, need at most the "
+                             f"{len(data.train_images)} training images of {data.name}")
+
+
+def results_up_to_date(config):
+    """Whether results.json holds this config's evaluation and is newer than every checkpoint."""
+    results = config.out / "results.json"
+    if not results.exists():
+        return False
+    now = {key: value for key, value in json.loads(json.dumps(asdict(config))).items() if key not in ("resume", "stage")}
+    saved = {key: value for key, value in json.loads(results.read_text())["config"].items()
+             if key not in ("resume", "stage")}
+    newest_checkpoint = max((path.stat().st_mtime for path in config.out.glob("*.pt")), default=0.0)
+    return saved == now and results.stat().st_mtime >= newest_checkpoint
+
+
 def main(argv=None):
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+        device, nothing_to_train = preflight(config)
+        data = build_dataset(config)
+        check_batch_sizes(config, data)
+    except (UsageError, FileNotFoundError) as error:  # FileNotFoundError: CIFAR-10 neither here nor downloadable
+        exit_with(error)
     started = time.time()
     try:
-        device = select_device(config.device)
-        data = build_dataset(config)
         if config.stage in ("all", "pretrain"):
             pretrain(config, data, device)
         if config.stage in ("all", "finetune"):
             finetune(config, data, device)
-        if config.stage in ("all", "eval"):
+        if config.stage == "eval" or config.stage == "all" and not (nothing_to_train and results_up_to_date(config)):
             evaluate(config, data, device)
+        elif config.stage == "all":
+            print(f"eval: {config.out / 'results.json'} is up to date (nothing trained since), skipping; "
+                  f"--stage eval evaluates again")
     except KeyboardInterrupt as interrupt:
         StopRequest.exit(str(interrupt) or "interrupted outside training; nothing to save")
-    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as error:
+    except UsageError as error:
+        exit_with(error)
+    except (FileNotFoundError, FloatingPointError) as error:
         sys.exit(f"error: {error}")
     print(f"done in {time.time() - started:.0f}s; outputs in {config.out}/")
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from e2ediff import OptionError
+
 # ----------------------------------------------------------------------------------------------
 # Config -> command line. Every field becomes --field-name with its "why" as help; the fields of a
 # nested config dataclass (the scripts embed e2ediff.EndToEndConfig) become flags of their own names.
@@ -47,34 +49,75 @@ def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
+class UsageError(ValueError):
+    """Bad input found before any work starts: a flag's value, a missing file, an unavailable device.
+    The scripts report it in one line on stderr and exit with status 2 (see exit_with)."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: learning_rate -> --learning-rate."""
+    return "--" + name.replace("_", "-")
+
+
+def exit_with(error: UsageError) -> typing.NoReturn:
+    """End the program on a usage error: one line on stderr, no usage block, no traceback, status 2."""
+    print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError("--flag: ...") where argparse would print its usage block and exit."""
+
+    def error(self, message):
+        raise UsageError(message.removeprefix("argument "))
+
+
+def _typed(kind, what: str):
+    """An argparse type that says what it expected: "got 'abc', need an integer"."""
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"got {text!r}, need {what}") from None
+    convert.__name__ = kind.__name__
+    return convert
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(","))
+
+
+ARGUMENT_TYPES = {int: _typed(int, "an integer"), float: _typed(float, "a number"), str: str}
 
 
 def parse_config(config_class, argv=None, description: str = "", presets: dict | None = None,
                  preset_flag: str = "", hidden: tuple[str, ...] = ()):
     """Command line -> config_class. Flags override the preset that the `preset_flag` field selects (a
-    dict of flat field names), which overrides the defaults. `hidden` fields get no flag."""
+    dict of flat field names), which overrides the defaults. `hidden` fields get no flag. Every bad value
+    (type, choice, range: the fields' option() declarations) raises UsageError naming its flag."""
     presets = presets or {}
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)  # only the flags given reach the namespace
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS)  # only the flags given reach the namespace
     for f, kind, default in _flags(config_class):
         if f.name in hidden:
             continue
         text = f.metadata["help"] + f" [default: {_show(default)}"
-        text += "".join(f"; {name}: {_show(p[f.name])}" for name, p in presets.items() if f.name in p) + "]"
-        name, choices = "--" + f.name.replace("_", "-"), f.metadata.get("choices")
+        text += "".join(f"; {name}: {_show(p[f.name])}" for name, p in presets.items() if f.name in p)
+        text += f"; valid: {f.metadata['valid']}" if "valid" in f.metadata else ""
+        text += "]"
+        name, choices = flag(f.name), f.metadata.get("choices")
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=text)
         elif typing.get_origin(kind) is tuple:
-            parser.add_argument(name, type=_int_tuple, metavar="N[,N...]", help=text)
+            parser.add_argument(name, type=_typed(_int_tuple, "comma-separated integers, e.g. 1,2,4"),
+                                metavar="N[,N...]", help=text)
         else:
-            parser.add_argument(name, type=kind, choices=choices, help=text)
+            parser.add_argument(name, type=ARGUMENT_TYPES[kind], choices=choices, help=text)
     given = vars(parser.parse_args(argv))
     try:
         return make_config(config_class, **{**presets.get(given.get(preset_flag), {}), **given})
-    except ValueError as error:
-        parser.error(str(error))
+    except OptionError as error:
+        raise UsageError(f"{flag(error.name)}: got {_show(error.value)}, need {error.need}") from None
 
 
 def make_config(config_class, **values):
@@ -127,14 +170,17 @@ def save_checkpoint(state: dict, path) -> None:
     atomic_write(str(path), lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with torch.load(weights_only=True) (no arbitrary code from the file)."""
+def load_checkpoint(path, map_location="cpu", *, hint: str = "", mmap: bool = False) -> dict:
+    """Load a checkpoint with torch.load(weights_only=True) (no arbitrary code from the file); mmap=True
+    maps the tensors instead of reading them (a cheap check that a large file is whole). A missing or
+    unreadable file raises UsageError, one line, ending with `hint`: how to recover."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise UsageError(f"no checkpoint at {path}. {hint}".strip())
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # truncated file, foreign pickle, ...
-        raise ValueError(f"could not read checkpoint {path}: {error}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"could not read checkpoint {path} ({reason}). {hint}".strip()) from error
 
 
 def rng_state() -> dict:
@@ -197,18 +243,33 @@ class StopRequest:
         sys.exit(130)
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def select_device(name: str = "auto") -> torch.device:
-    """"auto" picks cuda, then mps, then cpu; otherwise the named device, which must be available."""
+    """"auto" picks cuda, then mps, then cpu; otherwise the named device (cpu, cuda, cuda:1, mps), which
+    must be available here: UsageError for --device otherwise."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; valid here: 'auto', 'cpu'")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": _mps_available()}
+    valid = ", ".join(["auto"] + [kind for kind, present in available.items() if present])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: got {name!r}, need one of {valid} (here)") from None
+    if not available.get(device.type, False):
+        raise UsageError(f"--device: got {name!r}, which this machine does not have; valid here: {valid}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device: got {name!r}, but there are {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def check_readable_file(path: str, name: str, what: str) -> None:
+    """UsageError for flag `name` unless `path` is a readable file."""
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        problem = "is a folder" if os.path.isdir(path) else "no such file" if not os.path.exists(path) else "unreadable"
+        raise UsageError(f"{flag(name)}: got {path!r} ({problem}), need {what}")
 
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of TF Inception (FID)

@@ -481,7 +481,7 @@ def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
     (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 3)), "shapes differ"),
     (lambda: e2ediff.discriminator_loss(torch.zeros(1, 1), torch.zeros(1, 1), "wasserstein"), "valid choices: 'hinge', 'non_saturating'"),
     (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
-    (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "unknown coupling 'nearest'; valid choices: 'independent'"),
+    (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "coupling: got 'nearest', need one of 'independent', 'inversion', 'teacher'"),
     (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "no loss"),
     (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), "backprop_steps <= num_steps"),
     (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), "weights must be >= 0"),

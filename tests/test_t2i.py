@@ -358,7 +358,7 @@ def test_flags_set_the_script_and_the_method_config():
     assert config.lr == 1e-5 and config.data == "d"
     assert (config.e2e.coupling, config.e2e.grad_checkpoint, config.e2e.backprop_steps) == ("inversion", False, 2)
     assert config.e2e.ema_decay == 0.95 and config.e2e.lpips_weight == 1.0  # the paper's recipe otherwise
-    with pytest.raises(SystemExit):  # the old name of --grad-checkpoint is gone
+    with pytest.raises(train_t2i.UsageError):  # the old name of --grad-checkpoint is gone
         train_t2i.parse_config(train_t2i.Config, ["--data", "d", "--checkpoint-steps"])
 
 
@@ -396,9 +396,13 @@ def test_denoiser_adapter_keeps_the_mean_half_of_a_learned_variance(micro_condit
         assert torch.equal(output, full[:, :4])
 
 
-def test_missing_model_fails_with_the_download_command(tiny, tmp_path):
-    with pytest.raises(SystemExit, match="hf download nobody/no-such-model --local-dir"):
-        train_t2i.main(tiny_args(tiny, tmp_path, pretrained="nobody/no-such-model"))
+def test_missing_model_fails_with_the_download_command(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # HF_HUB_OFFLINE (conftest): found out before any loading
+        train_t2i.main(tiny_args(tiny, tmp_path / "run", pretrained="nobody/no-such-model"))
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    assert "hf download nobody/no-such-model --local-dir models/no-such-model" in capsys.readouterr().err
+    with pytest.raises(train_t2i.MissingModelError, match="hf download nobody/no-such-model --local-dir"):
+        train_t2i.load_vae(train_t2i.Config(pretrained="nobody/no-such-model", data="unused"), torch.device("cpu"))
     with pytest.raises(train_t2i.MissingModelError, match="pipeline folder"):
         train_t2i.load_vae(train_t2i.Config(pretrained=str(tmp_path), data="unused"), torch.device("cpu"))
 

@@ -38,11 +38,14 @@ def test_presets_fill_unset_flags_and_bad_values_exit_naming_the_valid_choices(c
     assert config.steps == 99 and config.e2e.ema_decay == 0.5
     config = train_utils.parse_config(RunConfig, ["--mode", "slow", "--steps", "5"], presets=presets, preset_flag="mode")
     assert config.steps == 5
-    for argv, message in [(["--coupling", "nearest"], "invalid choice: 'nearest'"),
-                          (["--backprop-steps", "9"], "backprop_steps <= num_steps")]:
-        with pytest.raises(SystemExit) as exit_info:
+    for argv, message in [(["--coupling", "nearest"], "--coupling: invalid choice: 'nearest' (choose from 'independent', "
+                                                     "'inversion', 'teacher')"),
+                          (["--backprop-steps", "9"], "--backprop-steps: got 9, need at most num_steps (4)"),
+                          (["--ema-decay", "nan"], "--ema-decay: got nan, need a finite number in [0, 1]"),
+                          (["--steps", "2.5"], "--steps: got '2.5', need an integer")]:
+        with pytest.raises(train_utils.UsageError) as error:
             train_utils.parse_config(RunConfig, argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert str(error.value) == message
 
 
 def test_checkpoint_round_trip_is_weights_only_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -61,11 +64,12 @@ def test_checkpoint_round_trip_is_weights_only_and_a_failed_write_keeps_the_old_
     monkeypatch.undo()
     assert train_utils.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(train_utils.UsageError, match="no checkpoint"):
         train_utils.load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read checkpoint"):
-        train_utils.load_checkpoint(str(tmp_path / "garbage.pt"))
+    with pytest.raises(train_utils.UsageError, match=r"could not read checkpoint .*garbage.pt \(.*\)\. Move it$") as error:
+        train_utils.load_checkpoint(str(tmp_path / "garbage.pt"), hint="Move it")
+    assert "\n" not in str(error.value)  # one line, however long torch's own message is
 
 
 def test_stop_request_turns_sigint_and_sigterm_into_a_flag_and_a_second_ctrl_c_interrupts():
