@@ -1,0 +1,162 @@
+"""benchmarks/dsd.py — Diffusion as Self-Distillation at toy scale (dsd.py), over seeds: does naive joint
+training collapse the latents, does DSD avoid it and match the two-stage baseline's few-step quality with
+half the parameters, and does end-to-end fine-tuning through its own sampler and decoder improve it?
+
+    python benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (about 11 minutes on one CPU thread)
+    python benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
+
+Per seed, dsd.run trains naive joint, DSD and the two-stage baseline from scratch (same network, data order,
+steps, learning rate), fine-tunes the DSD network end to end at 4 NFE, logs the collapse indicators during
+training and scores DDIM samples at 1, 2, 4, 50 NFE (CFD and pixel energy distance against the test split).
+One torch thread, seeds one after another.
+
+Writes benchmarks/results/dsd[-quick].json (every row, the histories, the summary) and dsd[-quick].png (the
+indicators over training, CFD vs NFE); the last line printed is one JSON object with the headline ratios
+(means over seeds, divided):
+  dsd/latent_std_naive_vs_two_stage  naive's final per-dimension latent std / two-stage's   (goal <= 0.1)
+  dsd/cfd4_vs_two_stage              DSD's CFD at 4 NFE / two-stage's                          (goal <= 1)
+  dsd/e2e_cfd4_vs_dsd4               fine-tuned DSD's CFD at 4 NFE / DSD's                     (goal < 1)
+  dsd/latent_std_dsd_vs_two_stage    DSD's final latent std / two-stage's (no collapse: near 1)
+  dsd/params_dsd_vs_two_stage        DSD's parameter count / two-stage's (encoder-decoder + denoiser)
+Goals are reported, never tuned for.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import dsd  # noqa: E402
+from report import write_results  # noqa: E402
+
+PLANS = {
+    "full": dict(seeds=(0, 1, 2), config={}),  # dsd.Config's defaults
+    "quick": dict(seeds=(0,), config=dict(steps=120, log_every=40, finetune_steps=10, eval_samples=200,
+                                          classifier_epochs=2, inversion_steps=5)),
+}
+MODELS = ("naive", "dsd", "two_stage", "dsd+e2e")
+INDICATORS = ("latent_std", "effective_rank", "recon_mse")
+GOALS = {"dsd/latent_std_naive_vs_two_stage": ("<=", 0.1), "dsd/cfd4_vs_two_stage": ("<=", 1.0),
+         "dsd/e2e_cfd4_vs_dsd4": ("<", 1.0)}
+
+
+def mean_std(values):
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarise(results):
+    """Mean ± std over seeds: per (model, NFE) of CFD and energy; per model of the final indicators,
+    parameter counts and training seconds; per (training, step) of the indicators over training."""
+    quality = {f"{model}@{nfe}": {metric: mean_std(r[metric] for res in results for r in res["rows"]
+                                                   if r["model"] == model and r["nfe"] == nfe)
+                                  for metric in ("cfd", "energy")}
+               for model in MODELS for nfe in sorted({r["nfe"] for r in results[0]["rows"]})}
+    final = {model: {name: mean_std(res["final"][model][name] for res in results) for name in INDICATORS}
+             for model in MODELS}
+    curves = {training: [{"step": row["step"], **{name: mean_std(res["history"][training][i][name] for res in results)
+                                                  for name in INDICATORS}}
+                         for i, row in enumerate(results[0]["history"][training])]
+              for training in dsd.TRAININGS}
+    return {"quality": quality, "final": final, "curves": curves,
+            "parameters": results[0]["parameters"],
+            "seconds": {model: mean_std(res["seconds"][model] for res in results) for model in MODELS},
+            "reference": {metric: mean_std(res["reference"][metric] for res in results) for metric in ("cfd", "energy")}}
+
+
+def headline_ratios(summary):
+    quality, final, parameters = summary["quality"], summary["final"], summary["parameters"]
+    return {
+        "dsd/latent_std_naive_vs_two_stage": final["naive"]["latent_std"]["mean"] / final["two_stage"]["latent_std"]["mean"],
+        "dsd/cfd4_vs_two_stage": quality["dsd@4"]["cfd"]["mean"] / quality["two_stage@4"]["cfd"]["mean"],
+        "dsd/e2e_cfd4_vs_dsd4": quality["dsd+e2e@4"]["cfd"]["mean"] / quality["dsd@4"]["cfd"]["mean"],
+        "dsd/latent_std_dsd_vs_two_stage": final["dsd"]["latent_std"]["mean"] / final["two_stage"]["latent_std"]["mean"],
+        "dsd/params_dsd_vs_two_stage": parameters["dsd"] / parameters["two_stage"],
+    }
+
+
+def tables(summary, nfes):
+    cell = lambda s, digits: f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"  # noqa: E731
+    seeds = summary["reference"]["cfd"]["n"]
+    lines = [f"mean ± std over {seeds} seed(s); lower is better for CFD, energy and recon MSE",
+             "| model | parameters | train s | latent std | effective rank | recon MSE |", "|---|---|---|---|---|---|"]
+    for model in MODELS:
+        final = summary["final"][model]
+        lines.append(f"| {model} | {summary['parameters'][model]:,} | {summary['seconds'][model]['mean']:.0f} | "
+                     f"{cell(final['latent_std'], 3)} | {cell(final['effective_rank'], 2)} | {cell(final['recon_mse'], 4)} |")
+    for metric, digits in (("cfd", 1), ("energy", 3)):
+        reference = summary["reference"][metric]
+        lines += ["", f"{metric} (train split vs test: {cell(reference, digits)})",
+                  "| model | " + " | ".join(f"{k} NFE" for k in nfes) + " |", "|---" * (1 + len(nfes)) + "|"]
+        for model in MODELS:
+            lines.append(f"| {model} | " + " | ".join(cell(summary["quality"][f"{model}@{k}"][metric], digits) for k in nfes) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary, nfes, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.9))
+    labels = {"naive": "naive joint", "dsd": "DSD", "two_stage": "two-stage (autoencoder stage)"}
+    for axis, name in zip(axes, INDICATORS):
+        for training, curve in summary["curves"].items():
+            steps = [row["step"] for row in curve]
+            mean = [row[name]["mean"] for row in curve]
+            std = [row[name]["std"] for row in curve]
+            axis.plot(steps, mean, label=labels[training])
+            axis.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25)
+        axis.set(xlabel="training step", title=name.replace("_", " "), yscale="log" if name != "effective_rank" else "linear")
+    axes[0].legend(fontsize=8)
+    for model in MODELS:
+        cells = [summary["quality"][f"{model}@{k}"]["cfd"] for k in nfes]
+        axes[3].errorbar(nfes, [c["mean"] for c in cells], [c["std"] for c in cells], marker="o", capsize=2, label=model)
+    axes[3].set(xlabel="NFE (DDIM steps)", ylabel="CFD (lower is better)", xscale="log", yscale="log", title="sample quality")
+    axes[3].set_xticks(nfes, [str(k) for k in nfes])
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny step counts: a smoke run")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a small MLP: one thread is fastest, and leaves a core to whatever runs beside
+    start, mode = time.time(), "quick" if args.quick else "full"
+    plan = PLANS[mode]
+    with tempfile.TemporaryDirectory(prefix="dsd-") as work:  # the metric's classifiers, deleted after
+        configs = [dsd.Config(seed=seed, work_dir=work, **plan["config"]) for seed in plan["seeds"]]
+        results = [dsd.run(config, log=lambda line: print(f"[{time.time() - start:.0f}s] {line}", flush=True))
+                   for config in configs]
+    summary = summarise(results)
+    nfes = list(configs[0].nfe)
+    print(tables(summary, nfes))
+    headline = headline_ratios(summary)
+    for key, (relation, goal) in GOALS.items():
+        met = headline[key] <= goal if relation == "<=" else headline[key] < goal
+        print(f"goal {key} {relation} {goal}: measured {headline[key]:.3f} -> {'met' if met else 'MISSED'}")
+    os.makedirs(args.out, exist_ok=True)
+    name = "dsd-quick" if args.quick else "dsd"
+    plot(summary, nfes, os.path.join(args.out, f"{name}.png"))
+    record = {"mode": mode, "seeds": plan["seeds"], "config": dataclasses.asdict(configs[0]) | {"seed": None, "work_dir": None},
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "summary": summary,
+              "goals": GOALS}
+    write_results(args.out, name, record, headline, start)
+    return headline
+
+
+if __name__ == "__main__":
+    main()
