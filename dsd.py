@@ -100,7 +100,8 @@ class Config:
 class OneNetwork(nn.Module):
     """One MLP that encodes, decodes and denoises: its input is [pixels (64), latent (d), embedding of t,
     one-hot role] and its output [pixels (64), latent (d)]; each role fills the slots it has, zeros the
-    rest and reads one output slot. Every weight serves every role.
+    rest and reads one output slot. Every hidden layer serves every role; of the output layer, the pixel
+    rows serve the decoder and the latent rows the encoder and the denoiser.
 
     encode(x (B, 1, 8, 8)) -> z (B, d); decode(z) -> x (B, 1, 8, 8); forward(z_t, t, cond) -> v-prediction
     (B, d), the e2ediff `Denoiser` interface (cond is ignored: unconditional).
@@ -363,6 +364,9 @@ def finetune_end_to_end(model: Trained, config: Config, images: torch.Tensor, pr
 def run(config: Config, log=print) -> dict:
     """The three trainings, the end-to-end fine-tune of DSD, indicators and sample quality for one seed.
 
+    Models: naive, dsd, two_stage, dsd_no_latent_norm (the DSD objective without the latent LayerNorm: the
+    ablation behind our reading) and dsd+e2e.
+
     :returns: {"rows": [{model, nfe, cfd, energy}], "final": {model: indicators}, "history": {training:
         rows}, "parameters": {model: count}, "seconds": {model: training time}, "reference": metrics of
         the train split itself (the metrics' floor)}.
@@ -375,15 +379,17 @@ def run(config: Config, log=print) -> dict:
     for training in TRAININGS:
         models[training] = train(training, config, images, probe_images)
         log(f"seed {config.seed} {training}: {models[training].seconds:.0f}s, {models[training].history[-1]}")
+    models["dsd_no_latent_norm"] = train("dsd", dataclasses.replace(config, latent_norm=False), images, probe_images)
     models["dsd+e2e"] = finetune_end_to_end(models["dsd"], config, images, probe_images)
-    log(f"seed {config.seed} dsd+e2e: {models['dsd+e2e'].seconds:.0f}s, {models['dsd+e2e'].history[-1]}")
+    for name in ("dsd_no_latent_norm", "dsd+e2e"):
+        log(f"seed {config.seed} {name}: {models[name].seconds:.0f}s, {models[name].history[-1]}")
     rows = []
     for name, model in models.items():
         for nfe in config.nfe:
             metrics = judge(sample_images(model, nfe, config.eval_samples, seed=1000 + config.seed))
             rows.append({"model": name, "nfe": nfe, **metrics})
     return {"rows": rows, "final": {name: model.history[-1] for name, model in models.items()},
-            "history": {name: models[name].history for name in TRAININGS},
+            "history": {name: models[name].history for name in (*TRAININGS, "dsd_no_latent_norm")},
             "parameters": {name: model.parameters for name, model in models.items()},
             "seconds": {name: model.seconds for name, model in models.items()},
             "reference": judge(images)}

@@ -40,10 +40,10 @@ from report import write_results  # noqa: E402
 
 PLANS = {
     "full": dict(seeds=(0, 1, 2), config={}),  # dsd.Config's defaults
-    "quick": dict(seeds=(0,), config=dict(steps=120, log_every=40, finetune_steps=10, eval_samples=200,
-                                          classifier_epochs=2, inversion_steps=5)),
+    "quick": dict(seeds=(0,), config=dict(steps=60, log_every=20, finetune_steps=10, eval_samples=200,
+                                          classifier_epochs=2, inversion_steps=5, nfe=(1, 4))),
 }
-MODELS = ("naive", "dsd", "two_stage", "dsd+e2e")
+MODELS = ("naive", "dsd", "two_stage", "dsd_no_latent_norm", "dsd+e2e")
 INDICATORS = ("latent_std", "effective_rank", "recon_mse")
 GOALS = {"dsd/latent_std_naive_vs_two_stage": ("<=", 0.1), "dsd/cfd4_vs_two_stage": ("<=", 1.0),
          "dsd/e2e_cfd4_vs_dsd4": ("<", 1.0)}
@@ -66,7 +66,7 @@ def summarise(results):
     curves = {training: [{"step": row["step"], **{name: mean_std(res["history"][training][i][name] for res in results)
                                                   for name in INDICATORS}}
                          for i, row in enumerate(results[0]["history"][training])]
-              for training in dsd.TRAININGS}
+              for training in results[0]["history"]}
     return {"quality": quality, "final": final, "curves": curves,
             "parameters": results[0]["parameters"],
             "seconds": {model: mean_std(res["seconds"][model] for res in results) for model in MODELS},
@@ -109,7 +109,8 @@ def plot(summary, nfes, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(19, 3.9))
-    labels = {"naive": "naive joint", "dsd": "DSD", "two_stage": "two-stage (autoencoder stage)"}
+    labels = {"naive": "naive joint", "dsd": "DSD", "two_stage": "two-stage (autoencoder stage)",
+              "dsd_no_latent_norm": "DSD without latent LayerNorm"}
     for axis, name in zip(axes, INDICATORS):
         for training, curve in summary["curves"].items():
             steps = [row["step"] for row in curve]
