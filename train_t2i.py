@@ -582,8 +582,6 @@ def precompute(config: Config, ctx: Dist):
     attention_mask) for every usable sample of --data (each rank its share), then meta.json."""
     from safetensors.torch import save_file
     stream = CaptionStream(config.data, config.resolution, ctx.rank, ctx.world_size, config.seed, epochs=1)
-    if stream.kind == "precomputed":
-        raise ValueError(f"--data {config.data} is already pre-computed")
     dtype = getattr(torch, config.cache_dtype)
     text_encoder, tokenizer = load_text_parts(config, ctx.device, frozen_dtype(config, ctx.device))
     codec = LatentCodec(load_vae(config, ctx.device))
@@ -990,7 +988,10 @@ def preflight(config: Config) -> dict | None:
             list_units(config.data, kind)
     except FileNotFoundError as error:
         raise UsageError(str(error)) from None
-    if kind == "precomputed" and not config.precompute_to:
+    if kind == "precomputed" and config.precompute_to:
+        raise UsageError(f"--precompute-to: got {config.precompute_to!r}, but --data {config.data} is already "
+                         f"pre-computed; train on it without --precompute-to")
+    if kind == "precomputed":
         with open(os.path.join(config.data, "meta.json")) as f:
             resolution = json.load(f)["resolution"]
         if resolution != config.resolution:
@@ -1002,9 +1003,10 @@ def preflight(config: Config) -> dict | None:
         else:
             check_model("pretrained", config.pretrained, f"{part}/{file}")
     if config.eval_data:
-        check_model("clip_model", config.clip_model, "config.json")
         if not os.path.isfile(os.path.join(config.eval_data, "metadata.jsonl")):
             raise UsageError(f"--eval-data: got {config.eval_data!r}, need an imagefolder with metadata.jsonl")
+        if looks_local(config.clip_model) and not os.path.isdir(config.clip_model):  # a hub id may be missing:
+            raise UsageError(f"--clip-model: got {config.clip_model!r}, which is not a folder")  # no CLIP score then
     if config.sample_prompts:
         check_readable_file(config.sample_prompts, "sample_prompts", "a text file with one prompt per line")
     if config.inception_weights:

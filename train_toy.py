@@ -223,7 +223,7 @@ def load_cifar10(data_dir, download: bool):
                 shutil.rmtree(data_dir, ignore_errors=True)
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
+            f"--data-dir: CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
             f"Offline, fetch cifar-10-python.tar.gz (the 'CIFAR-10 python version' from the CIFAR "
             f"homepage) elsewhere and unpack it into {data_dir}/, or run with network and --download.")
 
@@ -317,8 +317,8 @@ def check_compatible(saved_config, config, path):
 
 def read_checkpoint(path, config, stage):
     """A checkpoint of `stage` made with our model flags; UsageError, with how to recover, otherwise."""
-    hint = (f"To redo the {stage} stage from scratch, move it away (mv {path} {path}.bad) and rerun; or choose "
-            f"another --out-dir.")
+    hint = (f"Move it away (mv {path} {path}.bad) and rerun with --resume: finished stages are kept and the "
+            f"{stage} stage starts over; or choose another --out-dir.")
     checkpoint = load_checkpoint(path, hint=hint)
     if checkpoint.get("stage") != stage:
         raise UsageError(f"{path} is not a {stage} checkpoint (it holds {checkpoint.get('stage')!r}). {hint}")

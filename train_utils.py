@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import typing
+import zipfile
 from typing import Any, Callable
 
 import numpy as np
@@ -32,7 +33,7 @@ def _nested(config_class) -> dict[str, Any]:
             if f.default is dataclasses.MISSING and dataclasses.is_dataclass(nested := f.default_factory())}
 
 
-def _flags(config_class) -> list[tuple[dataclasses.Field, type, Any]]:
+def flag_fields(config_class) -> list[tuple[dataclasses.Field, type, Any]]:
     """(field, type, default) for every flag of config_class, the nested configs' fields flattened in."""
     nested, rows = _nested(config_class), []
     hints = typing.get_type_hints(config_class)
@@ -98,7 +99,7 @@ def parse_config(config_class, argv=None, description: str = "", presets: dict |
     presets = presets or {}
     parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                      argument_default=argparse.SUPPRESS)  # only the flags given reach the namespace
-    for f, kind, default in _flags(config_class):
+    for f, kind, default in flag_fields(config_class):
         if f.name in hidden:
             continue
         text = f.metadata["help"] + f" [default: {_show(default)}"
@@ -179,7 +180,8 @@ def load_checkpoint(path, map_location="cpu", *, hint: str = "", mmap: bool = Fa
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # truncated file, foreign pickle, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = ("truncated, or not a torch.save file" if not zipfile.is_zipfile(path)
+                  else (str(error).strip().splitlines() or [type(error).__name__])[0][:200])
         raise UsageError(f"could not read checkpoint {path} ({reason}). {hint}".strip()) from error
 
 

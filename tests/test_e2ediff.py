@@ -482,9 +482,10 @@ def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
     (lambda: e2ediff.discriminator_loss(torch.zeros(1, 1), torch.zeros(1, 1), "wasserstein"), "valid choices: 'hinge', 'non_saturating'"),
     (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
     (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "coupling: got 'nearest', need one of 'independent', 'inversion', 'teacher'"),
-    (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "no loss"),
-    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), "backprop_steps <= num_steps"),
-    (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), "weights must be >= 0"),
+    (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "l2_weight: got 0.0, need a reconstruction weight"),
+    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), r"backprop_steps: got 3, need at most num_steps \(2\)"),
+    (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), r"l1_weight: got -1.0, need a finite number >= 0"),
+    (lambda: e2ediff.EndToEndConfig(eta=float("nan")), r"eta: got nan, need a finite number in \[0, 1\]"),
     (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs an LPIPS module"),
 ])
 def test_bad_input_raises_value_error_naming_the_valid_choices(call, message):

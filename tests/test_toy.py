@@ -86,6 +86,24 @@ def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_tab
     assert Image.open(out / "grids" / "e2e-nfe1.png").size == (10 * 66 + 2, 10 * 66 + 2)  # 10x10 digits, 64 px
 
 
+def test_resume_of_a_finished_run_redoes_nothing_and_a_new_evaluation_replaces_the_old_rows(tmp_path, capsys):
+    out, flags = tmp_path / "run", ["--model-channels", "8", "--pretrain-steps", "4", "--pretrain-batch-size", "32",
+                                    "--finetune-steps", "2", "--finetune-batch-size", "16", "--nfe", "1",
+                                    "--base-nfe", "1", "--inversion-steps", "2", "--eval-samples", "20",
+                                    "--classifier-epochs", "1", "--log-every", "1"]
+    train_toy.main(["--out-dir", str(out), *flags])
+    before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    train_toy.main(["--out-dir", str(out), *flags, "--resume"])
+    printed = capsys.readouterr().out
+    assert "is up to date (nothing trained since), skipping" in printed and "inverted" not in printed
+    after = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
+    assert after == before  # no checkpoint, log row, grid or result written again
+    train_toy.main(["--out-dir", str(out), *flags, "--stage", "eval"])  # asked for: evaluates again
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nfe"] for r in rows if r["stage"] == "eval"] == [None, 1, 1]  # data, base, E2E: once each
+
+
 def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_discriminator(tmp_path, digits):
     config = tiny(tmp_path, coupling="independent", l1_weight=1.0, l2_weight=0.0, lpips_weight=0.5,
                   lpips_random_backbone=True, gan_weight=0.1, gan_start_step=2, finetune_steps=3,

@@ -1,0 +1,268 @@
+"""Every bad input to either script fails at the boundary, before any work: one clear line on stderr
+that names the flag (or the file), exit status 2, no traceback, within seconds, and nothing created or
+changed on disk.
+
+    pytest tests/test_bad_inputs.py      # about a minute on 2 CPU cores
+
+The cases are generated from the scripts' config dataclasses, so every flag is tried, and a new flag
+without a case fails `test_every_flag_has_a_bad_input_case`: per type a wrong type, NaN and infinity
+for numbers, each side of a declared range, an unknown choice; per path flag a path that does not exist;
+then the cases that need files (corrupt, foreign or unfinished checkpoints, wrong data folders). The
+scripts run in this process (`main(argv)`), so that each case costs milliseconds; three of them also
+run as real processes, to check the exit status and the whole of stderr as a user sees them.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_t2i
+import train_toy
+import train_utils
+
+ROOT = Path(__file__).resolve().parent.parent
+MISSING = "/no/such/path"
+NOT_CHECKED = {  # fields whose every value is accepted at the boundary, and why
+    "train_t2i.py": {"precompute_to": "any folder: created by the run (its clash with pre-computed --data has a case)"},
+}
+
+
+@dataclasses.dataclass
+class Case:
+    script: str  # "train_toy.py" or "train_t2i.py"
+    argv: list  # the flags under test; the script's BASE flags come first
+    expect: str  # the stderr line must contain this (the flag's name, or the file's)
+    field: str = ""  # the config field this case tries ("" for a file case)
+    setup: str = ""  # a name in SETUPS: files written into the run folder before the run
+
+    @property
+    def id(self):
+        return f"{self.script[6:-3]} {' '.join(self.argv)}".replace(MISSING, "MISSING")
+
+
+# --- the cases ---------------------------------------------------------------------------------
+
+
+def out_of_range(valid: str, integer: bool) -> list[str]:
+    """Values just outside an option()'s `valid` range: "> 0" -> 0, ">= 1" -> 0, "[0, 1)" -> -0.5 and 1."""
+    if valid.startswith(">="):
+        return [str(int(float(valid[2:])) - 1)]
+    if valid.startswith(">"):
+        return [valid[1:].strip()]
+    low, high = (float(bound) for bound in valid[1:-1].split(","))
+    step = 1 if integer else 0.5
+    return [f"{low - step:g}", f"{high + step:g}" if valid[-1] == "]" else f"{high:g}"]
+
+
+def generated_cases(script, config_class, hidden=(), paths=None):
+    """Cases for every flag of config_class from its declaration (type, choices, range), and `paths`:
+    {field: [bad values]} for the string flags whose bad values only the script knows."""
+    cases = []
+    for f, kind, _ in train_utils.flag_fields(config_class):
+        if f.name in hidden:
+            continue
+        flag, valid = train_utils.flag(f.name), f.metadata.get("valid", "")
+        values = []
+        if kind is bool:
+            cases.append(Case(script, [f"{flag}=maybe"], flag, f.name))
+            continue
+        if kind is int:
+            values = ["abc", "1.5"] + (out_of_range(valid, integer=True) if valid else [])
+        elif kind is float:
+            values = ["abc", "nan", "inf"] + (out_of_range(valid, integer=False) if valid else [])
+        elif kind != str:  # a tuple of ints
+            values = ["abc", "", "1,,2"] + (out_of_range(valid, integer=True) if valid else [])
+        elif "choices" in f.metadata:
+            values = ["bogus"]
+        elif valid == "non-empty":
+            values = [""]
+        cases += [Case(script, [flag, value], flag, f.name) for value in values]
+        cases += [Case(script, [*extra, flag, value], flag, f.name) for *extra, value in (paths or {}).get(f.name, [])]
+    return cases
+
+
+TOY_PATHS = {
+    "data_dir": [("--dataset", "cifar10", "--no-download", MISSING)],
+    "device": [("tpu",), ("cuda:99",)],
+    "inception_weights": [(MISSING,), (".",)],
+}
+T2I_PATHS = {
+    name: [(MISSING,)] for name in ("pretrained", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+} | {
+    "pretrained": [(MISSING,), ("nobody/no-such-model",)],  # a local path; a hub id not in the offline cache
+    "data": [("",), (MISSING,), ("{run}",), ("{run}/shards-{{000..002}}.tar",)],
+    "device": [("tpu",), ("cuda:99",)],
+    "sample_prompts": [(MISSING,), ("{run}",)],
+    "eval_data": [(MISSING,), ("{run}",)],
+    "clip_model": [("--eval-data", "{eval}", MISSING)],
+    "inception_weights": [(MISSING,)],
+}
+
+CASES = [
+    *generated_cases("train_toy.py", train_toy.Config, hidden=("num_steps",), paths=TOY_PATHS),
+    # inputs that are bad together, or against the data
+    Case("train_toy.py", ["--backprop-steps", "2", "--nfe", "1,2"], "--backprop-steps", "backprop_steps"),
+    Case("train_toy.py", ["--inversion-steps", "2000"], "--inversion-steps", "inversion_steps"),
+    Case("train_toy.py", ["--base-nfe", "1,5000"], "--base-nfe", "base_nfe"),
+    Case("train_toy.py", ["--l2-weight", "0"], "--l2-weight", "l2_weight"),
+    Case("train_toy.py", ["--finetune-batch-size", "5000"], "--finetune-batch-size", "finetune_batch_size"),
+    Case("train_toy.py", ["--pretrain-batch-size", "5000"], "--pretrain-batch-size", "pretrain_batch_size"),
+    # checkpoints: corrupt, foreign, of another stage, unfinished, missing, or about to be overwritten
+    Case("train_toy.py", ["--resume"], "mv {run}/pretrain.pt", setup="corrupt_pretrain"),
+    Case("train_toy.py", ["--resume", "--stage", "finetune", "--nfe", "2"], "mv {run}/finetune-nfe2.pt",
+         setup="corrupt_finetune"),
+    Case("train_toy.py", [], "Pass --resume", setup="finished_pretrain"),
+    Case("train_toy.py", ["--resume", "--model-channels", "16"], "--model-channels: checkpoint 32 vs now 16",
+         setup="finished_pretrain"),
+    Case("train_toy.py", ["--resume"], "is not a pretrain checkpoint", setup="finetune_as_pretrain"),
+    Case("train_toy.py", ["--stage", "finetune"], "no pretrain checkpoint at {run}/pretrain.pt"),
+    Case("train_toy.py", ["--stage", "finetune"], "stopped at step 5 of 3000", setup="unfinished_pretrain"),
+    Case("train_toy.py", ["--stage", "eval", "--nfe", "1"], "--stage finetune --nfe 1", setup="finished_pretrain"),
+    *generated_cases("train_t2i.py", train_t2i.Config, paths=T2I_PATHS),
+    Case("train_t2i.py", ["--resolution", "100"], "--resolution", "resolution"),
+    Case("train_t2i.py", ["--backprop-steps", "5"], "--backprop-steps", "backprop_steps"),
+    Case("train_t2i.py", ["--l2-weight", "0", "--lpips-weight", "0"], "--l2-weight", "l2_weight"),
+    Case("train_t2i.py", ["--data", "{precomputed}", "--resolution", "512"], "--resolution", "resolution"),
+    Case("train_t2i.py", ["--data", "{precomputed}", "--precompute-to", "{run}/again"], "--precompute-to"),
+    Case("train_t2i.py", ["--resume"], "mv {run}/ckpt.pt", setup="corrupt_ckpt"),
+    Case("train_t2i.py", ["--resume"], "--resume: no checkpoint at {run}/ckpt.pt"),
+    Case("train_t2i.py", [], "{run}/ckpt.pt exists: pass --resume", setup="t2i_ckpt"),
+    Case("train_t2i.py", [], "pip install -r requirements-t2i.txt", setup="missing_extra"),
+]
+
+
+# --- the world each case runs in -----------------------------------------------------------------
+
+
+def fake_toy_checkpoint(path, stage, step, **config):
+    """What the toy's preflight reads of a checkpoint: its stage, step and config."""
+    torch.save({"stage": stage, "step": step, "config": dataclasses.asdict(train_toy.Config(**config))}, path)
+
+
+SETUPS = {
+    "corrupt_pretrain": lambda run, monkeypatch: (run / "pretrain.pt").write_bytes(b"\x00" * 100),
+    "corrupt_finetune": lambda run, monkeypatch: (
+        fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000), (run / "finetune-nfe2.pt").write_bytes(b"PK\x03")),
+    "finished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000),
+    "unfinished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 5),
+    "finetune_as_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "finetune", 600),
+    "corrupt_ckpt": lambda run, monkeypatch: (run / "ckpt.pt").write_bytes(b"truncated"),
+    "t2i_ckpt": lambda run, monkeypatch: torch.save({"step": 3}, run / "ckpt.pt"),
+    "missing_extra": lambda run, monkeypatch: monkeypatch.setattr(
+        train_t2i, "T2I_EXTRAS", train_t2i.T2I_EXTRAS + ("no_such_package_e2ediff",)),
+}
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A run folder, the folders the t2i flags point at (an imagefolder, a pre-computed folder, an
+    evaluation set, a pipeline folder), and a working directory for flags that default to a relative path."""
+    folders = {name: tmp_path / name for name in ("run", "images", "precomputed", "eval", "pipeline", "cwd")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["images"] / "metadata.jsonl").write_text("")
+    (folders["eval"] / "metadata.jsonl").write_text("")
+    (folders["precomputed"] / "meta.json").write_text('{"resolution": 64}')
+    monkeypatch.chdir(folders["cwd"])
+    return folders
+
+
+def base_argv(script, world):
+    """Flags under which the script would start work; each case adds its bad ones after them."""
+    if script == "train_toy.py":
+        return ["--out-dir", str(world["run"])]
+    return ["--out-dir", str(world["run"]), "--data", str(world["images"]), "--pretrained", str(world["pipeline"]),
+            "--resolution", "64"]
+
+
+def snapshot(root):
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(root.rglob("*"))}
+
+
+def resolve(text, world):
+    return text.format(run=world["run"], eval=world["eval"], precomputed=world["precomputed"])
+
+
+def run_in_process(case, world, monkeypatch, capsys):
+    """(exit status, stdout, stderr, seconds) of the script's main() on the case."""
+    main = train_toy.main if case.script == "train_toy.py" else train_t2i.main
+    argv = base_argv(case.script, world) + [resolve(arg, world) for arg in case.argv]
+    monkeypatch.setattr(sys, "argv", [case.script])
+    capsys.readouterr()
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    seconds = time.perf_counter() - started
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err, seconds
+
+
+# --- the tests -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_fails_at_once_in_one_line_naming_the_flag_and_touches_nothing(case, world, monkeypatch, capsys,
+                                                                              tmp_path):
+    if case.setup:
+        SETUPS[case.setup](world["run"], monkeypatch)
+    before = snapshot(tmp_path)
+    status, out, err, seconds = run_in_process(case, world, monkeypatch, capsys)
+    assert status == 2, (status, err)
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"{case.script}: error: "), err
+    assert resolve(case.expect, world) in err, err
+    assert "Traceback" not in err and "usage:" not in err
+    assert seconds < 5, f"took {seconds:.1f}s to reject"
+    assert snapshot(tmp_path) == before, "a file was created or changed"
+
+
+def test_every_flag_has_a_bad_input_case():
+    for script, config_class, hidden in [("train_toy.py", train_toy.Config, ("num_steps",)),
+                                         ("train_t2i.py", train_t2i.Config, ())]:
+        flags = {f.name for f, _, _ in train_utils.flag_fields(config_class)} - set(hidden)
+        tried = {case.field for case in CASES if case.script == script}
+        assert flags - tried == set(NOT_CHECKED.get(script, {})), sorted(flags - tried)
+
+
+def test_the_base_flags_pass_every_check(world):
+    """The cases fail because of what they add, not because of the flags they start from."""
+    _, finished = train_toy.preflight(train_toy.parse_config(base_argv("train_toy.py", world)))
+    assert finished is False
+    t2i = train_utils.parse_config(train_t2i.Config, base_argv("train_t2i.py", world))
+    assert train_t2i.preflight(t2i) is None
+
+
+def test_readme_quotes_the_number_of_cases():
+    assert f"{len(CASES)} bad-input cases" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("script, argv, expect", [
+    ("train_toy.py", ["--finetune-lr", "nan"], "train_toy.py: error: --finetune-lr: got nan, need a finite number > 0"),
+    ("train_toy.py", ["--device", "tpu"], "train_toy.py: error: --device: got 'tpu', need one of auto"),
+    ("train_t2i.py", ["--data", ".", "--pretrained", MISSING], f"train_t2i.py: error: --pretrained: got '{MISSING}', "
+                                                               f"which is not a folder"),
+])
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path, script, argv, expect):
+    if script == "train_t2i.py":
+        (tmp_path / "metadata.jsonl").write_text("")
+    completed = subprocess.run([sys.executable, str(ROOT / script), "--out-dir", str(tmp_path / "run"), *argv],
+                               capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert completed.returncode == 2 and completed.stdout == "", completed
+    assert completed.stderr.startswith(expect) and completed.stderr.count("\n") == 1, completed.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_finished_t2i_run_resumed_does_nothing(world, capsys):
+    run = world["run"]
+    torch.save({"step": 5}, run / "ckpt.pt")
+    (run / "transformer_ema").mkdir()
+    before = snapshot(run)
+    train_t2i.main(base_argv("train_t2i.py", world) + ["--resume", "--max-steps", "5"])
+    assert "is finished (step 5 of --max-steps 5); nothing to do" in capsys.readouterr().out
+    assert snapshot(run) == before
