@@ -83,7 +83,7 @@ def _check_choice(name: str, value: str, choices) -> None:
 # --------------------------------------------------------------------------------------------------
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = ("trailing", "leading", "linspace", "lcm")
 
 
 @dataclass
@@ -163,10 +163,16 @@ def make_schedule(
     return NoiseSchedule(betas.float(), alphas_cumprod.float())
 
 
-def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> torch.Tensor:
+def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing",
+                       original_steps: int = 50) -> torch.Tensor:
     """The T timesteps a T-step sampler visits, descending (diffusers' conventions; Lin et al. 2024
     Table 2). For N = 1000, T = 4: trailing 999 749 499 249; leading (offset 1) 751 501 251 1;
-    linspace 999 666 333 0. Only "trailing" and "linspace" start at t = N - 1."""
+    linspace 999 666 333 0; lcm 999 759 499 259. Only "leading" does not start at t = N - 1.
+
+    "lcm" is the grid a latent consistency model was distilled on (Luo et al. 2023): `original_steps`
+    timesteps k-1, 2k-1, ..., N-1 with k = N // original_steps, and T of them taken at evenly spaced
+    indices from the top, exactly as diffusers' LCMScheduler.set_timesteps(T) with its
+    original_inference_steps (50 for PixArt-delta, LCM-LoRA, LCM-Dreamshaper)."""
     _check_choice("spacing", spacing, SPACINGS)
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
@@ -175,6 +181,11 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 
         steps = np.round(np.arange(n, 0, -n / num_steps)) - 1
     elif spacing == "leading":
         steps = np.arange(num_steps)[::-1] * (n // num_steps) + 1  # diffusers' steps_offset = 1
+    elif spacing == "lcm":
+        if not num_steps <= original_steps <= n:
+            raise ValueError(f"the lcm spacing needs num_steps <= original_steps <= {n}, got {num_steps}, {original_steps}")
+        grid = (np.arange(1, original_steps + 1) * (n // original_steps) - 1)[::-1]  # the distillation grid
+        steps = grid[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)]
     else:
         steps = np.linspace(0, n - 1, num_steps).round()[::-1]
     return torch.from_numpy(steps.astype(np.int64).copy())
@@ -248,6 +259,16 @@ def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None
 UPDATES = ("ddim", "lcm")
 
 
+def consistency_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """(c_skip, c_out) of a consistency model's boundary condition (Song et al. 2023, Eq. 7; Luo et al.
+    2023, Eq. 5): f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t) is the identity at t = 0.
+    diffusers' LCMScheduler values (t scaled by 10, sigma_data 0.5): c_skip < 1e-5 from t = 19 on.
+
+    :param t: a timestep (int) or a float tensor of them; returns two of the same kind."""
+    scaled = t * timestep_scaling
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / (scaled**2 + sigma_data**2) ** 0.5
+
+
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
@@ -272,6 +293,7 @@ def unrolled_sample(
     update: str = "ddim",
     eta: float = 0.0,
     spacing: str = "trailing",
+    original_steps: int = 50,
     cond: Any = None,
     uncond: Any = None,
     guidance_scale: float = 1.0,
@@ -286,8 +308,11 @@ def unrolled_sample(
     :param z_T: (B, ...) starting noise (pure Gaussian noise, or a coupling's z_T).
     :param num_steps: T >= 1 network evaluations (NFE, doubled under guidance).
     :param update: "ddim" — Song et al. 2021 Eq. 12, deterministic for eta = 0, ancestral-like for
-        eta > 0; "lcm" — predict x0, re-noise it to the next timestep with fresh noise (the LCM
-        multistep sampler of the paper's base model; our reading of Alg. 1 line 9).
+        eta > 0; "lcm" — predict x0 (through the consistency boundary condition), re-noise it to the
+        next timestep with fresh noise (the LCM multistep sampler of the paper's base model, as
+        diffusers' LCMScheduler.step; our reading of Alg. 1 line 9).
+    :param spacing, original_steps: which timesteps (see `sampling_timesteps`; original_steps is the
+        LCM grid of spacing "lcm").
     :param cond, uncond, guidance_scale: conditioning passed through to the model; with
         guidance_scale != 1 the model is also called with `uncond` (classifier-free guidance).
     :param generator: source of the fresh noise of "lcm" and eta > 0 (injectable for tests).
@@ -310,7 +335,7 @@ def unrolled_sample(
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("guidance_scale != 1 needs `uncond` (the null conditioning)")
 
-    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing).tolist()
+    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, original_steps).tolist()
     alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
     first_graph_step = 0 if backprop_steps is None else num_steps - backprop_steps
     batch = z_T.shape[0]
@@ -332,12 +357,15 @@ def unrolled_sample(
             x0, eps = split_prediction(output, z, alpha_t.expand(batch), sigma_t.expand(batch), prediction_type)
             alpha_prev, sigma_prev = abar_prev.sqrt(), (1 - abar_prev).sqrt()
             if update == "lcm":
-                # LCM multistep (Luo et al. 2023, Alg. 3): z_{t-1} = alpha_{t-1} x0_hat + sigma_{t-1} xi
+                # LCM multistep (Luo et al. 2023, Alg. 3): f = c_skip z + c_out x0_hat, then
+                # z_{t-1} = alpha_{t-1} f + sigma_{t-1} xi
+                c_skip, c_out = consistency_scalings(t)
+                x0 = c_skip * z + c_out * x0
                 z = alpha_prev * x0 + (sigma_prev * _randn_like(z, generator) if i + 1 < num_steps else 0)
             else:
                 # DDIM (Song et al. 2021, Eq. 12 and 16); eta = 0 is the deterministic ODE step
-                noise_scale = eta * (sigma_prev / sigma_t) * (1 - abar_t / abar_prev).clamp(min=0).sqrt()
-                z = alpha_prev * x0 + (sigma_prev**2 - noise_scale**2).clamp(min=0).sqrt() * eps
+                direction, noise_scale = _ddim_split(float(abar_t), float(abar_prev), eta)
+                z = alpha_prev * x0 + direction * eps
                 if eta > 0 and i + 1 < num_steps:
                     z = z + noise_scale * _randn_like(z, generator)
     return z
@@ -348,6 +376,21 @@ def unrolled_sample(
 # --------------------------------------------------------------------------------------------------
 
 COUPLINGS = ("independent", "inversion", "teacher")
+
+
+def _ddim_split(abar_t: float, abar_prev: float, eta: float) -> tuple[float, float]:
+    """How a DDIM step splits sigma_{t-1}: (the coefficient of the predicted eps, the std of the fresh
+    noise), Song et al. 2021 Eq. 16: noise = eta (sigma_{t-1} / sigma_t) sqrt(1 - abar_t / abar_{t-1}),
+    direction = sqrt(sigma_{t-1}^2 - noise^2). The direction is computed in float64 in the form
+        (sigma_{t-1} / sigma_t) sqrt((1 - eta^2) sigma_t^2 + eta^2 abar_t sigma_{t-1}^2 / abar_{t-1}),
+    a sum of non-negative terms: the subtraction cancels badly in float32 (eta = 1, abar_t = 0 under zero
+    terminal SNR: 0 in exact arithmetic, ~1e-4 in float32)."""
+    var_t, var_prev = 1.0 - abar_t, 1.0 - abar_prev
+    if var_t <= 0.0:
+        return 0.0, 0.0
+    noise = eta * math.sqrt(var_prev / var_t * max(0.0, 1.0 - abar_t / abar_prev))
+    direction = math.sqrt(var_prev / var_t * max(0.0, (1 - eta**2) * var_t + eta**2 * abar_t * var_prev / abar_prev))
+    return direction, noise
 
 
 def ddim_invert(
@@ -752,7 +795,10 @@ class EndToEndConfig:
     update: str = option("lcm", "the base's update: predict x0, re-noise it (our reading of Alg. 1 line 9)", UPDATES)
     eta: float = option(0.0, "DDIM stochasticity, with --update ddim only; 0 = the deterministic ODE step",
                          valid="[0, 1]")
-    spacing: str = option("trailing", "trailing timesteps start at t = N-1, from pure noise: no leakage", SPACINGS)
+    spacing: str = option("trailing", "trailing timesteps start at t = N-1, from pure noise: no leakage; lcm = an LCM's "
+                          "distillation grid; auto = the script picks the base's own (train_t2i)", SPACINGS + ("auto",))
+    original_steps: int = option(50, "the LCM grid's size with --spacing lcm: LCMScheduler's original_inference_steps",
+                                 valid=">= 1")
     # the coupling (Alg. 1 line 6)
     coupling: str = option("independent", "Alg. 1 as written; inversion or teacher make L1/L2 well-posed", COUPLINGS)
     inversion_steps: int = option(25, "DDIM-inversion steps of the frozen base (--coupling inversion)", valid=">= 1")
@@ -798,8 +844,11 @@ class EndToEndConfig:
 
     def sampler_options(self, prediction_type: str) -> dict:
         """The unrolled_sample keyword arguments these options fix."""
+        if self.spacing == "auto":
+            raise ValueError("spacing 'auto' is for the scripts to resolve (train_t2i: the base's own grid)")
         return dict(prediction_type=prediction_type, update=self.update, eta=self.eta, spacing=self.spacing,
-                    checkpoint=self.grad_checkpoint, backprop_steps=self.backprop_steps or None)
+                    original_steps=self.original_steps, checkpoint=self.grad_checkpoint,
+                    backprop_steps=self.backprop_steps or None)
 
 
 class EndToEndLoss(nn.Module):

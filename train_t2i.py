@@ -85,6 +85,7 @@ Try it on CPU in a minute with tiny random models (what tests/test_t2i.py does):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -106,8 +107,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
-    OptionError, check_options, check_prediction_type, make_schedule, option, train_step, unrolled_sample, unwrap,
+    EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
+    check_options, check_prediction_type, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
@@ -134,7 +135,7 @@ class Config:
     zero_terminal_snr: bool = option(False, "off: PixArt-delta predicts epsilon, which zero terminal SNR rules out")
     max_text_length: int = option(120, "T5 tokens per caption: the PixArt pipelines' max_sequence_length", valid=">= 1")
     # the method: Alg. 1 lines 6-15 (sampler, coupling, losses, GAN, clip, EMA, memory)
-    e2e: EndToEndConfig = field(default_factory=EndToEndConfig)
+    e2e: EndToEndConfig = field(default_factory=partial(EndToEndConfig, spacing="auto"))  # the base's own grid
     # optimisation
     batch_size: int = option(8, "images per GPU per micro-step: the paper's 8 (x 64 A100s = 512)", valid=">= 1")
     grad_accum: int = option(1, "micro-steps per optimiser step: keep 512 images per step on fewer GPUs", valid=">= 1")
@@ -317,6 +318,18 @@ def load_transformer(config: Config):
     """The denoiser: whichever diffusers class its config.json names (PixArtTransformer2DModel, a UNet, ...)."""
     from diffusers import AutoModel
     return load_part(config, "transformer", AutoModel.from_pretrained)
+
+
+def base_grid(method: EndToEndConfig, scheduler_config: dict) -> EndToEndConfig:
+    """--spacing auto -> the timesteps the base was trained for: an LCM's distillation grid when its
+    scheduler is an LCMScheduler (its original_inference_steps; PixArt-delta: 50, so T = 4 visits
+    999 759 499 259), else trailing. Any other --spacing is kept as given."""
+    if method.spacing != "auto":
+        return method
+    if scheduler_config.get("_class_name") == "LCMScheduler":
+        return dataclasses.replace(method, spacing="lcm",
+                                   original_steps=scheduler_config.get("original_inference_steps", 50))
+    return dataclasses.replace(method, spacing="trailing")
 
 
 class DiffusersDenoiser(nn.Module):
@@ -754,6 +767,7 @@ class Run:
         self.config, self.ctx, self.log, self.step, self.readers = config, ctx, log, 0, {}
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
         scheduler_config = load_scheduler_config(config)
+        config = self.config = dataclasses.replace(config, e2e=base_grid(config.e2e, scheduler_config))
         self.prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
         self.schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr).to(ctx.device)
         check_prediction_type(self.prediction_type, self.schedule)
@@ -909,7 +923,9 @@ def train(config: Config, ctx: Dist) -> None:
     batches = iter(make_loader(stream, config, run.tokenizer, ctx.device))
     log({"event": "start", "step": run.step, "data": kind, "units": len(stream.units),
          "prediction_type": run.prediction_type, "parameters": sum(p.numel() for p in run.denoiser.parameters()),
-         "global_batch": run.global_batch})
+         "global_batch": run.global_batch, "spacing": run.config.e2e.spacing,
+         "timesteps": sampling_timesteps(run.schedule.num_train_timesteps, run.config.e2e.num_steps,
+                                         run.config.e2e.spacing, run.config.e2e.original_steps).tolist()})
     window = []
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while run.step < config.max_steps:

@@ -59,6 +59,30 @@ def test_sampling_timesteps_follow_diffusers_conventions():
     assert e2ediff.sampling_timesteps(1000, 1, "trailing").tolist() == [999]
 
 
+LCM_GRID_T1_TO_8 = {  # diffusers' LCMScheduler().set_timesteps(T).timesteps, original_inference_steps 50
+    1: [999], 2: [999, 499], 3: [999, 679, 339], 4: [999, 759, 499, 259], 5: [999, 799, 599, 399, 199],
+    6: [999, 839, 679, 499, 339, 179], 7: [999, 859, 719, 579, 439, 299, 159],
+    8: [999, 879, 759, 639, 499, 379, 259, 139],
+}
+
+
+@pytest.mark.parametrize("num_steps", range(1, 9))
+def test_lcm_spacing_stays_on_the_50_step_distillation_grid(num_steps):
+    timesteps = e2ediff.sampling_timesteps(1000, num_steps, "lcm").tolist()
+    assert timesteps == LCM_GRID_T1_TO_8[num_steps]
+    assert all((t + 1) % 20 == 0 for t in timesteps)  # every one of them is on {19, 39, ..., 999}
+
+
+@pytest.mark.parametrize("original_steps", [50, 25, 8])
+def test_lcm_spacing_equals_diffusers_lcm_scheduler(original_steps):
+    diffusers = pytest.importorskip("diffusers", reason="the t2i extras (requirements-t2i.txt) compare with diffusers")
+    scheduler = diffusers.LCMScheduler(original_inference_steps=original_steps)
+    for num_steps in range(1, min(8, original_steps) + 1):
+        scheduler.set_timesteps(num_steps)
+        ours = e2ediff.sampling_timesteps(1000, num_steps, "lcm", original_steps)
+        assert ours.tolist() == scheduler.timesteps.tolist(), (original_steps, num_steps)
+
+
 def test_leakage_positive_for_plain_linear_and_zero_after_rescale():
     plain = e2ediff.make_schedule("linear")
     rescaled = e2ediff.make_schedule("linear", zero_terminal_snr=True)
@@ -221,6 +245,76 @@ def test_ddim_with_eta_zero_equals_ddim_default_and_eta_changes_it():
     stochastic = e2ediff.unrolled_sample(model, z_T, schedule, 4, eta=1.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(deterministic, e2ediff.unrolled_sample(model, z_T, schedule, 4, eta=0.0))
     assert relative_error(stochastic, deterministic) > 1e-2
+
+
+def smooth_model(z, t, cond=None):
+    """A fixed, smooth stand-in for a network (any deterministic function compares two samplers)."""
+    return torch.tanh(0.7 * z + t.float().reshape(-1, *[1] * (z.dim() - 1)) / 1000)
+
+
+def diffusers_sample(scheduler, z_T, num_steps, generator, **step_options):
+    """Sample with a diffusers scheduler's own loop: set_timesteps, then step() at each timestep."""
+    scheduler.set_timesteps(num_steps)
+    z = z_T
+    for t in scheduler.timesteps:
+        output = smooth_model(z, torch.full((len(z),), int(t)))
+        z = scheduler.step(output, t, z, generator=generator, **step_options).prev_sample
+    return z
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_equals_diffusers_under_zero_terminal_snr(eta):
+    """eta < 1: diffusers' DDIMScheduler. eta = 1: DDIM is DDPM's ancestral step with x0_hat, so the
+    reference is DDPMScheduler, whose posterior-mean form has no cancellation; DDIMScheduler's own
+    1 - abar_prev - std^2 is 0 in exact arithmetic from abar_t = 0 and comes out negative in float32
+    (NaN from the first step at T = 4)."""
+    diffusers = pytest.importorskip("diffusers", reason="the t2i extras (requirements-t2i.txt) compare with diffusers")
+    options = dict(beta_schedule="linear", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                   prediction_type="v_prediction", clip_sample=False)
+    scheduler = diffusers.DDPMScheduler(**options) if eta == 1 else diffusers.DDIMScheduler(**options, set_alpha_to_one=True)
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    torch.testing.assert_close(schedule.alphas_cumprod, scheduler.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    z_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    for num_steps in (2, 4, 8):
+        ours = e2ediff.unrolled_sample(smooth_model, z_T, schedule, num_steps, eta=eta,
+                                       generator=torch.Generator().manual_seed(1))
+        theirs = diffusers_sample(scheduler, z_T, num_steps, torch.Generator().manual_seed(1),
+                                  **({} if eta == 1 else {"eta": eta}))
+        assert relative_error(ours, theirs) <= 1e-5, (num_steps, relative_error(ours, theirs))
+
+
+@pytest.mark.parametrize("kind", e2ediff.SCHEDULES)
+def test_ddim_noise_split_is_exact_where_the_plain_subtraction_cancels(kind):
+    """sigma_prev^2 - noise^2 at eta = 1 is small next to both terms when abar_t << abar_prev; computed
+    as a sum of non-negative terms it matches exact rational arithmetic on the same float32 abars."""
+    from fractions import Fraction
+    abar = e2ediff.make_schedule(kind, zero_terminal_snr=True).alphas_cumprod
+    for num_steps in range(2, 9):
+        timesteps = e2ediff.sampling_timesteps(1000, num_steps).tolist()
+        for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
+            at, ap = Fraction(abar[t].item()), Fraction(abar[t_prev].item())
+            exact = math.sqrt((1 - ap) - (1 - ap) / (1 - at) * (1 - at / ap))
+            direction, noise = e2ediff._ddim_split(float(at), float(ap), 1.0)
+            assert direction == pytest.approx(exact, rel=1e-12, abs=1e-15)
+            assert noise**2 + direction**2 == pytest.approx(float(1 - ap), rel=1e-12)
+
+
+def test_lcm_sampler_equals_diffusers_lcm_scheduler_on_its_grid():
+    diffusers = pytest.importorskip("diffusers", reason="the t2i extras (requirements-t2i.txt) compare with diffusers")
+    scheduler = diffusers.LCMScheduler()  # PixArt-delta's: scaled_linear, epsilon, original_inference_steps 50
+    schedule = e2ediff.make_schedule("scaled_linear")
+    z_T = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    for num_steps in (1, 2, 4, 8):
+        ours = e2ediff.unrolled_sample(smooth_model, z_T, schedule, num_steps, prediction_type="epsilon", update="lcm",
+                                       spacing="lcm", generator=torch.Generator().manual_seed(1))
+        theirs = diffusers_sample(scheduler, z_T, num_steps, torch.Generator().manual_seed(1))
+        assert relative_error(ours, theirs) <= 1e-5, (num_steps, relative_error(ours, theirs))
+
+
+def test_consistency_scalings_make_the_lcm_step_the_identity_at_t0_and_negligible_on_the_grid():
+    assert e2ediff.consistency_scalings(0) == (1.0, 0.0)
+    c_skip, c_out = e2ediff.consistency_scalings(torch.tensor([19.0, 999.0]))
+    assert c_skip.max() < 1e-5 and (1 - c_out).abs().max() < 1e-5
 
 
 def test_teacher_coupling_targets_are_the_base_models_many_step_samples():

@@ -6,6 +6,7 @@ so a broken run fails the test instead of hanging it. Faults come from outside, 
 test kills or stops a rank's process. tests/ddp_probe.py runs the script with a weight checksum after
 every optimiser step, to show that DDP keeps the replicas identical. The rest import the script.
 """
+import dataclasses
 import json
 import math
 import os
@@ -253,6 +254,7 @@ def test_single_process_reads_webdataset_shards_and_scores_clip(tiny, tmp_path):
     rows = read_log(tmp_path)
     (start,) = events(rows, "start")
     assert start["data"] == "webdataset" and start["units"] == 2
+    assert (start["spacing"], start["timesteps"]) == ("lcm", [999, 759, 499, 259])  # the LCM base's own grid
     steps = step_rows(rows)
     assert [row["step"] for row in steps] == [1, 2, 3] and all(math.isfinite(row["loss"]) for row in steps)
     assert steps[-1]["skipped"] == {**NO_SKIPS, "empty_caption": 1}  # 6 samples read: one shard's sample 2 is empty
@@ -359,6 +361,18 @@ def test_flags_set_the_script_and_the_method_config():
     assert config.e2e.ema_decay == 0.95 and config.e2e.lpips_weight == 1.0  # the paper's recipe otherwise
     with pytest.raises(train_t2i.UsageError):  # the old name of --grad-checkpoint is gone
         train_t2i.parse_config(train_t2i.Config, ["--data", "d", "--checkpoint-steps"])
+
+
+def test_auto_spacing_keeps_an_lcm_base_on_its_distillation_grid(tiny):
+    config = train_t2i.Config(pretrained=str(tiny / "pipeline"), data="unused")
+    assert config.e2e.spacing == "auto"
+    method = train_t2i.base_grid(config.e2e, train_t2i.load_scheduler_config(config))  # an LCMScheduler
+    assert (method.spacing, method.original_steps) == ("lcm", 50)
+    assert train_t2i.base_grid(config.e2e, {"_class_name": "LCMScheduler", "original_inference_steps": 25}
+                               ).original_steps == 25
+    assert train_t2i.base_grid(config.e2e, {"_class_name": "DDIMScheduler"}).spacing == "trailing"
+    given = dataclasses.replace(config.e2e, spacing="leading")
+    assert train_t2i.base_grid(given, {"_class_name": "LCMScheduler"}) is given  # a --spacing given is kept
 
 
 def test_schedule_and_prediction_type_come_from_the_scheduler_config(tiny):
