@@ -1,8 +1,8 @@
 """dsd — Diffusion as Self-Distillation (Wang & Zhang, arXiv 2511.14716) at toy scale: one network that
 encodes, decodes and denoises, trained end to end on scikit-learn's 8x8 digits (offline, CPU).
 
-    python dsd.py                          # one seed: the three trainings, the end-to-end fine-tune,
-                                           # collapse indicators and few-step quality (~2.5 min, 1 CPU thread)
+    python dsd.py                          # one seed: the three trainings, the ablation, the end-to-end
+                                           # fine-tune, indicators and few-step quality (~4 min, 1 CPU thread)
     python dsd.py --seed 1 --steps 1000    # another seed, a shorter run; --help lists every flag and why
     python benchmarks/dsd.py               # 3 seeds, mean ± std, plot: benchmarks/results/dsd.{json,png}
     python -m pytest -q tests/test_dsd.py  # the tests (< 60 s on 2 CPU cores)
@@ -70,7 +70,7 @@ class Config:
     seed: int = option(0, "seeds initialisation, data order, training noise, sampling noise, the metric's classifier")
     # the network
     latent_dim: int = option(8, "8 numbers per 64-pixel digit: small enough that collapse shows, large enough to reconstruct")
-    hidden: int = option(256, "MLP width: ~0.17M parameters, a few ms per step on one CPU thread")
+    hidden: int = option(256, "MLP width: ~0.17M parameters, ~15 ms per joint step on one CPU thread")
     depth: int = option(3, "hidden layers of the shared MLP")
     latent_norm: bool = option(True, "LayerNorm (no affine) on the encoder's latent; off: DSD's latents blow up (our reading)")
     # training (the same for every training)
@@ -278,7 +278,7 @@ def train(training: str, config: Config, images: torch.Tensor, probe_images: tor
     def denoiser_loss(batch, generator):
         return e2ediff.diffusion_loss(denoiser, network.encode(batch), schedule, PREDICTION_TYPE, generator=generator).mean()
 
-    fit(config, images, denoiser.parameters(), denoiser_loss, dict, config.seed + 1)
+    fit(config, images, denoiser.parameters(), denoiser_loss, lambda: {}, config.seed + 1)
     return Trained(network, denoiser, history, time.time() - start)
 
 

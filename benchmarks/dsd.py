@@ -2,12 +2,13 @@
 training collapse the latents, does DSD avoid it and match the two-stage baseline's few-step quality with
 half the parameters, and does end-to-end fine-tuning through its own sampler and decoder improve it?
 
-    python benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (about 11 minutes on one CPU thread)
+    python benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (12 minutes, one thread, 2 shared cores)
     python benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
 
 Per seed, dsd.run trains naive joint, DSD and the two-stage baseline from scratch (same network, data order,
-steps, learning rate), fine-tunes the DSD network end to end at 4 NFE, logs the collapse indicators during
-training and scores DDIM samples at 1, 2, 4, 50 NFE (CFD and pixel energy distance against the test split).
+steps, learning rate), trains the DSD objective without the latent LayerNorm (the ablation behind our reading),
+fine-tunes the DSD network end to end at 4 NFE, logs the collapse indicators during training and scores DDIM
+samples at 1, 2, 4, 50 NFE (CFD and pixel energy distance against the test split).
 One torch thread, seeds one after another.
 
 Writes benchmarks/results/dsd[-quick].json (every row, the histories, the summary) and dsd[-quick].png (the
