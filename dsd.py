@@ -9,13 +9,14 @@ encodes, decodes and denoises, trained end to end on scikit-learn's 8x8 digits (
 
 What runs, side by side, with the same network, data, steps and learning rate:
   - naive joint:  z = E(x); L = |D(z) - x|^2 + L_v, the standard v-prediction loss on z with the gradient
-                  flowing into the encoder through the noisy input *and* the regression target (paper, Sec. 3);
+                  flowing into the encoder through the noisy input *and* the regression target (the paper's);
   - DSD:          L = |D(z) - x|^2 + |x0_hat(z_t, t) - sg(z)|^2: stop-gradient on the target latent, the
                   velocity loss recast as denoising the latent, the gradient reaching the encoder only through
                   z_t = alpha_t z + sigma_t eps (the self-distillation reading: online branch vs fixed target);
   - two-stage:    the standard latent-diffusion recipe: an autoencoder (a copy of the network, encoder and
                   decoder roles) trained on |D(E(x)) - x|^2, frozen, then a second copy trained as the latent
                   denoiser with L_v — twice the parameters;
+  - ablation:     the DSD objective without the latent LayerNorm (see "ours" below);
   - DSD + E2E:    the DSD network fine-tuned end to end through its own 4-step sampler *and* its own decoder
                   (e2ediff's Algorithm 1 in latent space, L2 on the decoded images, inversion coupling).
 
@@ -24,13 +25,14 @@ available to us beyond summaries, see the README):
   - paper: one network for the three roles; naive joint training collapses the latents because L_v holds the
     conditional variance Var(z | z_t), which shrinks with the latent scale ("latent variance suppression");
     the fix reads diffusion as self-distillation: stop-gradient on the target latent and a loss that recasts
-    velocity prediction as denoising the latent (x0-prediction of sg(z)).
-  - ours: the MLP with a role input (the paper uses a ViT); the latent is LayerNorm-ed (no affine) in every
-    training — without it the stop-gradient objective inflates the latents without bound (the gradient
-    through z_t rewards a larger signal-to-noise ratio; the issue's pilot saw std 143), with it the same
-    force spreads the latents apart instead. The paper's ViT tokens pass a LayerNorm too, but its exact
-    latent normalisation is our assumption. The x0 loss's weighting (uniform over timesteps), the loss
-    weights (1 and 1) and the end-to-end fine-tune are ours.
+    velocity prediction as denoising the latent.
+  - ours: that denoising loss as x0-prediction of sg(z), read from the v-output, uniform over timesteps,
+    weighted 1 against reconstruction; the MLP with a role input (the paper uses a ViT); the latent is
+    LayerNorm-ed (no affine) in every training — without it the stop-gradient objective inflates the
+    latents without bound (the issue's pilot saw std 143; our explanation: the gradient through z_t rewards
+    a larger signal-to-noise ratio), with it the same force spreads the latents apart instead. ViTs usually
+    end in a LayerNorm, but the paper's latent normalisation is unknown to us. The end-to-end fine-tune is
+    this project's addition.
 
 Collapse indicators, logged during training on 512 fixed training images: per-dimension latent std (mean
 over the latent dimensions), effective rank of the centred latents (Roy & Vetterli 2007), reconstruction
