@@ -17,6 +17,7 @@ What runs, side by side, with the same network, data, steps and learning rate:
                   decoder roles) trained on |D(E(x)) - x|^2, frozen, then a second copy trained as the latent
                   denoiser with L_v — twice the parameters;
   - ablation:     the DSD objective without the latent LayerNorm (see "ours" below);
+  - equal updates: DSD trained twice as many steps, as many optimiser updates as two-stage's two stages;
   - DSD + E2E:    the DSD network fine-tuned end to end through its own 4-step sampler *and* its own decoder
                   (e2ediff's Algorithm 1 in latent space, L2 on the decoded images, inversion coupling).
 
@@ -307,8 +308,10 @@ class Judge:
     def __init__(self, config: Config, data):
         toy_config = train_toy.Config(out_dir=os.path.join(config.work_dir, f"classifier-seed{config.seed}"),
                                       seed=config.seed, classifier_epochs=config.classifier_epochs)
-        self.cfd = ClassifierFrechetDistance(train_toy.train_classifier(toy_config, data, torch.device("cpu")),
-                                             data.test_images)
+        with torch.random.fork_rng():  # train_classifier seeds its data order; its initialisation is seeded here
+            torch.manual_seed(config.seed)
+            classifier = train_toy.train_classifier(toy_config, data, torch.device("cpu"))
+        self.cfd = ClassifierFrechetDistance(classifier, data.test_images)
         self.test_pixels = data.test_images.flatten(1)
 
     def __call__(self, images: torch.Tensor) -> dict[str, float]:
@@ -367,7 +370,8 @@ def run(config: Config, log=print) -> dict:
     """The three trainings, the end-to-end fine-tune of DSD, indicators and sample quality for one seed.
 
     Models: naive, dsd, two_stage, dsd_no_latent_norm (the DSD objective without the latent LayerNorm: the
-    ablation behind our reading) and dsd+e2e.
+    ablation behind our reading), dsd_equal_updates (DSD trained 2 x steps: as many optimiser updates as
+    the two-stage baseline's two stages together) and dsd+e2e (fine-tuned from dsd).
 
     :returns: {"rows": [{model, nfe, cfd, energy}], "final": {model: indicators}, "history": {training:
         rows}, "parameters": {model: count}, "seconds": {model: training time}, "reference": metrics of
@@ -382,8 +386,9 @@ def run(config: Config, log=print) -> dict:
         models[training] = train(training, config, images, probe_images)
         log(f"seed {config.seed} {training}: {models[training].seconds:.0f}s, {models[training].history[-1]}")
     models["dsd_no_latent_norm"] = train("dsd", dataclasses.replace(config, latent_norm=False), images, probe_images)
+    models["dsd_equal_updates"] = train("dsd", dataclasses.replace(config, steps=2 * config.steps), images, probe_images)
     models["dsd+e2e"] = finetune_end_to_end(models["dsd"], config, images, probe_images)
-    for name in ("dsd_no_latent_norm", "dsd+e2e"):
+    for name in ("dsd_no_latent_norm", "dsd_equal_updates", "dsd+e2e"):
         log(f"seed {config.seed} {name}: {models[name].seconds:.0f}s, {models[name].history[-1]}")
     rows = []
     for name, model in models.items():
