@@ -274,7 +274,7 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+def guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
     """One network evaluation, with classifier-free guidance (Ho & Salimans 2022) when scale != 1."""
     output = model(z, t, cond)
     if guidance_scale != 1.0:
@@ -347,9 +347,9 @@ def unrolled_sample(
         # truncated backprop: the steps before the last K run without a graph, so they get no gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_graph_step):
             if checkpoint and torch.is_grad_enabled():
-                output = activation_checkpoint(_guided_output, model, z, t_batch, cond, uncond, guidance_scale, use_reentrant=False)
+                output = activation_checkpoint(guided_output, model, z, t_batch, cond, uncond, guidance_scale, use_reentrant=False)
             else:
-                output = _guided_output(model, z, t_batch, cond, uncond, guidance_scale)
+                output = guided_output(model, z, t_batch, cond, uncond, guidance_scale)
             if i == 0 and output.shape != z.shape:
                 raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z.shape)}")
             output = output.to(z.dtype)  # the sampler's arithmetic stays in z's dtype under autocast

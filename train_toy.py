@@ -62,8 +62,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, PatchDiscriminator,
-    OptionError, check_options, ddim_invert, diffusion_loss, make_schedule, option, train_step, unrolled_sample,
+    EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
+    check_options, consistency_scalings, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
 from train_utils import (
@@ -88,8 +89,10 @@ TOY_METHOD = dict(
 @dataclass
 class Config:
     # what to run
-    stage: str = option("all", "all = pretrain, fine-tune, evaluate (the quickstart); or one stage",
-                        ("all", "pretrain", "finetune", "eval"))
+    stage: str = option("all", "all = pretrain, (distill,) fine-tune, evaluate (the quickstart); or one stage",
+                        ("all", "pretrain", "distill", "finetune", "eval"))
+    base: str = option("diffusion", "what end-to-end fine-tuning starts from: the diffusion base, or an LCM "
+                       "distilled from it (the paper's setting: PixArt-delta is an LCM)", ("diffusion", "lcm"))
     dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline", ("digits", "cifar10"))
     data_dir: str = option("data", "where CIFAR-10 lives (<data-dir>/cifar-10-batches-py)")
     download: bool = option(True, "fetch CIFAR-10 when it is missing and the network allows")
@@ -119,6 +122,13 @@ class Config:
     warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)", valid=">= 0")
     pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps",
                                        valid="[0, 1]")
+    # stage 1b, with --base lcm: latent consistency distillation of the base into a few-step LCM
+    distill_steps: int = option(500, "LCD iterations: 500 at batch 64 give 4-NFE digits within 1.1x of the base's "
+                                "50-step DDIM CFD (measured, seed 0)", valid=">= 1")
+    distill_batch_size: int = option(64, "each LCD step runs the teacher, the target and the student", valid=">= 1")
+    distill_lr: float = option(2e-4, "AdamW; the student starts from the teacher's weights", valid="> 0")
+    distill_target_decay: float = option(0.95, "EMA of the target network theta^- (LCM paper: mu = 0.95); the LCM "
+                                         "we keep", valid="[0, 1]")
     # stage 2: end-to-end fine-tuning (the method's options: e2e)
     nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)", valid="[1, 4]")
     finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
@@ -302,6 +312,17 @@ def autocast(device):
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, log, and the training loop shared by both stages.
+
+
+def lcm_sampler(config) -> dict:
+    """unrolled_sample options of an LCM: its own multistep update on its distillation grid, no extra
+    guidance (the guided teacher's ODE is distilled into it)."""
+    return dict(update="lcm", spacing="lcm", original_steps=config.e2e.original_steps, guidance_scale=1.0)
+
+
+def finetune_name(config, num_steps) -> str:
+    """finetune-nfe<T> from the diffusion base, finetune-lcm-nfe<T> from the LCM."""
+    return f"finetune-nfe{num_steps}" if config.base == "diffusion" else f"finetune-lcm-nfe{num_steps}"
 
 
 def check_compatible(saved_config, config, path):
@@ -489,6 +510,95 @@ def load_base(config, data, device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Stage 1b (--base lcm): latent consistency distillation, the frozen diffusion base as the teacher.
+
+
+def per_image(values):
+    """(B,) -> (B, 1, 1, 1), to scale a batch of images."""
+    return values.view(-1, 1, 1, 1)
+
+
+def consistency_function(model, z_t, t, cond, alphas_cumprod, prediction_type):
+    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t): the LCM's output, the identity at t = 0."""
+    abar = alphas_cumprod[t]
+    x0, _ = split_prediction(model(z_t, t, cond), z_t, abar.sqrt(), (1 - abar).sqrt(), prediction_type)
+    c_skip, c_out = consistency_scalings(t.float())
+    return per_image(c_skip) * z_t + per_image(c_out) * x0
+
+
+def distill(config, data, device):
+    """Latent consistency distillation (Luo et al. 2023, Alg. 1, in pixel space here) of the frozen base
+    into a few-step LCM, into <out>/lcm.pt; returns its path.
+
+    On the LCM grid {k-1, 2k-1, ..., N-1} (k = N // original_steps, 20 for the usual 50 steps): draw x0
+    and t_{n+k} on the grid, noise x0 to z_{t_{n+k}}, take one DDIM step of the teacher's guided ODE
+    to z_{t_n} (the skipping-step solver), and pull the student's f(z_{t_{n+k}}, t_{n+k}) towards the
+    target network's f(z_{t_n}, t_n) (stop-gradient); the target is the student's EMA (decay mu). The
+    teacher's guidance is the toy's --guidance-scale, one w (the paper's LCMs also take w as an input,
+    which the toy UNet has no slot for). The target network is the LCM kept (as diffusers' LCD script).
+    """
+    path = config.out / "lcm.pt"
+    checkpoint, finished = open_checkpoint(path, config, "distill", config.distill_steps)
+    if finished:
+        print(f"distill: {path} is finished, skipping")
+        return path
+    teacher = load_base(config, data, device)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(config, data).to(device)
+    model.load_state_dict(teacher.state_dict())  # the student starts as the teacher (LCD initialises from it)
+    target = EMA(model, decay=config.distill_target_decay)  # theta^-
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.distill_lr, weight_decay=0.0)
+    batches = Batches(len(data.train_images), config.distill_batch_size, config.seed)
+    parts = {"model": model, "target": target, "optimizer": optimizer, "batches": batches}
+    start_step = resume_parts(checkpoint, parts)
+    schedule = build_schedule(config, device)
+    abar = schedule.alphas_cumprod
+    grid = sampling_timesteps(config.num_train_timesteps, config.e2e.original_steps, "lcm",
+                              config.e2e.original_steps).to(device)  # every grid point, descending
+    skip = config.num_train_timesteps // config.e2e.original_steps  # k
+    print(f"distill: LCD on the {len(grid)}-point grid (skipping step {skip}), steps {start_step} -> "
+          f"{config.distill_steps} on {device}")
+
+    def one_step(step):
+        indices = batches.next()
+        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
+        cond, uncond = conditions(config, data, labels)
+        t = grid[torch.randint(len(grid), (len(x0),), device=device)]  # t_{n+k}
+        s = (t - skip).clamp(min=0)  # t_n
+        z_t = per_image(abar[t].sqrt()) * x0 + per_image((1 - abar[t]).sqrt()) * torch.randn_like(x0)
+        with torch.no_grad(), autocast(device):  # one DDIM step of the teacher's (guided) ODE, then the target
+            output = guided_output(teacher, z_t, t, cond, uncond, config.guidance_scale).float()
+            x0_teacher, eps_teacher = split_prediction(output, z_t, abar[t].sqrt(), (1 - abar[t]).sqrt(),
+                                                       config.prediction_type)
+            z_s = per_image(abar[s].sqrt()) * x0_teacher + per_image((1 - abar[s]).sqrt()) * eps_teacher
+            target_output = consistency_function(target.module, z_s, s, cond, abar, config.prediction_type).float()
+        with autocast(device):
+            prediction = consistency_function(model, z_t, t, cond, abar, config.prediction_type).float()
+        loss = F.mse_loss(prediction, target_output)  # LCD's d: L2 (the LCM code also offers Huber)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.e2e.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.e2e.grad_clip)
+        optimizer.step()
+        target.update(model)
+        return {"loss": loss.item()}
+
+    train_loop("distill", path, parts, config, one_step, start_step, config.distill_steps,
+               Log(config.out / "metrics.jsonl"))
+    return path
+
+
+def load_lcm(config, data, device):
+    """The distilled LCM (the target network's weights), checked against the config."""
+    checkpoint = finished_checkpoint(config.out / "lcm.pt", config, "distill", config.distill_steps,
+                                     "run --stage distill --base lcm first (or --stage all --base lcm)")
+    target = EMA(build_model(config, data).to(device), decay=config.distill_target_decay)
+    target.load_state_dict(checkpoint["target"])
+    return target.module.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage 2: end-to-end fine-tuning through the unrolled T-step sampler.
 
 
@@ -514,14 +624,15 @@ def invert_training_set(base, data, schedule, config, device):
 def finetune(config, data, device):
     """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}.
     Finished models are skipped, and the base's inversion runs only if some model still trains."""
-    paths = {steps: config.out / f"finetune-nfe{steps}.pt" for steps in config.nfe}
+    paths = {steps: config.out / f"{finetune_name(config, steps)}.pt" for steps in config.nfe}
     todo = [steps for steps, path in paths.items()
             if not open_checkpoint(path, config, "finetune", config.finetune_steps)[1]]
     for steps in sorted(set(paths) - set(todo)):
-        print(f"finetune-nfe{steps}: {paths[steps]} is finished, skipping")
+        print(f"{finetune_name(config, steps)}: {paths[steps]} is finished, skipping")
     if not todo:
         return paths
-    base = load_base(config, data, device)
+    base = load_base(config, data, device)  # the frozen diffusion base: the couplings' ODE, in both settings
+    start = base if config.base == "diffusion" else load_lcm(config, data, device)
     schedule = build_schedule(config, device)
     z_T_cache = None
     if config.e2e.coupling == "inversion":
@@ -533,20 +644,27 @@ def finetune(config, data, device):
     if config.e2e.lpips_weight > 0:
         lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
     for steps in todo:
-        finetune_one(config, data, device, base, schedule, steps, z_T_cache, lpips)
+        finetune_one(config, data, device, base, start, schedule, steps, z_T_cache, lpips)
     return paths
 
 
-def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpips):
-    """Alg. 1 on a copy of the base for a num_steps-step sampler, into <out>/finetune-nfe<T>.pt."""
-    name = f"finetune-nfe{num_steps}"
+def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cache, lpips):
+    """Alg. 1 on a copy of `start` (the base, or the LCM) for a num_steps-step sampler, into
+    <out>/finetune[-lcm]-nfe<T>.pt; `base` makes the coupling's pairs. An LCM trains through its own
+    sampler (update lcm on its grid, no extra guidance)."""
+    name = finetune_name(config, num_steps)
     path = config.out / f"{name}.pt"
     checkpoint, _ = open_checkpoint(path, config, "finetune", config.finetune_steps)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     method = replace(config.e2e, num_steps=num_steps)
+    guidance_scale = config.guidance_scale
+    if config.base == "lcm":
+        sampler = lcm_sampler(config)
+        guidance_scale = sampler.pop("guidance_scale")
+        method = replace(method, **sampler)
     model = build_model(config, data).to(device)
-    model.load_state_dict(base.state_dict())  # Alg. 1 line 1: start from the base's EMA weights
+    model.load_state_dict(start.state_dict())  # Alg. 1 line 1: start from the pretrained model (EMA weights)
     ema = EMA(model, decay=method.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=0.0)
     batches = Batches(len(data.train_images), config.finetune_batch_size, config.seed)
@@ -557,7 +675,7 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
         gan = GANLoss(discriminator.to(device), method)
         parts.update(discriminator=gan.discriminator, disc_optimizer=gan.optimizer)
     loss_fn = EndToEndLoss(model, schedule, method, config.prediction_type, lpips=lpips, gan=gan,
-                           guidance_scale=config.guidance_scale)
+                           guidance_scale=guidance_scale)
     start_step = resume_parts(checkpoint, parts)
     print(f"{name}: coupling {method.coupling}, loss {method.loss_weights}, gan {method.gan_weight}, "
           f"steps {start_step} -> {config.finetune_steps} on {device}")
@@ -577,7 +695,7 @@ def finetune_one(config, data, device, base, schedule, num_steps, z_T_cache, lpi
 
 def load_finetuned(config, data, device, num_steps):
     """The EMA weights of the model fine-tuned for num_steps sampler steps."""
-    checkpoint = finished_checkpoint(config.out / f"finetune-nfe{num_steps}.pt", config, "finetune",
+    checkpoint = finished_checkpoint(config.out / f"{finetune_name(config, num_steps)}.pt", config, "finetune",
                                      config.finetune_steps, f"run --stage finetune --nfe {num_steps} first, or leave "
                                      f"{num_steps} out of --nfe")
     ema = EMA(build_model(config, data).to(device), decay=config.e2e.ema_decay)
@@ -626,18 +744,20 @@ def train_classifier(config, data, device):
 
 
 @torch.no_grad()
-def generate(model, config, data, schedule, num_steps, num_samples, device):
-    """num_samples images from fixed noise (seeded by config.seed), labels cycling through the classes."""
+def generate(model, config, data, schedule, num_steps, num_samples, device, lcm=False):
+    """num_samples images from fixed noise (seeded by config.seed), labels cycling through the classes:
+    DDIM, or with lcm=True an LCM's own sampler (its update on its grid; its fresh noise from the seed too)."""
     generator = torch.Generator().manual_seed(config.seed)
     noise = torch.randn(num_samples, *data.image_shape, generator=generator)
     labels = torch.arange(num_samples) % data.num_classes
+    sampler = lcm_sampler(config) if lcm else dict(update="ddim", spacing=config.e2e.spacing,
+                                                   guidance_scale=config.guidance_scale)
     images = []
     for z_T, label_chunk in zip(noise.split(config.eval_batch_size), labels.split(config.eval_batch_size)):
         cond, uncond = conditions(config, data, label_chunk.to(device))
         with autocast(device):
-            x0 = unrolled_sample(model, z_T.to(device), schedule, num_steps,
-                                 prediction_type=config.prediction_type, update="ddim", spacing=config.e2e.spacing,
-                                 cond=cond, uncond=uncond, guidance_scale=config.guidance_scale)
+            x0 = unrolled_sample(model, z_T.to(device), schedule, num_steps, prediction_type=config.prediction_type,
+                                 cond=cond, uncond=uncond, generator=generator, **sampler)
         images.append(x0.float().clamp(-1, 1).cpu())
     return torch.cat(images)
 
@@ -663,9 +783,15 @@ def evaluate(config, data, device):
     for steps in config.base_nfe:
         candidates.append(("base, DDIM", steps, f"base-ddim-nfe{steps}",
                            generate(base, config, data, schedule, steps, config.eval_samples, device)))
+    lcm = config.base == "lcm"
+    if lcm:
+        distilled = load_lcm(config, data, device)
+        for steps in config.nfe:
+            candidates.append(("LCM (distilled)", steps, f"lcm-nfe{steps}",
+                               generate(distilled, config, data, schedule, steps, config.eval_samples, device, lcm)))
     for steps, model in finetuned.items():
-        candidates.append(("E2E fine-tuned", steps, f"e2e-nfe{steps}",
-                           generate(model, config, data, schedule, steps, config.eval_samples, device)))
+        candidates.append(("E2E from LCM" if lcm else "E2E fine-tuned", steps, f"e2e-{'lcm-' * lcm}nfe{steps}",
+                           generate(model, config, data, schedule, steps, config.eval_samples, device, lcm)))
     rows, log = [], Log(config.out / "metrics.jsonl")
     log.forget("eval")  # an evaluation run again replaces the last one's rows
     for label, steps, name, images in tqdm(candidates, desc="eval", dynamic_ncols=True):
@@ -684,13 +810,26 @@ def evaluate(config, data, device):
     (config.out / "results.md").write_text(table + "\n")
     (config.out / "results.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=1) + "\n")
     print(table)
-    base_cfd = {row["nfe"]: row["cfd"] for row in rows if row["model"] == "base, DDIM"}
-    for row in rows:
-        if row["model"] == "E2E fine-tuned" and row["nfe"] in base_cfd:
-            verdict = "beats" if row["cfd"] < base_cfd[row["nfe"]] else "does NOT beat"
-            print(f"{row['nfe']} NFE: E2E fine-tuned CFD {row['cfd']:.1f} {verdict} base DDIM "
-                  f"CFD {base_cfd[row['nfe']]:.1f}")
+    for line in verdicts(rows):
+        print(line)
     return rows
+
+
+def verdicts(rows):
+    """One line per fine-tuned model: its CFD against the model it started from at the same NFE, and
+    (from an LCM: the paper's Table 1) against the diffusion base's 50-step DDIM."""
+    by = {(row["model"], row["nfe"]): row["cfd"] for row in rows}
+    lines = []
+    for (model, nfe), cfd in by.items():
+        if model not in ("E2E fine-tuned", "E2E from LCM"):
+            continue
+        start = "base, DDIM" if model == "E2E fine-tuned" else "LCM (distilled)"
+        for other, other_nfe in [(start, nfe)] + [("base, DDIM", 50)] * (model == "E2E from LCM"):
+            if (other, other_nfe) in by:
+                verdict = "beats" if cfd < by[other, other_nfe] else "does NOT beat"
+                lines.append(f"{nfe} NFE: {model} CFD {cfd:.1f} {verdict} {other} at {other_nfe} NFE, CFD "
+                             f"{by[other, other_nfe]:.1f} (ratio {cfd / by[other, other_nfe]:.2f})")
+    return lines
 
 
 def results_table(rows, data, inception_error):
@@ -728,25 +867,29 @@ def preflight(config):
                          f"into {config.data_dir}/, or allow --download")
     if config.inception_weights:
         check_readable_file(config.inception_weights, "inception_weights", f"the file {INCEPTION_WEIGHTS}")
-    out, finished = config.out, []
-    if config.stage in ("all", "pretrain"):
-        finished.append(open_checkpoint(out / "pretrain.pt", config, "pretrain", config.pretrain_steps)[1])
-    if config.stage in ("all", "finetune"):
-        finished += [open_checkpoint(out / f"finetune-nfe{steps}.pt", config, "finetune", config.finetune_steps)[1]
-                     for steps in config.nfe]
-    if config.stage in ("finetune", "eval"):
-        finished_checkpoint(out / "pretrain.pt", config, "pretrain", config.pretrain_steps,
-                            "run --stage pretrain first (or --stage all)")
-    if config.stage == "eval":
-        for steps in config.nfe:
-            finished_checkpoint(out / f"finetune-nfe{steps}.pt", config, "finetune", config.finetune_steps,
-                                f"run --stage finetune --nfe {steps} first, or leave {steps} out of --nfe")
+    lcm = config.base == "lcm"
+    if config.stage == "distill" and not lcm:
+        raise UsageError("--stage distill: the LCM is distilled for --base lcm; pass it (or another --stage)")
+    out = config.out  # (stage, checkpoint, its steps, what makes it)
+    pretrained = ("pretrain", out / "pretrain.pt", config.pretrain_steps, "run --stage pretrain first (or --stage all)")
+    distilled = ("distill", out / "lcm.pt", config.distill_steps,
+                 "run --stage distill --base lcm first (or --stage all --base lcm)")
+    tuned = [("finetune", out / f"{finetune_name(config, steps)}.pt", config.finetune_steps,
+              f"run --stage finetune --nfe {steps} first, or leave {steps} out of --nfe") for steps in config.nfe]
+    writes = {"all": [pretrained] + [distilled] * lcm + tuned, "pretrain": [pretrained], "distill": [distilled],
+              "finetune": tuned, "eval": []}[config.stage]
+    reads = {"all": [], "pretrain": [], "distill": [pretrained], "finetune": [pretrained] + [distilled] * lcm,
+             "eval": [pretrained] + [distilled] * lcm + tuned}[config.stage]
+    finished = [open_checkpoint(path, config, stage, steps)[1] for stage, path, steps, _ in writes]
+    for stage, path, steps, how in reads:
+        finished_checkpoint(path, config, stage, steps, how)
     return device, all(finished)
 
 
 def check_batch_sizes(config, data):
     """UsageError for a batch larger than the training split of the stages this run trains."""
     sizes = {"pretrain_batch_size": config.stage in ("all", "pretrain"),
+             "distill_batch_size": config.stage == "distill" or config.stage == "all" and config.base == "lcm",
              "finetune_batch_size": config.stage in ("all", "finetune")}
     for name in (name for name, used in sizes.items() if used):
         if getattr(config, name) > len(data.train_images):
@@ -778,6 +921,8 @@ def main(argv=None):
     try:
         if config.stage in ("all", "pretrain"):
             pretrain(config, data, device)
+        if config.stage == "distill" or config.stage == "all" and config.base == "lcm":
+            distill(config, data, device)
         if config.stage in ("all", "finetune"):
             finetune(config, data, device)
         if config.stage == "eval" or config.stage == "all" and not (nothing_to_train and results_up_to_date(config)):

@@ -67,11 +67,15 @@ PLANS = {
         digits_eval_samples=500,
         classifier_epochs=30,  # train_toy's default
         teacher_steps=25,  # the teacher's DDIM runs on every batch; 25 steps instead of 50 halves its cost
+        table1_seeds=(0, 1, 2),  # the Table 1 rows (fine-tuning an LCM): three seeds
+        table1_nfe=(1, 2, 4),  # the paper's Table 1 is at 4 NFE; 1 and 2 show the trend
+        distill_steps=500, distill_batch_size=64,  # train_toy's defaults
     ),
     "quick": dict(
         ring_seeds=(0,), ring_pretrain_steps=300, ring_finetune_steps=40, ring_nfe=(1, 4), ring_eval_samples=1000,
         digits_seeds=(0,), digits_pretrain_steps=100, digits_finetune_steps=5, digits_nfe=(1, 4),
         digits_eval_samples=100, classifier_epochs=2, teacher_steps=5,
+        table1_seeds=(0,), table1_nfe=(1, 4), distill_steps=5, distill_batch_size=16,
     ),
 }
 BASE_NFE = (1, 2, 4, 50)
@@ -94,6 +98,12 @@ SCHEDULES = {  # leakage comparison: name -> Config fields
 MAIN_SCHEDULE = "zero-SNR, trailing"
 LPIPS_RANDOM_NOTE = ("random AlexNet with the real linear heads (ImageNet weights not on disk) — not a perceptual metric")
 GOALS = {"e2e4_vs_base50": 0.9, "e2e1_vs_base50": 1.5, "e2e4_vs_base4": 0.25}
+# Table 1 at toy scale: end-to-end fine-tuning of a few-step LCM distilled from the base. Algorithm 1 as
+# written pairs independent noise with the data, which collapses under L2 (README); both couplings here
+# pair the noise with the diffusion base's ODE, the one the LCM was distilled from.
+TABLE1_COUPLINGS = ("inversion", "teacher")
+TABLE1_GOALS = {"e2e_from_lcm4_vs_lcm4": 0.85, "e2e_from_lcm4_vs_base50": 1.0}
+PARTS = ("main", "table1")  # main: base, couplings, Table 2, leakage (and ring2d); table1: from an LCM
 
 
 def row(dataset, group, model, nfe, seed, distance, coupling=None, loss=None, schedule=MAIN_SCHEDULE):
@@ -145,29 +155,35 @@ def digits_config(plan, seed, out_dir, schedule, nfe, **fields):
         log_every=10**9, save_every=10**9, **SCHEDULES[schedule], **fields)
 
 
-def digits_rows(plan, seed, work):
-    """Every digits row for one seed (CFD against the test split)."""
+def digits_rows(plan, seed, work, parts=PARTS):
+    """Every digits row of `parts` for one seed (CFD against the test split)."""
     device = torch.device("cpu")
     data = train_toy.build_dataset(train_toy.Config(dataset="digits"))
     rows, cfd = [], None
 
     def measure(config, model, k):
-        images = train_toy.generate(model, config, data, train_toy.build_schedule(config, device), k, config.eval_samples, device)
+        images = train_toy.generate(model, config, data, train_toy.build_schedule(config, device), k,
+                                    config.eval_samples, device, lcm=config.base == "lcm")
         return cfd(images)
 
+    def run_folder(schedule, name, files):
+        """<work>/<schedule>/<name>, with hard links to `files` of the base's folder (lcm.pt: the LCM's)."""
+        folder = os.path.join(work, schedule.replace(", ", "-"))
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for file in files:
+            link = os.path.join(folder, name, file)
+            if not os.path.exists(link):
+                os.link(os.path.join(folder, "lcm" if file == "lcm.pt" else "base", file), link)
+        return os.path.join(folder, name)
+
     def finetune(schedule, name, nfe, **fields):
-        """Fine-tune in <work>/<schedule>/<name> (hard links to the base) -> {k: CFD}."""
-        base_dir = os.path.join(work, schedule.replace(", ", "-"), "base")
-        run_dir = os.path.join(work, schedule.replace(", ", "-"), name)
-        os.makedirs(run_dir, exist_ok=True)
-        for file in ("pretrain.pt", "classifier.pt"):
-            if not os.path.exists(os.path.join(run_dir, file)):
-                os.link(os.path.join(base_dir, file), os.path.join(run_dir, file))
-        config = digits_config(plan, seed, run_dir, schedule, nfe, **fields)
+        """Fine-tune in <work>/<schedule>/<name> (hard links to the base, and the LCM) -> {k: CFD}."""
+        files = ("pretrain.pt", "classifier.pt") + (("lcm.pt",) if fields.get("base") == "lcm" else ())
+        config = digits_config(plan, seed, run_folder(schedule, name, files), schedule, nfe, **fields)
         train_toy.finetune(config, data, device)
         return {k: measure(config, train_toy.load_finetuned(config, data, device, k), k) for k in nfe}
 
-    for schedule in SCHEDULES:
+    for schedule in SCHEDULES if "main" in parts else (MAIN_SCHEDULE,):
         base_config = digits_config(plan, seed, os.path.join(work, schedule.replace(", ", "-"), "base"), schedule, plan["digits_nfe"])
         train_toy.pretrain(base_config, data, device)
         if cfd is None:  # one metric classifier per seed, in the main schedule's base folder
@@ -180,25 +196,46 @@ def digits_rows(plan, seed, work):
         group = "base" if schedule == MAIN_SCHEDULE else "leakage"
         for k in (BASE_NFE if schedule == MAIN_SCHEDULE else (1, 4, 50)):
             rows.append(row("digits", group, "base DDIM", k, seed, measure(base_config, base, k), schedule=schedule))
-    for coupling in COUPLINGS:
-        for loss, fields in (("L2", {}), ("L2+GAN", dict(gan_weight=GAN_WEIGHT))):
-            distances = finetune(MAIN_SCHEDULE, f"{coupling}-{loss}", plan["digits_nfe"], coupling=coupling, **fields)
-            rows += [row("digits", "coupling", "E2E", k, seed, d, coupling, loss) for k, d in distances.items()]
-    for loss, fields in DIGITS_TABLE2.items():
-        if loss != "L2":  # inversion + L2 at 4 NFE is a coupling row above
-            distances = finetune(MAIN_SCHEDULE, f"inversion-{loss}", (4,), coupling="inversion", **fields)
-            rows.append(row("digits", "table2", "E2E", 4, seed, distances[4], "inversion", loss))
-    schedule = "linear, leading"
-    distances = finetune(schedule, "inversion-L2", plan["digits_nfe"], coupling="inversion")
-    rows += [row("digits", "leakage", "E2E", k, seed, d, "inversion", "L2", schedule) for k, d in distances.items()]
+    if "main" in parts:
+        for coupling in COUPLINGS:
+            for loss, fields in (("L2", {}), ("L2+GAN", dict(gan_weight=GAN_WEIGHT))):
+                distances = finetune(MAIN_SCHEDULE, f"{coupling}-{loss}", plan["digits_nfe"], coupling=coupling, **fields)
+                rows += [row("digits", "coupling", "E2E", k, seed, d, coupling, loss) for k, d in distances.items()]
+        for loss, fields in DIGITS_TABLE2.items():
+            if loss != "L2":  # inversion + L2 at 4 NFE is a coupling row above
+                distances = finetune(MAIN_SCHEDULE, f"inversion-{loss}", (4,), coupling="inversion", **fields)
+                rows.append(row("digits", "table2", "E2E", 4, seed, distances[4], "inversion", loss))
+        schedule = "linear, leading"
+        distances = finetune(schedule, "inversion-L2", plan["digits_nfe"], coupling="inversion")
+        rows += [row("digits", "leakage", "E2E", k, seed, d, "inversion", "L2", schedule) for k, d in distances.items()]
+    if "table1" in parts:  # distil the base into an LCM (train_toy --base lcm), then Alg. 1 from it
+        lcm_fields = dict(base="lcm", distill_steps=plan["distill_steps"], distill_batch_size=plan["distill_batch_size"])
+        lcm_folder = run_folder(MAIN_SCHEDULE, "lcm", ("pretrain.pt", "classifier.pt"))
+        config = digits_config(plan, seed, lcm_folder, MAIN_SCHEDULE, plan["table1_nfe"], **lcm_fields)
+        train_toy.distill(config, data, device)
+        lcm = train_toy.load_lcm(config, data, device)
+        rows += [row("digits", "table1", "LCM", k, seed, measure(config, lcm, k)) for k in plan["table1_nfe"]]
+        for coupling in TABLE1_COUPLINGS:
+            distances = finetune(MAIN_SCHEDULE, f"lcm-{coupling}-L2", plan["table1_nfe"], coupling=coupling, **lcm_fields)
+            rows += [row("digits", "table1", "E2E from LCM", k, seed, d, coupling, "L2") for k, d in distances.items()]
     return rows
 
 
-def start_digits_workers(plan_name, plan, work, threads):
+def worker_parts(plan, parts) -> dict:
+    """{seed: the parts that seed runs}: main on digits_seeds, table1 on table1_seeds."""
+    seeds = {}
+    for part, key in (("main", "digits_seeds"), ("table1", "table1_seeds")):
+        for seed in plan[key] if part in parts else ():
+            seeds.setdefault(seed, []).append(part)
+    return seeds
+
+
+def start_digits_workers(plan_name, plan, work, threads, parts):
     """One subprocess per digits seed; each prints its rows as the last line of stdout."""
     workers = []
-    for seed in plan["digits_seeds"]:
-        command = [sys.executable, os.path.abspath(__file__), "--digits-worker", f"{plan_name},{seed},{work},{threads},{int(plan['lpips_random_backbone'])}"]
+    for seed, seed_parts in worker_parts(plan, parts).items():
+        command = [sys.executable, os.path.abspath(__file__), "--digits-worker",
+                   f"{plan_name},{seed},{work},{threads},{int(plan['lpips_random_backbone'])},{'+'.join(seed_parts)}"]
         log = open(os.path.join(work, f"digits-seed{seed}.log"), "w")
         environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         workers.append((seed, log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=environment)))
@@ -245,13 +282,23 @@ def base_ddim(summary, dataset, nfe, schedule=MAIN_SCHEDULE):
     return next(s for s in summary if s["dataset"] == dataset and s["model"] == "base DDIM" and s["nfe"] == nfe and s["schedule"] == schedule)
 
 
-def headline_ratios(summary):
+def table1_entries(summary, model, nfe):
+    """The Table 1 rows of `model` ("LCM" or "E2E from LCM") at this NFE, one per coupling."""
+    return [s for s in summary if s["group"] == "table1" and s["model"] == model and s["nfe"] == nfe]
+
+
+def headline_ratios(summary, parts):
     headline = {}
-    for dataset in ("ring2d", "digits"):
+    for dataset in ("ring2d", "digits") if "main" in parts else ():
         base50, base4 = base_ddim(summary, dataset, 50)["mean"], base_ddim(summary, dataset, 4)["mean"]
         headline[f"{dataset}/e2e4_vs_base50"] = best_e2e(summary, dataset, 4)["mean"] / base50
         headline[f"{dataset}/e2e1_vs_base50"] = best_e2e(summary, dataset, 1)["mean"] / base50
         headline[f"{dataset}/e2e4_vs_base4"] = best_e2e(summary, dataset, 4)["mean"] / base4
+    if "table1" in parts:  # the best coupling from the LCM, against the LCM and the base's 50-step DDIM
+        best = min(table1_entries(summary, "E2E from LCM", 4), key=lambda s: s["mean"])["mean"]
+        (lcm,) = table1_entries(summary, "LCM", 4)
+        headline["digits/e2e_from_lcm4_vs_lcm4"] = best / lcm["mean"]
+        headline["digits/e2e_from_lcm4_vs_base50"] = best / base_ddim(summary, "digits", 50)["mean"]
     return headline
 
 
@@ -274,21 +321,34 @@ def tables(summary, metric_names):
     return "\n".join(lines)
 
 
-def plot(summary, metric_names, path):
+def plot(summary, metric_names, parts, path):
+    """Distance vs NFE: per dataset (main), base DDIM against the best E2E setting per coupling; for
+    table1, base DDIM, the LCM and E2E from the LCM per coupling (digits)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metric_names), figsize=(5 * len(metric_names), 3.8))
-    for axis, (dataset, metric) in zip(axes, metric_names.items()):
+    panels = [(dataset, metric) for dataset, metric in metric_names.items() if "main" in parts]
+    panels += [("digits, Table 1", metric_names["digits"])] if "table1" in parts else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for axis, (title, metric) in zip(axes[0], panels):
+        dataset = title.split(",")[0]
         base = sorted((s for s in summary if s["dataset"] == dataset and s["model"] == "base DDIM" and s["schedule"] == MAIN_SCHEDULE), key=lambda s: s["nfe"])
         axis.errorbar([s["nfe"] for s in base], [s["mean"] for s in base], [s["std"] for s in base], marker="o", color="black", label="base, DDIM")
-        for coupling in COUPLINGS:
-            nfes = sorted({s["nfe"] for s in summary if s["dataset"] == dataset and s["model"] == "E2E" and s["coupling"] == coupling})
-            best = [best_e2e(summary, dataset, k, coupling) for k in nfes]
-            axis.errorbar(nfes, [s["mean"] for s in best], [s["std"] for s in best], marker="s", capsize=2, label=f"E2E best, {coupling}")
-        axis.set(xlabel="NFE (sampler steps)", ylabel=f"{metric} (lower is better)", xscale="log", yscale="log", title=dataset)
+        if title == dataset:
+            curves = {f"E2E best, {coupling}": [best_e2e(summary, dataset, k, coupling) for k in sorted(
+                {s["nfe"] for s in summary if s["dataset"] == dataset and s["model"] == "E2E" and s["coupling"] == coupling})]
+                for coupling in COUPLINGS}
+        else:
+            table1 = sorted((s for s in summary if s["group"] == "table1"), key=lambda s: s["nfe"])
+            curves = {"LCM": [s for s in table1 if s["model"] == "LCM"]}
+            curves.update({f"E2E from LCM, {coupling}": [s for s in table1 if s["model"] == "E2E from LCM" and
+                                                         s["coupling"] == coupling] for coupling in TABLE1_COUPLINGS})
+        for label, entries in curves.items():
+            axis.errorbar([s["nfe"] for s in entries], [s["mean"] for s in entries], [s["std"] for s in entries],
+                          marker="s", capsize=2, label=label)
+        axis.set(xlabel="NFE (sampler steps)", ylabel=f"{metric} (lower is better)", xscale="log", yscale="log", title=title)
         axis.set_xticks(BASE_NFE, [str(k) for k in BASE_NFE])
         axis.legend(fontsize=8)
     fig.tight_layout()
@@ -298,58 +358,64 @@ def plot(summary, metric_names, path):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny step counts, NFE 1 and 4: a smoke run")
+    parser.add_argument("--only", choices=PARTS, default=None, help="run one part (results: quality-<part>.json)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
     parser.add_argument("--work", default=None, help="folder for the digits checkpoints; default a temporary one, deleted after")
-    parser.add_argument("--digits-worker", default=None, help=argparse.SUPPRESS)  # internal: plan,seed,work,threads,random_lpips
+    parser.add_argument("--digits-worker", default=None, help=argparse.SUPPRESS)  # internal: plan,seed,work,threads,random_lpips,parts
     args = parser.parse_args(argv)
     if args.digits_worker:
-        plan_name, seed, work, threads, random_lpips = args.digits_worker.split(",")
+        plan_name, seed, work, threads, random_lpips, parts = args.digits_worker.split(",")
         torch.set_num_threads(int(threads))
         plan = {**PLANS[plan_name], "lpips_random_backbone": bool(int(random_lpips))}
-        print(json.dumps(digits_rows(plan, int(seed), os.path.join(work, f"digits-seed{seed}"))))
+        print(json.dumps(digits_rows(plan, int(seed), os.path.join(work, f"digits-seed{seed}"), parts.split("+"))))
         return {}
 
     start = time.time()
     plan_name = "quick" if args.quick else "full"
+    parts = (args.only,) if args.only else PARTS
     random_lpips, lpips_note = lpips_backbone()
     plan = {**PLANS[plan_name], "lpips_random_backbone": random_lpips}
     cores = os.cpu_count() or 1
-    threads = max(1, cores // (len(plan["digits_seeds"]) + 1))  # + 1: the ring runs here meanwhile; more threads than cores stalls OpenMP
-    print(f"quality benchmark ({plan_name}): {cores} cores, digits seeds {plan['digits_seeds']} in parallel "
-          f"({threads} thread(s) each), ring2d seeds {plan['ring_seeds']}; LPIPS backbone: {lpips_note}")
+    seeds = worker_parts(plan, parts)
+    threads = max(1, cores // (len(seeds) + ("main" in parts)))  # + 1: the ring runs here meanwhile; more threads than cores stalls OpenMP
+    print(f"quality benchmark ({plan_name}, parts {', '.join(parts)}): {cores} cores, digits seeds {sorted(seeds)} in "
+          f"parallel ({threads} thread(s) each), ring2d seeds {plan['ring_seeds'] if 'main' in parts else '-'}; "
+          f"LPIPS backbone: {lpips_note}")
     print("leakage comparison: digits only (toy2d fixes its schedule to zero terminal SNR)")
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
     work = args.work or temporary.name
     os.makedirs(work, exist_ok=True)
-    workers = start_digits_workers(plan_name, plan, work, threads)
+    workers = start_digits_workers(plan_name, plan, work, threads, parts)
     torch.set_num_threads(1)  # the ring shares the cores with the digits workers
-    rows = [r for seed in plan["ring_seeds"] for r in ring2d_rows(plan, seed)]
+    rows = [r for seed in plan["ring_seeds"] for r in ring2d_rows(plan, seed)] if "main" in parts else []
     print(f"ring2d done at {time.time() - start:.0f}s; waiting for digits (logs in {work})", flush=True)
-    rows += collect(workers, timeout=3600)
+    rows += collect(workers, timeout=3 * 3600)
     if temporary is not None:
         temporary.cleanup()
 
     summary = aggregate(rows)
-    metric_names = {"ring2d": "energy distance", "digits": "CFD"}
+    metric_names = {"ring2d": "energy distance", "digits": "CFD"} if "main" in parts else {"digits": "CFD"}
     print(tables(summary, metric_names))
     print(f"\nLPIPS backbone: {lpips_note}")
-    headline = headline_ratios(summary)
+    headline = headline_ratios(summary, parts)
     print()
-    for dataset in metric_names:
+    goals = {**({f"{dataset}/{key}": goal for dataset in metric_names for key, goal in GOALS.items()}
+                if "main" in parts else {}),
+             **({f"digits/{key}": goal for key, goal in TABLE1_GOALS.items()} if "table1" in parts else {})}
+    for dataset in metric_names if "main" in parts else ():
         for nfe in (1, 4):
             best = best_e2e(summary, dataset, nfe)
             print(f"{dataset}: best E2E at {nfe} NFE: {best['coupling']}, {best['loss']} ({best['mean']:.4g} ± {best['std']:.2g})")
-        for key, goal in GOALS.items():
-            value = headline[f"{dataset}/{key}"]
-            print(f"goal {dataset}/{key} <= {goal}: measured {value:.3f} -> {'met' if value <= goal else 'MISSED'}")
+    for key, goal in goals.items():
+        print(f"goal {key} <= {goal}: measured {headline[key]:.3f} -> {'met' if headline[key] <= goal else 'MISSED'}")
     os.makedirs(args.out, exist_ok=True)
-    name = "quality-quick" if args.quick else "quality"
-    plot(summary, metric_names, os.path.join(args.out, f"{name}.png"))
-    record = {"mode": plan_name, "plan": plan, "lpips_backbone": lpips_note, "gan_weight": GAN_WEIGHT,
-              "digits_table2_weights": DIGITS_TABLE2, "schedules": SCHEDULES, "metrics": metric_names,
-              "leakage": "digits only: toy2d fixes its schedule (zero terminal SNR, trailing)",
+    name = "quality" + (f"-{args.only}" if args.only else "") + ("-quick" if args.quick else "")
+    plot(summary, metric_names, parts, os.path.join(args.out, f"{name}.png"))
+    record = {"mode": plan_name, "parts": parts, "plan": plan, "lpips_backbone": lpips_note, "gan_weight": GAN_WEIGHT,
+              "digits_table2_weights": DIGITS_TABLE2, "table1_couplings": TABLE1_COUPLINGS, "schedules": SCHEDULES,
+              "metrics": metric_names, "leakage": "digits only: toy2d fixes its schedule (zero terminal SNR, trailing)",
               "digits_config": asdict(digits_config(plan, 0, "<work>", MAIN_SCHEDULE, plan["digits_nfe"])),
-              "torch": torch.__version__, "cores": cores, "rows": rows, "summary": summary, "goals": GOALS}
+              "torch": torch.__version__, "cores": cores, "rows": rows, "summary": summary, "goals": goals}
     write_results(args.out, name, record, headline, start)
     return headline
 

@@ -86,6 +86,29 @@ def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_tab
     assert Image.open(out / "grids" / "e2e-nfe1.png").size == (10 * 66 + 2, 10 * 66 + 2)  # 10x10 digits, 64 px
 
 
+def test_lcm_base_distils_then_fine_tunes_the_lcm_through_its_own_sampler_and_reports_table1(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_toy.main(["--out-dir", str(out), "--base", "lcm", "--model-channels", "8", "--pretrain-steps", "6",
+                    "--pretrain-batch-size", "32", "--distill-steps", "4", "--distill-batch-size", "16",
+                    "--finetune-steps", "3", "--finetune-batch-size", "16", "--nfe", "1,2", "--base-nfe", "1,50",
+                    "--inversion-steps", "2", "--eval-samples", "30", "--classifier-epochs", "1", "--log-every", "1"])
+    lcm = load_checkpoint(out / "lcm.pt")
+    assert lcm["stage"] == "distill" and lcm["step"] == 4 and {"model", "target", "optimizer"} <= lcm.keys()
+    base = load_checkpoint(out / "pretrain.pt")["ema"]["module"]
+    assert any(not torch.equal(lcm["target"]["module"][k], base[k]) for k in base)  # distillation moved it
+    tuned = load_checkpoint(out / "finetune-lcm-nfe2.pt")
+    assert any(not torch.equal(tuned["model"][k], lcm["target"]["module"][k]) for k in base)
+    assert not (out / "finetune-nfe2.pt").exists()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["model"], r["nfe"]) for r in rows] == [
+        ("real data (train split)", None), ("base, DDIM", 1), ("base, DDIM", 50), ("LCM (distilled)", 1),
+        ("LCM (distilled)", 2), ("E2E from LCM", 1), ("E2E from LCM", 2)]
+    printed = capsys.readouterr().out
+    assert "2 NFE: E2E from LCM CFD" in printed and "LCM (distilled) at 2 NFE" in printed and "base, DDIM at 50 NFE" in printed
+    logged = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {"pretrain", "distill", "finetune-lcm-nfe1", "finetune-lcm-nfe2", "eval"} == logged
+
+
 def test_resume_of_a_finished_run_redoes_nothing_and_a_new_evaluation_replaces_the_old_rows(tmp_path, capsys):
     out, flags = tmp_path / "run", ["--model-channels", "8", "--pretrain-steps", "4", "--pretrain-batch-size", "32",
                                     "--finetune-steps", "2", "--finetune-batch-size", "16", "--nfe", "1",
