@@ -21,6 +21,13 @@ checkpoint it builds on was made with the same model flags):
     python train_toy.py --stage finetune --out-dir runs/gan --nfe 2 --coupling independent --gan-weight 0.1
     python train_toy.py --stage eval --out-dir runs/gan --nfe 2
 
+The paper's own setting (its Table 1): end-to-end fine-tuning of a few-step latent consistency model
+(PixArt-delta is one). --base lcm adds a stage that distils the pretrained base into an LCM (latent
+consistency distillation, Luo et al. 2023), then fine-tunes the LCM end-to-end through its own sampler
+on its own timestep grid, and evaluates the LCM against the fine-tuned LCM and the base's 50-step DDIM:
+
+    python train_toy.py --base lcm --out-dir runs/toy-lcm
+
 CIFAR-10 (32x32 RGB; the preset is sized for one GPU, where bf16 autocast is on):
 
     python train_toy.py --dataset cifar10 --data-dir data      # downloads CIFAR-10 when online
@@ -42,7 +49,7 @@ torch-fidelity's Inception weights are on disk.
 The method itself is e2ediff.py (each fine-tuning step is `e2ediff.train_step`, Alg. 1 lines 6-15);
 the networks and the metric are toy_nets.py; checkpoints, flags and signals are train_utils.py.
 Importable stages (the notebook and benchmarks/ use them): Config, build_dataset, build_model,
-pretrain, finetune, load_base, load_finetuned, generate, evaluate, train_classifier.
+pretrain, distill, finetune, load_base, load_lcm, load_finetuned, generate, evaluate, train_classifier.
 """
 
 import json
@@ -62,8 +69,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, SCHEDULES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
-    check_options, consistency_scalings, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError,
+    PatchDiscriminator, check_options, consistency_scalings, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
@@ -129,6 +136,8 @@ class Config:
     distill_lr: float = option(2e-4, "AdamW; the student starts from the teacher's weights", valid="> 0")
     distill_target_decay: float = option(0.95, "EMA of the target network theta^- (LCM paper: mu = 0.95); the LCM "
                                          "we keep", valid="[0, 1]")
+    lcm_update: str = option("lcm", "the LCM's sampler, on its grid: its own multistep update (fresh noise between "
+                             "steps, as PixArt-delta's), or ddim (deterministic)", UPDATES)
     # stage 2: end-to-end fine-tuning (the method's options: e2e)
     nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)", valid="[1, 4]")
     finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
@@ -315,9 +324,9 @@ def autocast(device):
 
 
 def lcm_sampler(config) -> dict:
-    """unrolled_sample options of an LCM: its own multistep update on its distillation grid, no extra
-    guidance (the guided teacher's ODE is distilled into it)."""
-    return dict(update="lcm", spacing="lcm", original_steps=config.e2e.original_steps, guidance_scale=1.0)
+    """unrolled_sample options of an LCM: --lcm-update (its own multistep update by default) on its
+    distillation grid, no extra guidance (the guided teacher's ODE is distilled into it)."""
+    return dict(update=config.lcm_update, spacing="lcm", original_steps=config.e2e.original_steps, guidance_scale=1.0)
 
 
 def finetune_name(config, num_steps) -> str:
@@ -651,7 +660,7 @@ def finetune(config, data, device):
 def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cache, lpips):
     """Alg. 1 on a copy of `start` (the base, or the LCM) for a num_steps-step sampler, into
     <out>/finetune[-lcm]-nfe<T>.pt; `base` makes the coupling's pairs. An LCM trains through its own
-    sampler (update lcm on its grid, no extra guidance)."""
+    sampler (lcm_sampler: --lcm-update on its grid, no extra guidance)."""
     name = finetune_name(config, num_steps)
     path = config.out / f"{name}.pt"
     checkpoint, _ = open_checkpoint(path, config, "finetune", config.finetune_steps)

@@ -13,10 +13,17 @@ Per seed, one base model is pretrained and every fine-tune starts from it. Rows:
     L2+LPIPS+GAN on digits (LPIPS backbone: see the output), L1, L2, L2+GAN on ring2d (no LPIPS in 2D);
   - leakage (digits only: toy2d fixes its schedule): the same pretraining + inversion/L2 fine-tuning
     with (a) zero terminal SNR + trailing spacing against (b) the plain linear schedule + leading
-    spacing, each base trained with its own schedule (v-prediction both).
+    spacing, each base trained with its own schedule (v-prediction both);
+  - part "table1", the paper's Table 1 at toy scale (digits, 3 seeds): the seed's base distilled into a
+    few-step LCM (train_toy --base lcm: latent consistency distillation), the LCM at 1, 2, 4 NFE on
+    its grid, and the LCM fine-tuned end-to-end at the same NFE (inversion and teacher pairs from the
+    diffusion base, L2), against the base's 50-step DDIM; each with the LCM's own update (fresh noise
+    between steps) and with deterministic DDIM steps on the same grid.
 
-    python benchmarks/quality.py            # full mode: ring2d 3 seeds, digits 2 seeds (34 min on 2 idle CPU cores)
-    python benchmarks/quality.py --quick    # 1 seed, tiny step counts, NFE 1 and 4 (a smoke run, ~3 min on an idle machine)
+    python benchmarks/quality.py               # full mode, both parts
+    python benchmarks/quality.py --only main   # ring2d 3 seeds, digits 2 seeds (34 min on 2 idle CPU cores)
+    python benchmarks/quality.py --only table1 # the Table 1 rows only -> quality-table1.json/.png
+    python benchmarks/quality.py --quick       # both parts, 1 seed, tiny step counts (a smoke run)
 
 Digits seeds run in parallel subprocesses (one torch thread each on a 2-core machine), each in its
 own work folder (--work, default a temporary one): <work>/digits-seed<S>/<schedule>/base holds the
@@ -25,8 +32,10 @@ base and the metric's classifier; every fine-tune gets its own folder with hard 
 Writes benchmarks/results/quality[-quick].json and quality[-quick].png (distance vs NFE: base DDIM
 against the best end-to-end setting per coupling); the last line printed is one JSON object with the
 headline ratios D/e2e4_vs_base50, D/e2e1_vs_base50, D/e2e4_vs_base4 for D in ring2d, digits (best
-end-to-end setting by its mean over seeds, divided by the base's mean). Goals (the issue):
-e2e4_vs_base50 <= 0.9, e2e1_vs_base50 <= 1.5, e2e4_vs_base4 <= 0.25. Goals are reported, never tuned for.
+end-to-end setting by its mean over seeds, divided by the base's mean), and from part table1
+digits/e2e_from_lcm4_vs_lcm4 and digits/e2e_from_lcm4_vs_base50 (the better coupling from the LCM at
+4 NFE, the LCM's own update), and the same two with _ddim (deterministic update). Goals (the issues): e2e4_vs_base50 <= 0.9, e2e1_vs_base50 <= 1.5, e2e4_vs_base4 <= 0.25,
+e2e_from_lcm4_vs_lcm4 <= 0.85, e2e_from_lcm4_vs_base50 <= 1.0. Goals are reported, never tuned for.
 """
 from __future__ import annotations
 
@@ -50,7 +59,7 @@ import toy2d  # noqa: E402
 import toy_nets  # noqa: E402
 import train_toy  # noqa: E402
 from report import write_results  # noqa: E402
-from train_utils import make_config  # noqa: E402
+from train_utils import changed, make_config  # noqa: E402
 
 # Every run setting, per mode; "why" in the comment. Full mode took 34 minutes on 2 idle CPU cores.
 PLANS = {
@@ -75,7 +84,7 @@ PLANS = {
         ring_seeds=(0,), ring_pretrain_steps=300, ring_finetune_steps=40, ring_nfe=(1, 4), ring_eval_samples=1000,
         digits_seeds=(0,), digits_pretrain_steps=100, digits_finetune_steps=5, digits_nfe=(1, 4),
         digits_eval_samples=100, classifier_epochs=2, teacher_steps=5,
-        table1_seeds=(0,), table1_nfe=(1, 4), distill_steps=5, distill_batch_size=16,
+        table1_seeds=(0,), table1_nfe=(4,), distill_steps=5, distill_batch_size=16,
     ),
 }
 BASE_NFE = (1, 2, 4, 50)
@@ -102,6 +111,9 @@ GOALS = {"e2e4_vs_base50": 0.9, "e2e1_vs_base50": 1.5, "e2e4_vs_base4": 0.25}
 # written pairs independent noise with the data, which collapses under L2 (README); both couplings here
 # pair the noise with the diffusion base's ODE, the one the LCM was distilled from.
 TABLE1_COUPLINGS = ("inversion", "teacher")
+# The LCM's sampler: its own update (fresh noise between steps: PixArt-delta's, and Alg. 1 line 9 as we
+# read it) or deterministic DDIM steps on the same grid (L1/L2 pairs then have one answer per z_T).
+TABLE1_UPDATES = {"lcm": "LCM", "ddim": "LCM, DDIM update"}
 TABLE1_GOALS = {"e2e_from_lcm4_vs_lcm4": 0.85, "e2e_from_lcm4_vs_base50": 1.0}
 PARTS = ("main", "table1")  # main: base, couplings, Table 2, leakage (and ring2d); table1: from an LCM
 
@@ -214,10 +226,13 @@ def digits_rows(plan, seed, work, parts=PARTS):
         config = digits_config(plan, seed, lcm_folder, MAIN_SCHEDULE, plan["table1_nfe"], **lcm_fields)
         train_toy.distill(config, data, device)
         lcm = train_toy.load_lcm(config, data, device)
-        rows += [row("digits", "table1", "LCM", k, seed, measure(config, lcm, k)) for k in plan["table1_nfe"]]
-        for coupling in TABLE1_COUPLINGS:
-            distances = finetune(MAIN_SCHEDULE, f"lcm-{coupling}-L2", plan["table1_nfe"], coupling=coupling, **lcm_fields)
-            rows += [row("digits", "table1", "E2E from LCM", k, seed, d, coupling, "L2") for k, d in distances.items()]
+        for update, name in TABLE1_UPDATES.items():
+            sampler = changed(config, lcm_update=update)
+            rows += [row("digits", "table1", name, k, seed, measure(sampler, lcm, k)) for k in plan["table1_nfe"]]
+            for coupling in TABLE1_COUPLINGS:
+                distances = finetune(MAIN_SCHEDULE, f"lcm-{update}-{coupling}-L2", plan["table1_nfe"], coupling=coupling,
+                                     lcm_update=update, **lcm_fields)
+                rows += [row("digits", "table1", f"E2E from {name}", k, seed, d, coupling, "L2") for k, d in distances.items()]
     return rows
 
 
@@ -283,7 +298,7 @@ def base_ddim(summary, dataset, nfe, schedule=MAIN_SCHEDULE):
 
 
 def table1_entries(summary, model, nfe):
-    """The Table 1 rows of `model` ("LCM" or "E2E from LCM") at this NFE, one per coupling."""
+    """The Table 1 rows of `model` (see TABLE1_UPDATES: "LCM", "E2E from LCM", ...) at this NFE."""
     return [s for s in summary if s["group"] == "table1" and s["model"] == model and s["nfe"] == nfe]
 
 
@@ -294,11 +309,15 @@ def headline_ratios(summary, parts):
         headline[f"{dataset}/e2e4_vs_base50"] = best_e2e(summary, dataset, 4)["mean"] / base50
         headline[f"{dataset}/e2e1_vs_base50"] = best_e2e(summary, dataset, 1)["mean"] / base50
         headline[f"{dataset}/e2e4_vs_base4"] = best_e2e(summary, dataset, 4)["mean"] / base4
-    if "table1" in parts:  # the best coupling from the LCM, against the LCM and the base's 50-step DDIM
+    if "table1" in parts:  # the LCM's own sampler (Alg. 1 as the paper runs it), best coupling, vs the LCM and base 50
         best = min(table1_entries(summary, "E2E from LCM", 4), key=lambda s: s["mean"])["mean"]
         (lcm,) = table1_entries(summary, "LCM", 4)
         headline["digits/e2e_from_lcm4_vs_lcm4"] = best / lcm["mean"]
         headline["digits/e2e_from_lcm4_vs_base50"] = best / base_ddim(summary, "digits", 50)["mean"]
+        deterministic = min(table1_entries(summary, "E2E from LCM, DDIM update", 4), key=lambda s: s["mean"])["mean"]
+        (lcm_ddim,) = table1_entries(summary, "LCM, DDIM update", 4)
+        headline["digits/e2e_from_lcm4_ddim_vs_lcm4_ddim"] = deterministic / lcm_ddim["mean"]
+        headline["digits/e2e_from_lcm4_ddim_vs_base50"] = deterministic / base_ddim(summary, "digits", 50)["mean"]
     return headline
 
 
@@ -342,9 +361,11 @@ def plot(summary, metric_names, parts, path):
                 for coupling in COUPLINGS}
         else:
             table1 = sorted((s for s in summary if s["group"] == "table1"), key=lambda s: s["nfe"])
-            curves = {"LCM": [s for s in table1 if s["model"] == "LCM"]}
-            curves.update({f"E2E from LCM, {coupling}": [s for s in table1 if s["model"] == "E2E from LCM" and
-                                                         s["coupling"] == coupling] for coupling in TABLE1_COUPLINGS})
+            curves = {}
+            for name in TABLE1_UPDATES.values():
+                curves[name] = [s for s in table1 if s["model"] == name]
+                curves.update({f"E2E from {name}, {coupling}": [s for s in table1 if s["model"] == f"E2E from {name}"
+                                                               and s["coupling"] == coupling] for coupling in TABLE1_COUPLINGS})
         for label, entries in curves.items():
             axis.errorbar([s["nfe"] for s in entries], [s["mean"] for s in entries], [s["std"] for s in entries],
                           marker="s", capsize=2, label=label)

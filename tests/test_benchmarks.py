@@ -41,10 +41,12 @@ def test_cost_quick_prints_finite_headline_and_writes_results(tmp_path):
 def test_quality_quick_prints_finite_headline_and_writes_results(tmp_path):
     headline = run_benchmark("quality.py", "--quick", "--out", str(tmp_path), timeout=1800)
     keys = [f"{dataset}/{ratio}" for dataset in ("ring2d", "digits") for ratio in ("e2e4_vs_base50", "e2e1_vs_base50", "e2e4_vs_base4")]
-    assert_finite_keys(headline, keys + ["digits/e2e_from_lcm4_vs_lcm4", "digits/e2e_from_lcm4_vs_base50"])
+    keys += [f"digits/e2e_from_lcm4{update}_vs_{other}" for update, other in
+             [("", "lcm4"), ("", "base50"), ("_ddim", "lcm4_ddim"), ("_ddim", "base50")]]
+    assert_finite_keys(headline, keys)
     record = json.loads((tmp_path / "quality-quick.json").read_text())
     table1 = {(r["model"], r["coupling"], r["nfe"]) for r in record["rows"] if r["group"] == "table1"}
-    assert table1 == {("LCM", None, 1), ("LCM", None, 4)} | {("E2E from LCM", coupling, nfe) for coupling in
-                                                             ("inversion", "teacher") for nfe in (1, 4)}
+    assert table1 == {(f"{start}{lcm}", coupling, 4) for lcm in ("LCM", "LCM, DDIM update")
+                      for start, coupling in [("", None), ("E2E from ", "inversion"), ("E2E from ", "teacher")]}
     assert {key: round(value, 4) for key, value in record["headline"].items()} == headline  # the file holds what was printed
     assert (tmp_path / "quality-quick.png").is_file()
