@@ -43,8 +43,8 @@ from report import write_results  # noqa: E402
 
 PLANS = {
     "full": dict(seeds=(0, 1, 2), config={}),  # dsd.Config's defaults
-    "quick": dict(seeds=(0,), config=dict(steps=60, log_every=20, finetune_steps=10, eval_samples=200,
-                                          classifier_epochs=2, inversion_steps=5, nfe=(1, 4))),
+    "quick": dict(seeds=(0,), config=dict(steps=30, log_every=10, finetune_steps=5, eval_samples=100,
+                                          classifier_epochs=1, inversion_steps=5, nfe=(1, 4))),
 }
 MODELS = ("naive", "dsd", "two_stage", "dsd_no_latent_norm", "dsd_equal_updates", "dsd+e2e")
 INDICATORS = ("latent_std", "effective_rank", "recon_mse")

@@ -5,8 +5,8 @@
 They prove: one network holds every role; DSD's target latent gets no gradient while the naive loss
 sends its gradient into the encoder through the target; the effective rank is right on known spectra;
 a short naive run shrinks the latents while DSD's does not; the two-stage baseline has twice the
-parameters; the end-to-end fine-tune trains the sampler and the decoder; the --quick benchmark writes
-its JSON and plot and prints the headline last.
+parameters; the end-to-end fine-tune trains the sampler and the decoder; the metric's classifier is a
+function of the seed; the --quick benchmark writes its JSON and plot and prints the headline last.
 """
 import json
 import math
@@ -32,9 +32,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def digits():
+def data():
     import train_toy
-    return train_toy.load_digits_data().train_images
+    return train_toy.load_digits_data()
+
+
+@pytest.fixture(scope="module")
+def digits(data):
+    return data.train_images
 
 
 def test_every_hidden_layer_serves_every_role_and_the_output_rows_split_by_slot():
@@ -99,14 +104,14 @@ def test_effective_rank_of_known_spectra():
 
 
 def test_short_naive_run_shrinks_the_latents_and_dsd_run_does_not(digits):
-    config = dsd.Config(steps=300, log_every=300)
+    config = dsd.Config(steps=300, log_every=300, hidden=128)  # half the width: a third faster, same behaviour
     probe = digits[:512]
     naive = dsd.train("naive", config, digits, probe).history
     self_distilled = dsd.train("dsd", config, digits, probe).history
     assert naive[0]["latent_std"] == pytest.approx(self_distilled[0]["latent_std"])  # the same initial network
-    # measured (seed 0): 0.171 at the start -> naive 0.093, DSD 0.53 (the full run goes on to 0.027 vs 0.99)
-    assert naive[-1]["latent_std"] < 0.75 * naive[0]["latent_std"]
-    assert self_distilled[-1]["latent_std"] > 2 * naive[0]["latent_std"]
+    # measured (seed 0): 0.127 at the start -> naive 0.021, DSD 0.34 (the full run ends at 0.028 vs 0.99)
+    assert naive[-1]["latent_std"] < 0.5 * naive[0]["latent_std"]
+    assert self_distilled[-1]["latent_std"] > 1.5 * naive[0]["latent_std"]
     assert self_distilled[-1]["latent_std"] > 4 * naive[-1]["latent_std"]
 
 
@@ -136,6 +141,15 @@ def test_end_to_end_loss_trains_the_sampler_and_the_decoder(digits):
     optimizer.zero_grad(set_to_none=True)
     logs = [e2ediff.train_step(loss_fn, optimizer, e2ediff.EMA(network, 0.0), [batch], step)["loss"] for step in range(30)]
     assert logs[-1] < 0.5 * logs[0]
+
+
+def test_metric_classifier_depends_on_the_seed_not_on_the_global_random_state(data, tmp_path):
+    scores = []
+    for global_seed, folder in ((1, "a"), (2, "b")):
+        torch.manual_seed(global_seed)  # what earlier trainings leave behind differs from seed to seed
+        judge = dsd.Judge(dsd.Config(seed=3, classifier_epochs=1, work_dir=str(tmp_path / folder)), data)
+        scores.append(judge(data.train_images[:200])["cfd"])
+    assert scores[0] == scores[1]
 
 
 def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
