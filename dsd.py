@@ -2,7 +2,7 @@
 encodes, decodes and denoises, trained end to end on scikit-learn's 8x8 digits (offline, CPU).
 
     python dsd.py                          # one seed: the three trainings, the ablation, the end-to-end
-                                           # fine-tune, indicators and few-step quality (~4 min, 1 CPU thread)
+                                           # fine-tune, indicators and few-step quality (~5 min, 1 CPU thread)
     python dsd.py --seed 1 --steps 1000    # another seed, a shorter run; --help lists every flag and why
     python benchmarks/dsd.py               # 3 seeds, mean ± std, plot: benchmarks/results/dsd.{json,png}
     python -m pytest -q tests/test_dsd.py  # the tests (< 60 s on 2 CPU cores)
