@@ -43,7 +43,6 @@ of the 64 pixels (toy2d.energy_distance, also against the test split).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -367,7 +366,7 @@ def finetune_end_to_end(model: Trained, config: Config, images: torch.Tensor, pr
 
 
 def run(config: Config, log=print) -> dict:
-    """The three trainings, the end-to-end fine-tune of DSD, indicators and sample quality for one seed.
+    """Every model for one seed, trained, measured (indicators) and sampled (CFD, energy at each NFE).
 
     Models: naive, dsd, two_stage, dsd_no_latent_norm (the DSD objective without the latent LayerNorm: the
     ablation behind our reading), dsd_equal_updates (DSD trained 2 x steps: as many optimiser updates as
