@@ -60,7 +60,7 @@ import toy2d
 import train_toy
 from e2ediff import option
 from toy_nets import ClassifierFrechetDistance, timestep_embedding
-from train_utils import parse_config
+from train_utils import UsageError, exit_with, parse_config
 
 ROLES = ("encode", "decode", "denoise")
 TRAININGS = ("naive", "dsd", "two_stage")
@@ -122,7 +122,7 @@ class OneNetwork(nn.Module):
 
     def run(self, role: str, pixels=None, latent=None, t=None):
         """The shared MLP in one role: (pixel output (B, 64), latent output (B, d))."""
-        e2ediff._check_choice("role", role, ROLES)
+        e2ediff.check_choice("role", role, ROLES)
         batch = (pixels if pixels is not None else latent).shape[0]
         device = next(self.parameters()).device
         pixels = torch.zeros(batch, self.pixels, device=device) if pixels is None else pixels.flatten(1)
@@ -256,7 +256,7 @@ class Trained:
 def train(training: str, config: Config, images: torch.Tensor, probe_images: torch.Tensor) -> Trained:
     """One of TRAININGS from scratch; the history holds the collapse indicators over training (for
     two-stage: of its autoencoder stage, whose latents the second stage then uses frozen)."""
-    e2ediff._check_choice("training", training, TRAININGS)
+    e2ediff.check_choice("training", training, TRAININGS)
     start, schedule = time.time(), build_schedule()
     torch.manual_seed(config.seed)
     network = build_network(config)
@@ -403,7 +403,10 @@ def run(config: Config, log=print) -> dict:
 
 def main(argv=None):
     torch.set_num_threads(1)  # a small MLP: one thread is fastest, and leaves the other core free
-    config = parse_config(Config, argv, __doc__)
+    try:
+        config = parse_config(Config, argv, __doc__)
+    except UsageError as error:
+        exit_with(error)
     result = run(config)
     print(f"\nseed {config.seed}; lower is better; reference (train split vs test): CFD {result['reference']['cfd']:.1f}, "
           f"energy {result['reference']['energy']:.4f}")

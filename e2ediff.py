@@ -73,7 +73,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def _check_choice(name: str, value: str, choices) -> None:
+def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
 
@@ -143,7 +143,7 @@ def make_schedule(
     :param zero_terminal_snr: apply the Lin et al. 2024 rescale so that \\bar\\alpha_{N-1} = 0,
         i.e. x_T is pure noise and carries no information about the data.
     """
-    _check_choice("schedule", kind, SCHEDULES)
+    check_choice("schedule", kind, SCHEDULES)
     if num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
     n = num_train_timesteps
@@ -173,7 +173,7 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 
     timesteps k-1, 2k-1, ..., N-1 with k = N // original_steps, and T of them taken at evenly spaced
     indices from the top, exactly as diffusers' LCMScheduler.set_timesteps(T) with its
     original_inference_steps (50 for PixArt-delta, LCM-LoRA, LCM-Dreamshaper)."""
-    _check_choice("spacing", spacing, SPACINGS)
+    check_choice("spacing", spacing, SPACINGS)
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     n = num_train_timesteps
@@ -217,7 +217,7 @@ def split_prediction(output, z_t, alpha, sigma, prediction_type: str):
     alpha, sigma: (B,) or broadcastable tensors. v-prediction: v = alpha eps - sigma x0
     (Salimans & Ho 2022), so x0 = alpha z_t - sigma v and eps = sigma z_t + alpha v.
     """
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     alpha, sigma = _expand(alpha, z_t), _expand(sigma, z_t)
     if prediction_type == "epsilon":
         eps = output
@@ -233,7 +233,7 @@ def split_prediction(output, z_t, alpha, sigma, prediction_type: str):
 
 def prediction_target(x0, eps, alpha, sigma, prediction_type: str) -> torch.Tensor:
     """What the network should output for a given (x0, eps): the regression target of training."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":
@@ -244,7 +244,7 @@ def prediction_target(x0, eps, alpha, sigma, prediction_type: str) -> torch.Tens
 def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None:
     """Refuse epsilon-prediction under zero terminal SNR: at t = T, z_T = eps, so a perfect
     epsilon-predictor says nothing about x0 (x0 = (z - sigma eps) / alpha divides by 0)."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon" and schedule.zero_terminal_snr:
         raise ValueError(
             "prediction_type 'epsilon' cannot recover x0 at the last timestep of a zero-terminal-SNR "
@@ -322,7 +322,7 @@ def unrolled_sample(
         run without a graph. None = all steps.
     :returns: z0 (B, ...).
     """
-    _check_choice("update", update, UPDATES)
+    check_choice("update", update, UPDATES)
     check_prediction_type(prediction_type, schedule)
     if not torch.is_tensor(z_T) or z_T.dim() < 2 or not z_T.is_floating_point():
         raise ValueError(f"z_T must be a float tensor of shape (B, ...); got {getattr(z_T, 'shape', type(z_T))}")
@@ -437,7 +437,7 @@ def couple(
     - "teacher":     z_T ~ N(0, I), target replaced by the frozen base's `teacher_steps`-step DDIM
                      sample from z_T (distillation; only target's shape is used).
     """
-    _check_choice("coupling", coupling, COUPLINGS)
+    check_choice("coupling", coupling, COUPLINGS)
     if coupling != "independent" and (base_model is None or schedule is None):
         raise ValueError(f"coupling {coupling!r} needs the frozen base_model and its schedule")
     if coupling == "inversion":
@@ -475,7 +475,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex", random_backbone: bool = False, min_size: int = 64):
         super().__init__()
-        _check_choice("LPIPS net", net, tuple(LPIPS_BACKBONE_FILES))
+        check_choice("LPIPS net", net, tuple(LPIPS_BACKBONE_FILES))
         import lpips  # imported here so the module works without it when LPIPS is not used
 
         if not random_backbone:
@@ -528,7 +528,7 @@ def reconstruction_loss(
     """
     weights = {"l2": 1.0} if weights is None else weights
     for name in weights:
-        _check_choice("loss term", name, LOSS_TERMS)
+        check_choice("loss term", name, LOSS_TERMS)
     if pred.shape != target.shape:
         raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     if not any(w > 0 for w in weights.values()):
@@ -602,7 +602,7 @@ class PatchDiscriminator(nn.Module):
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """Per-sample discriminator loss. hinge: relu(1 - D(x)) + relu(1 + D(G)) (Lim & Ye 2017);
     non_saturating: softplus(-D(x)) + softplus(D(G)) (Goodfellow et al. 2014)."""
-    _check_choice("GAN loss", kind, GAN_KINDS)
+    check_choice("GAN loss", kind, GAN_KINDS)
     if kind == "hinge":
         loss = F.relu(1 - logits_real).flatten(1).mean(1) + F.relu(1 + logits_fake).flatten(1).mean(1)
     else:
@@ -612,7 +612,7 @@ def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kin
 
 def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """Per-sample generator loss: hinge -D(G) ; non_saturating softplus(-D(G))."""
-    _check_choice("GAN loss", kind, GAN_KINDS)
+    check_choice("GAN loss", kind, GAN_KINDS)
     return (-logits_fake if kind == "hinge" else F.softplus(-logits_fake)).flatten(1).mean(1)
 
 
