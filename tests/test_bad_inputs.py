@@ -163,6 +163,15 @@ SETUPS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm_imports():
+    """Import once what the scripts import lazily (scikit-learn's digits, the hub client, brace expansion),
+    so that each case's time is the checking itself, not a first import on a busy machine."""
+    import braceexpand  # noqa: F401
+    import huggingface_hub  # noqa: F401
+    train_toy.load_digits_data()
+
+
 @pytest.fixture
 def world(tmp_path, monkeypatch):
     """A run folder, the folders the t2i flags point at (an imagefolder, a pre-computed folder, an
