@@ -257,24 +257,24 @@ class MissingModelError(FileNotFoundError):
 def load_part(config: Config, name: str, loader, **kwargs):
     """One pretrained part: loader(<pretrained>, subfolder=name), or loader(config.<name>) when that
     override is given. A failure raises MissingModelError saying what to download, and where."""
-    override, flag = getattr(config, name), "--" + name.replace("_", "-")
+    override = getattr(config, name)
     path, subfolder = (override, None) if override else (config.pretrained, name)
     try:
         return loader(path, subfolder=subfolder, **kwargs) if subfolder else loader(path, **kwargs)
     except OSError as error:
         part, where = name.replace("_", " "), f"{path}/{subfolder}" if subfolder else path
-        flag = flag if override else "--pretrained"
+        given = flag(name) if override else "--pretrained"
         if os.path.isdir(path):
             hint = (f"The folder {path} exists but has no loadable {part} in {where}/. --pretrained expects a "
                     f"diffusers pipeline folder (transformer/ vae/ text_encoder/ tokenizer/ scheduler/), as "
-                    f"PixArt-alpha/PixArt-LCM-XL-2-1024-MS is laid out; --{name.replace('_', '-')} takes a folder "
+                    f"PixArt-alpha/PixArt-LCM-XL-2-1024-MS is laid out; {flag(name)} takes a folder "
                     f"with the {part} at its root.")
         else:
             local = os.path.join("models", path.rstrip("/").split("/")[-1])
             hint = (f"'{path}' is not a local folder, and the hub could not provide it (offline, HF_HUB_OFFLINE=1, "
                     f"a typo, or a gated repo). Download it where the hub is reachable:\n"
                     f"    hf download {path} --local-dir {local}\n"
-                    f"then pass {flag} {local}")
+                    f"then pass {given} {local}")
         raise MissingModelError(f"could not load the {part} from {where}: {error}\n{hint}") from error
 
 

@@ -75,7 +75,7 @@ from e2ediff import (
 )
 from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
 from train_utils import (
-    INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, load_checkpoint,
+    INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
     parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
 )
 
@@ -338,7 +338,7 @@ def check_compatible(saved_config, config, path):
     """UsageError naming every model-shape field where a checkpoint's config differs from ours."""
     def normal(value):
         return list(value) if isinstance(value, (list, tuple)) else value
-    differing = [f"--{name.replace('_', '-')}: checkpoint {saved_config.get(name)!r} vs now {getattr(config, name)!r}"
+    differing = [f"{flag(name)}: checkpoint {saved_config.get(name)!r} vs now {getattr(config, name)!r}"
                  for name in MODEL_FIELDS if normal(saved_config.get(name)) != normal(getattr(config, name))]
     if differing:
         raise UsageError(f"{path} was written with other model flags ({'; '.join(differing)}). "
@@ -375,9 +375,9 @@ def finished_checkpoint(path, config, stage, steps, how):
         raise UsageError(f"no {stage} checkpoint at {path}: {how}, or point --out-dir at the run that has it.")
     checkpoint = read_checkpoint(path, config, stage)
     if checkpoint["step"] < steps:
-        flag = "--pretrain-steps" if stage == "pretrain" else "--finetune-steps"
+        steps_flag = flag(f"{stage}_steps")
         raise UsageError(f"{path} stopped at step {checkpoint['step']} of {steps}: finish it with --stage {stage} "
-                         f"--resume, or pass {flag} {checkpoint['step']} to use it as it is.")
+                         f"--resume, or pass {steps_flag} {checkpoint['step']} to use it as it is.")
     return checkpoint
 
 
@@ -634,8 +634,8 @@ def finetune(config, data, device):
     """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}.
     Finished models are skipped, and the base's inversion runs only if some model still trains."""
     paths = {steps: config.out / f"{finetune_name(config, steps)}.pt" for steps in config.nfe}
-    todo = [steps for steps, path in paths.items()
-            if not open_checkpoint(path, config, "finetune", config.finetune_steps)[1]]
+    opened = {steps: open_checkpoint(path, config, "finetune", config.finetune_steps) for steps, path in paths.items()}
+    todo = {steps: checkpoint for steps, (checkpoint, finished) in opened.items() if not finished}
     for steps in sorted(set(paths) - set(todo)):
         print(f"{finetune_name(config, steps)}: {paths[steps]} is finished, skipping")
     if not todo:
@@ -652,18 +652,18 @@ def finetune(config, data, device):
     lpips = None
     if config.e2e.lpips_weight > 0:
         lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
-    for steps in todo:
-        finetune_one(config, data, device, base, start, schedule, steps, z_T_cache, lpips)
+    for steps, checkpoint in todo.items():
+        finetune_one(config, data, device, base, start, schedule, steps, z_T_cache, lpips, checkpoint)
     return paths
 
 
-def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cache, lpips):
+def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cache, lpips, checkpoint):
     """Alg. 1 on a copy of `start` (the base, or the LCM) for a num_steps-step sampler, into
     <out>/finetune[-lcm]-nfe<T>.pt; `base` makes the coupling's pairs. An LCM trains through its own
-    sampler (lcm_sampler: --lcm-update on its grid, no extra guidance)."""
+    sampler (lcm_sampler: --lcm-update on its grid, no extra guidance). `checkpoint`: the unfinished
+    run to continue, or None."""
     name = finetune_name(config, num_steps)
     path = config.out / f"{name}.pt"
-    checkpoint, _ = open_checkpoint(path, config, "finetune", config.finetune_steps)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     method = replace(config.e2e, num_steps=num_steps)
@@ -902,7 +902,7 @@ def check_batch_sizes(config, data):
              "finetune_batch_size": config.stage in ("all", "finetune")}
     for name in (name for name, used in sizes.items() if used):
         if getattr(config, name) > len(data.train_images):
-            raise UsageError(f"--{name.replace('_', '-')}: got {getattr(config, name)}, need at most the "
+            raise UsageError(f"{flag(name)}: got {getattr(config, name)}, need at most the "
                              f"{len(data.train_images)} training images of {data.name}")
 
 
