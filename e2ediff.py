@@ -23,8 +23,9 @@ Read it top to bottom, in the paper's order:
     2. parameterisations       (epsilon / x0 / v and the conversions between them)
     3. unrolled sampler        (Alg. 1 lines 7-12)
     4. couplings               (Alg. 1 line 6: which noise z_T is paired with which target z0)
-    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS and their weighted hybrid)
-    6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1)
+    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS — or LPIPS's distance in any backbone — and their hybrid)
+    6. adversarial loss        (Eq. 8: PatchGAN, projection on class labels, hinge / non-saturating,
+                                adaptive or fixed weight, R1, start step; its real samples are data)
     7. EMA                     (Alg. 1 line 15)
     8. standard diffusion loss (to pretrain the base model the method starts from)
     9. Algorithm 1             (EndToEndConfig, EndToEndLoss, train_step)
@@ -38,7 +39,9 @@ Which coupling is the paper's, and which to use
     barely moving. Use `inversion` (z_T is the frozen base model's deterministic DDIM inversion of
     z0, so every target has its own noise: a well-posed regression) or `teacher` (the target is the
     base model's many-step sample from z_T). A distribution-level loss (the GAN term) also works
-    with `independent` pairs.
+    with `independent` pairs, and it is the only term that can take the student past its base: L1/L2
+    targets from inversion or a teacher are the base's own ODE, so the discriminator's real samples are
+    always data, whatever the coupling makes the regression target.
 
 Reading of Alg. 1 line 9
     The noise term of line 9 is ambiguous. We read it as the update of the paper's base model
@@ -510,11 +513,42 @@ class LPIPS(nn.Module):
         return self.net(a.float(), b.float()).flatten()
 
 
+class FeatureDistance(nn.Module):
+    """LPIPS's distance (Zhang et al. 2018, Eq. 1) in the features of any frozen network, with every
+    layer and channel weighted 1 (the lpips package's `lpips=False` baseline): at each layer l,
+    unit-normalise the feature vector of each position over channels, take the squared difference,
+    sum over channels, average over positions; sum over layers. For a backbone of one's own (the toy
+    trains one on its data), where no trained linear heads exist.
+
+    :param network: a module whose `features(x)` returns a list of (B, C_l, H_l, W_l) activations; frozen
+        here (eval, no grad), and gradients flow to the inputs. Inputs are what it was trained on (the
+        toy's: images in [-1, 1]).
+    """
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FeatureDistance":
+        return super().train(False)  # always eval: a fixed metric
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(B, ...) x2 -> (B,) distance."""
+        if a.shape != b.shape:
+            raise ValueError(f"FeatureDistance wants two inputs of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
+        distance = a.new_zeros(a.shape[0])
+        for feature_a, feature_b in zip(self.network.features(a), self.network.features(b), strict=True):
+            unit_a = feature_a / (feature_a.norm(dim=1, keepdim=True) + 1e-10)  # (B, C_l, H_l, W_l)
+            unit_b = feature_b / (feature_b.norm(dim=1, keepdim=True) + 1e-10)
+            distance = distance + (unit_a - unit_b).pow(2).sum(1).flatten(1).mean(1)
+        return distance
+
+
 def reconstruction_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     weights: dict[str, float] | None = None,
-    lpips: LPIPS | None = None,
+    lpips: nn.Module | None = None,
     pred_image: torch.Tensor | None = None,
     target_image: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
@@ -522,6 +556,7 @@ def reconstruction_loss(
 
     :param pred, target: (B, ...) sampler output and target (images, or latents).
     :param weights: {"l1": ., "l2": ., "lpips": .}; terms with weight 0 are not computed.
+    :param lpips: the perceptual distance, (B, ...) x2 -> (B,): an `LPIPS`, or a `FeatureDistance`.
     :param pred_image, target_image: where LPIPS should see images other than pred/target (decoded
         latents, real pixels); default pred/target themselves.
     :returns: {"l1": (B,), "l2": (B,), "lpips": (B,) — those with weight > 0 — and "recon": (B,)}.
@@ -540,7 +575,7 @@ def reconstruction_loss(
         terms["l2"] = (pred - target).pow(2).flatten(1).mean(1)
     if weights.get("lpips", 0) > 0:
         if lpips is None:
-            raise ValueError("an 'lpips' weight > 0 needs an LPIPS module (e2ediff.LPIPS)")
+            raise ValueError("an 'lpips' weight > 0 needs a perceptual distance (e2ediff.LPIPS or e2ediff.FeatureDistance)")
         a = pred if pred_image is None else pred_image
         b = target if target_image is None else target_image
         terms["lpips"] = lpips(a, b)
@@ -560,11 +595,11 @@ class PatchDiscriminator(nn.Module):
     0.2, N(0, 0.02) init, one logit per patch. GroupNorm instead of BatchNorm, so its output does
     not depend on the batch (and DDP ranks need no synced statistics)."""
 
-    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3):
+    def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, num_classes: int | None = None):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.num_layers = num_layers
+        self.num_layers, self.num_classes = num_layers, num_classes
 
         def block(c_in, c_out, stride):
             return [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, c_out), c_out), nn.LeakyReLU(0.2)]
@@ -577,26 +612,38 @@ class PatchDiscriminator(nn.Module):
         layers += block(channels, base_channels * min(2**num_layers, 8), stride=1)
         layers += [nn.Conv2d(base_channels * min(2**num_layers, 8), 1, 4, 1, 1)]
         self.main = nn.Sequential(*layers)
+        # projection (Miyato & Koyama 2018): logit += <embed(c), features>, one class vector per label
+        # (label num_classes: the "no class" token of classifier-free guidance)
+        self.class_embed = nn.Embedding(num_classes + 1, base_channels * min(2**num_layers, 8)) if num_classes else None
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.02)
             elif isinstance(module, nn.GroupNorm):
                 nn.init.normal_(module.weight, 1.0, 0.02)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, 0.02)
 
     def min_input_size(self) -> int:
         """Smallest H, W for which a patch logit comes out: each strided 4x4 conv (pad 1) maps h to
         floor(h / 2), each of the two last (stride 1) to h - 1, so floor(h / 2^n) - 2 >= 1."""
         return 3 * 2**self.num_layers
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1, h, w) patch logits."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W), and the class labels (B,) of a conditional discriminator -> (B, 1, h, w) patch logits."""
         if x.dim() != 4 or min(x.shape[-2:]) < self.min_input_size():
             raise ValueError(
                 f"PatchDiscriminator with num_layers={self.num_layers} needs (B, C, H, W) inputs with H, W >= "
                 f"{self.min_input_size()}; got {tuple(x.shape)} (use fewer layers for small images)"
             )
-        return self.main(x)
+        if (cond is None) != (self.class_embed is None):
+            raise ValueError("a conditional PatchDiscriminator (num_classes) needs class labels, an unconditional one takes none")
+        if self.class_embed is None:
+            return self.main(x)
+        features = self.main[:-1](x)  # (B, C', h + 1, w + 1)
+        projection = (self.class_embed(cond)[:, :, None, None] * features).sum(1, keepdim=True)
+        # averaged over the same 4x4 window (stride 1, pad 1) that the last conv reads: one term per patch logit
+        return self.main[-1](features) + F.avg_pool2d(projection, 4, stride=1, padding=1, count_include_pad=False)
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -627,10 +674,11 @@ def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_l
     return (recon_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, MAX_ADAPTIVE_GAN_WEIGHT).detach()
 
 
-def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """R1 (Mescheder et al. 2018): ||grad_x D(x)||^2 on real data, per sample. Returns (penalty, logits)."""
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor, *cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """R1 (Mescheder et al. 2018): ||grad_x D(x)||^2 on real data, per sample. Returns (penalty, logits).
+    `cond`: the labels of a conditional discriminator (none for an unconditional one)."""
     real = real.detach().requires_grad_(True)
-    logits = discriminator(real)
+    logits = discriminator(real, *cond)
     (grad,) = torch.autograd.grad(logits.sum(), real, create_graph=True)
     return grad.pow(2).flatten(1).sum(1), logits
 
@@ -639,24 +687,34 @@ class GANLoss:
     """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW, with a start step.
 
     Before `start_step` nothing touches the discriminator (no forward, no autograd.grad), so the
-    unrolled graph is not held for it. `discriminator` may be DDP-wrapped: the generator pass uses the
-    bare module (no discriminator gradients are wanted there), the discriminator step the wrapper.
+    unrolled graph is not held for it: the steps before it are a warm-up on the reconstruction loss
+    alone. `discriminator` may be DDP-wrapped: the generator pass uses the bare module (no
+    discriminator gradients are wanted there), the discriminator step the wrapper. With
+    `config.disc_conditional` both passes hand the discriminator the class labels `cond`.
     """
 
     def __init__(self, discriminator: nn.Module, config: EndToEndConfig):
         self.discriminator, self.kind, self.weight = discriminator, config.gan_kind, config.gan_weight
         self.start_step, self.adaptive, self.r1_weight = config.gan_start_step, config.gan_adaptive, config.r1_weight
+        self.conditional = config.disc_conditional
         self.optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
         return step >= self.start_step
 
-    def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor, step: int, last_layer: torch.Tensor | None = None) -> dict:
+    def _labels(self, cond) -> tuple:
+        """The discriminator's extra arguments: (cond,) when it is conditional, () otherwise."""
+        if self.conditional and cond is None:
+            raise ValueError("disc_conditional needs class labels (cond) for the discriminator")
+        return (cond,) if self.conditional else ()
+
+    def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor, step: int, last_layer: torch.Tensor | None = None,
+                       cond: Any = None) -> dict:
         """{"gan": scalar generator loss, "gan_weight": its weight (adaptive x weight), "gan_total": product}."""
         bare = unwrap(self.discriminator)
         bare.requires_grad_(False)  # no discriminator grads from the generator's loss
         try:
-            gan = generator_adversarial_loss(bare(fake), self.kind).mean()
+            gan = generator_adversarial_loss(bare(fake, *self._labels(cond)), self.kind).mean()
         finally:
             bare.requires_grad_(True)
         weight = fake.new_tensor(self.weight)
@@ -666,13 +724,15 @@ class GANLoss:
             weight = weight * adaptive_gan_weight(recon_loss, gan, last_layer)
         return {"gan": gan, "gan_weight": weight, "gan_total": weight * gan}
 
-    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> dict:
-        """{"disc": scalar loss to minimise, "r1": mean penalty, "logits_real", "logits_fake": means}."""
+    def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor, step: int, cond: Any = None) -> dict:
+        """{"disc": scalar loss to minimise, "r1": mean penalty, "logits_real", "logits_fake": means}.
+        `real` are data samples, `fake` the sampler's outputs for the same labels `cond`."""
+        labels = self._labels(cond)
         if self.r1_weight > 0:
-            penalty, logits_real = r1_penalty(self.discriminator, real)
+            penalty, logits_real = r1_penalty(self.discriminator, real, *labels)
         else:
-            penalty, logits_real = real.new_zeros(()), self.discriminator(real.detach())
-        logits_fake = self.discriminator(fake.detach())
+            penalty, logits_real = real.new_zeros(()), self.discriminator(real.detach(), *labels)
+        logits_fake = self.discriminator(fake.detach(), *labels)
         loss = discriminator_loss(logits_real, logits_fake, self.kind).mean() + 0.5 * self.r1_weight * penalty.mean()
         return {"disc": loss, "r1": penalty.mean().detach(), "logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
 
@@ -821,6 +881,8 @@ class EndToEndConfig:
                            valid="> 0")
     disc_channels: int = option(64, "PatchGAN width (taming's NLayerDiscriminator)", valid=">= 1")
     disc_layers: int = option(3, "PatchGAN strided layers (taming's default)", valid=">= 1")
+    disc_conditional: bool = option(False, "projection discriminator on class labels (Miyato & Koyama 2018): it "
+                                    "judges p(x | c), not p(x); class-conditional toy only")
     # the update (Alg. 1 lines 14-15)
     grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off",
                               valid=">= 0")
@@ -864,15 +926,23 @@ class EndToEndLoss(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, config: EndToEndConfig,
-                 prediction_type: str = "v_prediction", *, lpips: LPIPS | None = None, gan: GANLoss | None = None,
+                 prediction_type: str = "v_prediction", *, lpips: nn.Module | None = None, gan: GANLoss | None = None,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, guidance_scale: float = 1.0):
         super().__init__()
         check_prediction_type(prediction_type, schedule)
         if config.lpips_weight > 0 and lpips is None:
-            raise ValueError("an lpips_weight > 0 needs an LPIPS module (e2ediff.LPIPS)")
+            raise ValueError("an lpips_weight > 0 needs a perceptual distance (e2ediff.LPIPS or e2ediff.FeatureDistance)")
         self.denoiser, self.schedule, self.config = denoiser, schedule, config
         self.sampler_options = dict(config.sampler_options(prediction_type), guidance_scale=guidance_scale)
         self.helpers = {"lpips": lpips, "gan": gan, "decode": decode}  # a dict: not registered as submodules
+
+    def as_image(self, z: torch.Tensor) -> torch.Tensor:
+        """z as an image, without gradients: decoded, or z itself in pixel space."""
+        decode = self.helpers["decode"]
+        if decode is None:
+            return z
+        with torch.no_grad():
+            return decode(z)
 
     def forward(self, z_T: torch.Tensor, target: torch.Tensor, step: int, cond: Any = None, uncond: Any = None,
                 target_image: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
@@ -887,15 +957,14 @@ class EndToEndLoss(nn.Module):
         if image is z0:
             target_image = target
         elif target_image is None:
-            with torch.no_grad():
-                target_image = decode(target)
+            target_image = self.as_image(target)
         loss, logs = z0.new_zeros(()), {}
         if max(self.config.loss_weights.values()) > 0:  # Alg. 1 line 13, Eq. 7
             terms = reconstruction_loss(z0, target, self.config.loss_weights, lpips, image, target_image)
             loss = terms["recon"].mean()
             logs = {name: value.mean().detach() for name, value in terms.items()}
         if gan_on:  # Eq. 8
-            adversarial = gan.generator_loss(image, loss, step, getattr(self.denoiser, "last_layer", None))
+            adversarial = gan.generator_loss(image, loss, step, getattr(self.denoiser, "last_layer", None), cond)
             loss = loss + adversarial["gan_total"]
             logs.update({name: value.detach() for name, value in adversarial.items()})
         logs["loss"] = loss.detach()
@@ -939,6 +1008,7 @@ def train_step(
     for batch in micro_batches:
         sync = seen == count - 1 or no_sync is None  # DDP all-reduces the gradients once, after the last
         target, cond = batch["target"], batch.get("cond")
+        data = target  # z0 of the data: the discriminator's real samples, whatever the coupling makes the target
         if batch.get("z_T") is not None:
             z_T = batch["z_T"]
         else:  # Alg. 1 line 6: the coupling pairs noise z_T with the target
@@ -951,9 +1021,13 @@ def train_step(
         with (contextlib.nullcontext() if sync else no_sync(loss_fn)), autocast():
             loss, logs, fake, real = loss_fn(z_T, target, step, cond, batch.get("uncond"), target_image)  # 7-13
             (loss / count).backward()
-        if gan_on:  # the discriminator's own step: the targets (as images) vs the sampler's detached outputs
+        if gan_on:  # the discriminator's own step: data (as images) vs the sampler's detached outputs
+            if batch.get("images") is not None:
+                real = batch["images"]
+            elif config.coupling == "teacher":  # the target is the teacher's sample: show the data instead
+                real = inner.as_image(data)
             with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
-                disc = gan.discriminator_loss(real, fake.detach(), step)
+                disc = gan.discriminator_loss(real, fake.detach(), step, cond)
                 (disc["disc"] / count).backward()
             logs["disc"] = disc["disc"].detach()
         for name, value in logs.items():

@@ -125,6 +125,35 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+class PerceptualNet(nn.Module):
+    """The toy's perceptual backbone: a VGG-style classifier (two 3x3 convs per stage, GroupNorm, SiLU,
+    average pooling; 16 -> 32 -> 64 channels) whose three stage outputs `features(x)` feed
+    e2ediff.FeatureDistance, LPIPS-style. A different network from `Classifier` (the metric's), by
+    architecture and by seed, and trained separately, so a loss in its features does not optimise
+    the CFD's own features."""
+
+    def __init__(self, in_channels, num_classes, widths=(16, 32, 64)):
+        super().__init__()
+        self.stages, channels = nn.ModuleList(), in_channels
+        for index, width in enumerate(widths):
+            pool = [nn.AvgPool2d(2)] if index > 0 else []  # 8x8 -> 8, 4, 2 on digits
+            self.stages.append(nn.Sequential(*pool, nn.Conv2d(channels, width, 3, padding=1), group_norm(width), nn.SiLU(),
+                                             nn.Conv2d(width, width, 3, padding=1), group_norm(width), nn.SiLU()))
+            channels = width
+        self.head = nn.Linear(channels, num_classes)
+
+    def features(self, x):
+        """(B, C, H, W) in [-1, 1] -> the three stage outputs, [(B, 16, H, W), (B, 32, H/2, W/2), (B, 64, H/4, W/4)]."""
+        outputs = []
+        for stage in self.stages:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x):
+        return self.head(self.features(x)[-1].mean((2, 3)))
+
+
 class ClassifierFrechetDistance:
     """Classifier Fréchet distance (CFD) of images to a fixed reference set — not the Inception FID.
 
@@ -180,3 +209,29 @@ def inception_fid(images, data_dir, weights="", device=torch.device("cpu")):
         datasets_root=str(data_dir), datasets_download=False,
         feature_extractor_weights_path=str(weights_path), cuda=device.type == "cuda", verbose=False)
     return metrics["frechet_inception_distance"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics no trained network shapes: distances between samples in pixel space.
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Energy distance (Szekely & Rizzo 2013): 2 E|X - Y| - E|X - X'| - E|Y - Y'| >= 0, = 0 iff the
+    distributions match. x (n, ...), y (m, ...), flattened to vectors; the V-statistic (diagonal zeros
+    included). On images: pixel space, where no trained network can be gamed."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = 5) -> dict:
+    """k-NN precision and recall (Kynkaanniemi et al. 2019), with density and coverage (Naeem et al.
+    2020), by the `prdc` package (Naeem et al.'s code) on flattened samples: precision is the share of
+    samples inside the real data's k-NN balls (fidelity), recall the share of real points inside the
+    samples' k-NN balls (diversity: it drops when modes are dropped)."""
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the two set sizes
+        values = compute_prdc(real.flatten(1).double().numpy(), fake.flatten(1).double().numpy(), nearest_k)
+    return {name: float(value) for name, value in values.items()}

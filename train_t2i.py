@@ -178,6 +178,9 @@ class Config:
             raise OptionError("data", self.data, "an imagefolder, WebDataset shards or a --precompute-to folder")
         if self.resolution % 8:
             raise OptionError("resolution", self.resolution, "a multiple of 8 (the VAE's downsampling factor)")
+        if self.e2e.disc_conditional:
+            raise OptionError("disc_conditional", True, "class labels: the projection discriminator reads labels, "
+                              "and this script conditions on text")
 
 
 SAMPLE_PROMPTS = (

@@ -69,11 +69,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError,
+    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, OptionError,
     PatchDiscriminator, check_options, consistency_scalings, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
-from toy_nets import CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, UNet, inception_fid
+from toy_nets import (
+    CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, inception_fid,
+    precision_recall,
+)
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
     parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
@@ -82,13 +85,22 @@ from train_utils import (
 # ----------------------------------------------------------------------------------------------
 # Config: every default says why; the fields (and the method's, in e2e) become the command-line flags.
 
+GAN_WEIGHT = 0.5  # the toy's --gan-weight with L2 (benchmarks/quality.py: 2.0 overshoots, 0.1 barely moves)
+
 # The toy's departures from the paper's recipe (EndToEndConfig's defaults), each with its reason.
 TOY_METHOD = dict(
     coupling="inversion",  # a well-posed regression: Alg. 1's independent pairs under L2 collapse (README)
     update="ddim",  # the base is a plain diffusion model, not an LCM: its own sampler is DDIM
     lpips_weight=0.0,  # LPIPS needs ImageNet backbone weights, which an offline machine lacks
     ema_decay=0.99,  # 600 steps at lr 1e-4: averages the last ~100 (the paper's 0.95, at lr 1e-6, ~20)
-    disc_channels=32, disc_layers=1,  # a PatchGAN whose patches fit 8x8 digits
+    # the adversarial term, a recipe measured on digits (benchmarks/quality.py's GAN ablation): real samples
+    # are data with every coupling; the discriminator judges p(x | label) through a projection
+    gan_adaptive=False,  # a fixed weight (--gan-weight 0.5 measured best): the adaptive one settles at ~0.001 here
+    gan_kind="non_saturating",
+    r1_weight=0.0,  # R1 0.1 keeps this discriminator at chance on 8x8 digits (its loss stays at 2 ln 2)
+    disc_lr=1e-3,  # 10x the generator's lr: at 1e-4 the discriminator never leaves chance in 200 steps
+    disc_conditional=True,
+    disc_channels=64, disc_layers=1,  # a PatchGAN whose patches fit 8x8 digits
     grad_checkpoint=False,  # a small UNet at 8x8: memory is no concern, plain backprop is faster
 )
 
@@ -143,6 +155,9 @@ class Config:
     finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
     finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap", valid=">= 1")
     finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data", valid="> 0")
+    perceptual_net: str = option("trained", "the lpips term's network: trained = an LPIPS-style distance in a small "
+                                 "net this script trains on the train split (offline); lpips = the lpips package's "
+                                 "ImageNet backbone (its weights must be on disk)", ("trained", "lpips"))
     e2e: EndToEndConfig = field(default_factory=partial(EndToEndConfig, **TOY_METHOD))
     # stage 3: evaluation
     base_nfe: tuple[int, ...] = option((1, 2, 4, 50), "base-model DDIM step counts to compare against",
@@ -158,6 +173,9 @@ class Config:
 
     def __post_init__(self):
         check_options(self)
+        if self.e2e.gan_weight > 0 and self.e2e.disc_conditional and not self.class_conditional:
+            raise OptionError("disc_conditional", True, "--class-conditional (the discriminator reads the labels); "
+                              "with --no-class-conditional pass --no-disc-conditional")
         if self.e2e.backprop_steps > min(self.nfe):
             raise OptionError("backprop_steps", self.e2e.backprop_steps, f"at most the smallest --nfe ({min(self.nfe)})")
         for name, steps in [("base_nfe", max(self.base_nfe)), ("inversion_steps", self.e2e.inversion_steps),
@@ -177,7 +195,7 @@ PRESETS = {
     "cifar10": dict(
         out_dir="runs/toy-cifar10", model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2,
         pretrain_steps=200_000, pretrain_lr=2e-4, warmup_steps=1000, pretrain_ema_decay=0.9999,
-        finetune_steps=5000, finetune_lr=2e-5, disc_layers=3, disc_channels=64,
+        finetune_steps=5000, finetune_lr=2e-5, disc_layers=3, disc_channels=64, perceptual_net="lpips",
         eval_samples=10_000, eval_batch_size=1000, classifier_epochs=20,
         log_every=100, save_every=5000,
     ),
@@ -650,8 +668,10 @@ def finetune(config, data, device):
         print(f"finetune: inverted {len(z_T_cache)} training images ({config.e2e.inversion_steps} DDIM "
               f"steps) in {time.time() - started:.1f}s")
     lpips = None
-    if config.e2e.lpips_weight > 0:
+    if config.e2e.lpips_weight > 0 and config.perceptual_net == "lpips":
         lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
+    elif config.e2e.lpips_weight > 0:
+        lpips = FeatureDistance(train_perceptual(config, data, device))
     for steps, checkpoint in todo.items():
         finetune_one(config, data, device, base, start, schedule, steps, z_T_cache, lpips, checkpoint)
     return paths
@@ -680,7 +700,8 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cac
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
     gan = None
     if method.gan_weight > 0:
-        discriminator = PatchDiscriminator(data.image_shape[0], method.disc_channels, method.disc_layers)
+        discriminator = PatchDiscriminator(data.image_shape[0], method.disc_channels, method.disc_layers,
+                                           data.num_classes if method.disc_conditional else None)
         gan = GANLoss(discriminator.to(device), method)
         parts.update(discriminator=gan.discriminator, disc_optimizer=gan.optimizer)
     loss_fn = EndToEndLoss(model, schedule, method, config.prediction_type, lpips=lpips, gan=gan,
@@ -716,20 +737,38 @@ def load_finetuned(config, data, device, num_steps):
 # Metrics: classifier Fréchet distance (offline), Inception FID (CIFAR-10, with torch-fidelity).
 
 
+PERCEPTUAL_SEED_OFFSET = 1000  # the perceptual backbone's seed is config.seed + this: never the metric classifier's
+
+
 def train_classifier(config, data, device):
     """The metric's classifier, trained on the train split; cached in <out>/classifier.pt."""
-    path = config.out / "classifier.pt"
-    key = {"dataset": data.name, "epochs": config.classifier_epochs, "seed": config.seed}
-    classifier = Classifier(data.image_shape[0], data.num_classes).to(device)
+    return fit_classifier(Classifier(data.image_shape[0], data.num_classes), config.out / "classifier.pt",
+                          config, data, device, config.seed)
+
+
+def train_perceptual(config, data, device):
+    """The toy's perceptual backbone (toy_nets.PerceptualNet), trained as a classifier on the train
+    split with its own seed; cached in <out>/perceptual.pt. The `lpips` term of --perceptual-net trained."""
+    seed = config.seed + PERCEPTUAL_SEED_OFFSET
+    torch.manual_seed(seed)
+    return fit_classifier(PerceptualNet(data.image_shape[0], data.num_classes), config.out / "perceptual.pt",
+                          config, data, device, seed)
+
+
+def fit_classifier(classifier, path, config, data, device, seed):
+    """Train `classifier` with cross-entropy for --classifier-epochs on the train split (AdamW, batch
+    64, order seeded by `seed`), or load it from `path` when that holds the same training; frozen."""
+    key = {"dataset": data.name, "epochs": config.classifier_epochs, "seed": seed}
+    classifier = classifier.to(device)
     if path.exists():
         checkpoint = load_checkpoint(path)
         if checkpoint["key"] == key:
             classifier.load_state_dict(checkpoint["model"])
             return classifier.eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
     batch_size = 64
-    for _ in tqdm(range(config.classifier_epochs), desc="classifier", dynamic_ncols=True):
+    for _ in tqdm(range(config.classifier_epochs), desc=path.stem, dynamic_ncols=True):
         order = torch.randperm(len(data.train_images), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             indices = order[start:start + batch_size]
@@ -743,7 +782,7 @@ def train_classifier(config, data, device):
         predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu()
                                  for chunk in data.test_images.split(config.eval_batch_size)])
     accuracy = (predictions == data.test_labels).float().mean().item()
-    print(f"classifier: test accuracy {accuracy:.3f}")
+    print(f"{path.stem}: test accuracy {accuracy:.3f}")
     save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
     return classifier
 
@@ -804,7 +843,7 @@ def evaluate(config, data, device):
     rows, log = [], Log(config.out / "metrics.jsonl")
     log.forget("eval")  # an evaluation run again replaces the last one's rows
     for label, steps, name, images in tqdm(candidates, desc="eval", dynamic_ncols=True):
-        row = {"model": label, "nfe": steps, "cfd": cfd(images)}
+        row = {"model": label, "nfe": steps, "cfd": cfd(images), **pixel_metrics(images, data.test_images)}
         if data.name == "cifar10" and inception_error is None:
             try:
                 row["inception_fid"] = inception_fid(images, config.data_dir, config.inception_weights, device)
@@ -822,6 +861,18 @@ def evaluate(config, data, device):
     for line in verdicts(rows):
         print(line)
     return rows
+
+
+PIXEL_METRIC_SAMPLES = 2000  # pairwise distances: O(n^2) memory, so CIFAR-10's 10k samples are capped
+
+
+def pixel_metrics(images, reference):
+    """The metrics no trained network shapes, against the test split in pixel space: energy distance,
+    and k-NN precision (fidelity) and recall (diversity); on at most PIXEL_METRIC_SAMPLES of each."""
+    images, reference = images[:PIXEL_METRIC_SAMPLES], reference[:PIXEL_METRIC_SAMPLES]
+    scores = precision_recall(reference, images)
+    return {"pixel_energy": energy_distance(images, reference), "precision": scores["precision"],
+            "recall": scores["recall"]}
 
 
 def verdicts(rows):
@@ -844,15 +895,17 @@ def verdicts(rows):
 def results_table(rows, data, inception_error):
     """Markdown table of the evaluation rows."""
     with_fid = data.name == "cifar10"
-    header = "| model | NFE | CFD ↓ |" + (" Inception FID ↓ |" if with_fid else "")
-    lines = [header, "|---|---|---|" + ("---|" if with_fid else "")]
+    header = "| model | NFE | CFD ↓ | pixel energy ↓ | precision ↑ | recall ↑ |" + (" Inception FID ↓ |" if with_fid else "")
+    lines = [header, "|---|---|---|---|---|---|" + ("---|" if with_fid else "")]
     for row in rows:
-        line = f"| {row['model']} | {row['nfe'] or '–'} | {row['cfd']:.1f} |"
+        line = (f"| {row['model']} | {row['nfe'] or '–'} | {row['cfd']:.1f} | {row['pixel_energy']:.4f} | "
+                f"{row['precision']:.3f} | {row['recall']:.3f} |")
         if with_fid:
             line += f" {row['inception_fid']:.2f} |" if "inception_fid" in row else " n/a |"
         lines.append(line)
     lines.append(f"\nCFD: Fréchet distance in a small {data.name} classifier's features against the test "
-                 f"split ({len(data.test_images)} images); not the Inception FID.")
+                 f"split ({len(data.test_images)} images); not the Inception FID. Pixel energy, precision, recall: "
+                 f"the same test split in pixel space (energy distance; k-NN precision and recall, k = 5).")
     if with_fid and inception_error:
         lines.append("Inception FID n/a: weights not on disk (see the message printed by the run).")
     return "\n".join(lines)

@@ -112,6 +112,7 @@ CASES = [
     Case("train_toy.py", ["--l2-weight", "0"], "--l2-weight", "l2_weight"),
     Case("train_toy.py", ["--finetune-batch-size", "5000"], "--finetune-batch-size", "finetune_batch_size"),
     Case("train_toy.py", ["--pretrain-batch-size", "5000"], "--pretrain-batch-size", "pretrain_batch_size"),
+    Case("train_toy.py", ["--no-class-conditional", "--gan-weight", "0.5"], "--disc-conditional", "disc_conditional"),
     # checkpoints: corrupt, foreign, of another stage, unfinished, missing, or about to be overwritten
     Case("train_toy.py", ["--resume"], "mv {run}/pretrain.pt", setup="corrupt_pretrain"),
     Case("train_toy.py", ["--resume", "--stage", "finetune", "--nfe", "2"], "mv {run}/finetune-nfe2.pt",
@@ -130,6 +131,7 @@ CASES = [
          "distill_batch_size"),
     *generated_cases("train_t2i.py", train_t2i.Config, paths=T2I_PATHS),
     Case("train_t2i.py", ["--resolution", "100"], "--resolution", "resolution"),
+    Case("train_t2i.py", ["--disc-conditional"], "--disc-conditional", "disc_conditional"),
     Case("train_t2i.py", ["--backprop-steps", "5"], "--backprop-steps", "backprop_steps"),
     Case("train_t2i.py", ["--l2-weight", "0", "--lpips-weight", "0"], "--l2-weight", "l2_weight"),
     Case("train_t2i.py", ["--data", "{precomputed}", "--resolution", "512"], "--resolution", "resolution"),

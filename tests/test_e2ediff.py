@@ -374,8 +374,39 @@ def test_lpips_without_backbone_weights_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth.*hub/checkpoints"):
         e2ediff.LPIPS(net="alex")
-    with pytest.raises(ValueError, match="an 'lpips' weight > 0 needs an LPIPS module"):
+    with pytest.raises(ValueError, match="an 'lpips' weight > 0 needs a perceptual distance"):
         e2ediff.reconstruction_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), {"lpips": 1.0})
+
+
+class TwoLayerFeatures(nn.Module):
+    """features(x) -> [x itself, relu(x) * 2]: a fixed network whose LPIPS-style distance is known by hand."""
+
+    def features(self, x):
+        return [x, torch.relu(x) * 2]
+
+
+def test_feature_distance_is_lpips_eq1_with_unit_weights():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
+    distance = e2ediff.FeatureDistance(TwoLayerFeatures())(a, b)
+    expected = torch.zeros(3)
+    for fa, fb in zip(TwoLayerFeatures().features(a), TwoLayerFeatures().features(b)):
+        unit = lambda f: f / (f.norm(dim=1, keepdim=True) + 1e-10)  # noqa: E731
+        expected += ((unit(fa) - unit(fb)) ** 2).sum(1).mean((1, 2))
+    torch.testing.assert_close(distance, expected)
+    # unit-normalised over channels: scaling one position's feature vector changes nothing
+    torch.testing.assert_close(e2ediff.FeatureDistance(TwoLayerFeatures())(a, 3 * a), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_feature_distance_is_frozen_and_passes_gradients_to_its_inputs():
+    network = nn.Conv2d(1, 4, 3, padding=1)
+    network.features = lambda x: [network(x)]
+    distance = e2ediff.FeatureDistance(network)
+    distance.train()
+    assert not network.training and not any(p.requires_grad for p in network.parameters())
+    a = torch.randn(2, 1, 8, 8, requires_grad=True)
+    distance(a, torch.randn(2, 1, 8, 8)).sum().backward()
+    assert a.grad.abs().sum() > 0 and network.weight.grad is None
 
 
 # ---------------------------------------------------------------- 6. adversarial
@@ -423,6 +454,54 @@ def test_no_discriminator_call_before_the_start_step_and_its_own_update_after():
     assert len(calls) == 3  # the generator's term (D frozen), then D on real and on fake
     assert logs["gan_weight"] == 0.5 and math.isfinite(logs["disc"])
     assert all(not torch.equal(w, p) for w, p in zip(weights, discriminator.parameters()))  # D took its step
+
+
+def test_projection_discriminator_reads_the_label_and_refuses_a_missing_one():
+    torch.manual_seed(0)
+    discriminator = e2ediff.PatchDiscriminator(in_channels=1, base_channels=8, num_layers=1, num_classes=10)
+    nn.init.normal_(discriminator.class_embed.weight, 0.0, 1.0)
+    x = torch.randn(2, 1, 8, 8)
+    logits = discriminator(x, torch.tensor([3, 3]))
+    assert logits.shape == (2, 1, 2, 2)  # the unconditional PatchGAN's shape
+    assert not torch.allclose(logits, discriminator(x, torch.tensor([4, 4])))
+    with torch.no_grad():  # a zero class vector is the unconditional PatchGAN itself
+        discriminator.class_embed.weight.zero_()
+    torch.testing.assert_close(discriminator(x, torch.tensor([3, 4])), discriminator.main(x))
+    with pytest.raises(ValueError, match="needs class labels"):
+        discriminator(x)
+    with pytest.raises(ValueError, match="takes none"):
+        e2ediff.PatchDiscriminator(in_channels=1, base_channels=8, num_layers=1)(x, torch.tensor([3, 3]))
+
+
+class RecordingDiscriminator(nn.Module):
+    """A conditional 1x1 discriminator that records what each call saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.seen = nn.Parameter(torch.ones(())), []
+
+    def forward(self, x, cond):
+        self.seen.append((x.detach().clone(), cond.clone()))
+        return self.scale * x.mean((1, 2, 3), keepdim=True)
+
+
+def test_discriminator_real_samples_are_the_data_with_every_coupling():
+    torch.manual_seed(0)
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    data, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    for coupling in ("independent", "teacher"):
+        config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, gan_weight=0.5, gan_adaptive=False,
+                                        grad_checkpoint=False, coupling=coupling, teacher_steps=3, disc_conditional=True)
+        model, discriminator = TinyImageDenoiser(), RecordingDiscriminator()
+        gan = e2ediff.GANLoss(discriminator, config)
+        loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+        optimizer, ema = torch.optim.SGD(model.parameters(), lr=0.1), e2ediff.EMA(model, config.ema_decay)
+        e2ediff.train_step(loss_fn, optimizer, ema, [{"target": data, "cond": labels}], step=0, gan=gan,
+                           base_model=TinyImageDenoiser())
+        (fake_for_g, cond_g), (real, cond_real), (fake, cond_fake) = discriminator.seen
+        assert torch.equal(real, data), coupling  # never the teacher's sample
+        assert torch.equal(fake, fake_for_g) and not torch.equal(fake, data)
+        assert all(torch.equal(c, labels) for c in (cond_g, cond_real, cond_fake))
 
 
 def test_r1_penalty_matches_closed_form_for_a_linear_discriminator():
@@ -580,7 +659,7 @@ def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
     (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), r"backprop_steps: got 3, need at most num_steps \(2\)"),
     (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), r"l1_weight: got -1.0, need a finite number >= 0"),
     (lambda: e2ediff.EndToEndConfig(eta=float("nan")), r"eta: got nan, need a finite number in \[0, 1\]"),
-    (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs an LPIPS module"),
+    (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs a perceptual distance"),
 ])
 def test_bad_input_raises_value_error_naming_the_valid_choices(call, message):
     with pytest.raises(ValueError, match=message):

@@ -80,7 +80,8 @@ def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_tab
     assert [(r["model"], r["nfe"]) for r in results] == [
         ("real data (train split)", None), ("base, DDIM", 1), ("base, DDIM", 2), ("base, DDIM", 50),
         ("E2E fine-tuned", 1), ("E2E fine-tuned", 2)]
-    assert all(np.isfinite(r["cfd"]) and r["cfd"] >= 0 for r in results)
+    assert all(np.isfinite(r["cfd"]) and r["cfd"] >= 0 and r["pixel_energy"] >= 0 for r in results)
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in results)
     assert "| E2E fine-tuned | 2 |" in (out / "results.md").read_text()
     from PIL import Image
     assert Image.open(out / "grids" / "e2e-nfe1.png").size == (10 * 66 + 2, 10 * 66 + 2)  # 10x10 digits, 64 px
@@ -129,7 +130,7 @@ def test_resume_of_a_finished_run_redoes_nothing_and_a_new_evaluation_replaces_t
 
 def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_discriminator(tmp_path, digits):
     config = tiny(tmp_path, coupling="independent", l1_weight=1.0, l2_weight=0.0, lpips_weight=0.5,
-                  lpips_random_backbone=True, gan_weight=0.1, gan_start_step=2, finetune_steps=3,
+                  perceptual_net="lpips", lpips_random_backbone=True, gan_weight=0.1, gan_start_step=2, finetune_steps=3,
                   nfe=(2,), grad_checkpoint=True, backprop_steps=1)
     train_toy.pretrain(config, digits, torch.device("cpu"))
     path = train_toy.finetune(config, digits, torch.device("cpu"))[2]
@@ -139,6 +140,36 @@ def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_dis
     tuned = [r for r in rows if r["stage"] == "finetune-nfe2"]
     assert "gan" not in tuned[0] and {"l1", "lpips", "gan", "gan_weight", "disc"} <= tuned[-1].keys()
     assert tuned[-1]["loss"] == pytest.approx(tuned[-1]["recon"] + tuned[-1]["gan_total"], rel=1e-5)
+
+
+def test_trained_perceptual_backbone_is_its_own_network_cached_and_used_by_the_lpips_term(tmp_path, digits):
+    config = tiny(tmp_path, lpips_weight=1.0, gan_weight=0.5, classifier_epochs=2)
+    cpu = torch.device("cpu")
+    train_toy.pretrain(config, digits, cpu)
+    train_toy.finetune(config, digits, cpu)
+    cached = load_checkpoint(tmp_path / "perceptual.pt")
+    assert cached["key"]["seed"] == config.seed + train_toy.PERCEPTUAL_SEED_OFFSET  # never the metric's seed
+    assert not (tmp_path / "classifier.pt").exists()  # the metric's classifier is trained apart, for evaluation
+    network = train_toy.train_perceptual(config, digits, cpu)  # loaded from the cache, not trained again
+    assert isinstance(network, toy_nets.PerceptualNet) and not isinstance(network, toy_nets.Classifier)
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(tensor, cached["model"][name])
+    shapes = [tuple(f.shape) for f in network.features(digits.test_images[:2])]
+    assert shapes == [(2, 16, 8, 8), (2, 32, 4, 4), (2, 64, 2, 2)]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["stage"] == "finetune-nfe1"]
+    assert all(r["lpips"] > 0 and "disc" in r for r in tuned)
+    assert tuned[-1]["recon"] == pytest.approx(tuned[-1]["l2"] + tuned[-1]["lpips"], rel=1e-5)
+
+
+def test_gan_discriminator_is_conditional_on_the_labels_by_default(tmp_path, digits):
+    config = tiny(tmp_path, gan_weight=0.5)
+    train_toy.pretrain(config, digits, torch.device("cpu"))
+    checkpoint = load_checkpoint(train_toy.finetune(config, digits, torch.device("cpu"))[1])
+    assert checkpoint["discriminator"]["class_embed.weight"].shape == (digits.num_classes + 1, 2 * 64)  # its last features
+    with pytest.raises(train_utils.UsageError, match="--disc-conditional"):
+        train_toy.parse_config(["--no-class-conditional", "--gan-weight", "0.5"])
+    assert not train_toy.parse_config(["--no-class-conditional"]).class_conditional  # no GAN: nothing to condition
 
 
 # --- exact resume -----------------------------------------------------------------------------
@@ -261,6 +292,24 @@ def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, 
     again = train_toy.train_classifier(Config(out_dir=str(out), classifier_epochs=3), digits, torch.device("cpu"))
     for name, tensor in classifier.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name])
+
+
+def test_pixel_energy_distance_is_zero_on_itself_and_grows_with_a_shift(digits):
+    images = digits.test_images
+    assert toy_nets.energy_distance(images, images) == pytest.approx(0.0, abs=1e-9)
+    near, far = (toy_nets.energy_distance(images + shift, images) for shift in (0.1, 0.5))
+    assert 0 < near < far
+    assert toy_nets.energy_distance(images, digits.train_images) < near  # the train/test floor is below a 0.1 shift
+
+
+def test_precision_and_recall_separate_fidelity_from_mode_dropping(digits):
+    real, fakes = digits.test_images, digits.train_images
+    full = toy_nets.precision_recall(real, fakes)
+    ones = toy_nets.precision_recall(real, fakes[digits.train_labels == 1])  # one mode of ten: faithful, not diverse
+    noise = toy_nets.precision_recall(real, torch.rand_like(fakes) * 2 - 1)
+    assert full["precision"] > 0.6 and full["recall"] > 0.6
+    assert ones["precision"] > 0.6 and ones["recall"] < 0.3
+    assert noise["precision"] < 0.05
 
 
 def test_inception_fid_without_weights_names_the_file_and_folder(tmp_path, monkeypatch):
