@@ -599,7 +599,7 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.num_layers, self.num_classes = num_layers, num_classes
+        self.num_layers = num_layers
 
         def block(c_in, c_out, stride):
             return [nn.Conv2d(c_in, c_out, 4, stride, 1, bias=False), nn.GroupNorm(math.gcd(32, c_out), c_out), nn.LeakyReLU(0.2)]

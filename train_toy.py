@@ -18,7 +18,7 @@ One stage at a time, into another run folder, with other choices (each stage che
 checkpoint it builds on was made with the same model flags):
 
     python train_toy.py --stage pretrain --out-dir runs/gan
-    python train_toy.py --stage finetune --out-dir runs/gan --nfe 2 --coupling independent --gan-weight 0.1
+    python train_toy.py --stage finetune --out-dir runs/gan --nfe 2 --coupling independent --l2-weight 0 --gan-weight 1
     python train_toy.py --stage eval --out-dir runs/gan --nfe 2
 
 The paper's own setting (its Table 1): end-to-end fine-tuning of a few-step latent consistency model
@@ -39,10 +39,19 @@ finished stages are skipped:
 
 `python train_toy.py --help` lists every flag with its default and why.
 
+Losses that see the data. --gan-weight adds the adversarial term: a PatchGAN that reads the class label
+(a projection discriminator) and whose real samples are training digits with every coupling, trained
+with the non-saturating loss at its own lr (TOY_METHOD holds the recipe; benchmarks/quality.py the
+ablation behind it). --lpips-weight adds a perceptual term; offline it is LPIPS's distance in a small
+network this script trains on the train split (--perceptual-net trained: toy_nets.PerceptualNet, cached
+as perceptual.pt, another architecture and seed than the metric's classifier).
+
 Metric. The offline metric is the *classifier Fréchet distance* (CFD): the Fréchet distance between
 Gaussians fitted to the penultimate features of a small classifier trained on the same dataset
 (cached as classifier.pt), generated samples against the held-out test split; lower is better. It is
-not the Inception FID and its numbers are not comparable with published FIDs. On CIFAR-10 the script
+not the Inception FID and its numbers are not comparable with published FIDs. Beside it, metrics that no
+trained network shapes, in pixel space against the same split: the energy distance, and k-NN precision
+(fidelity) and recall (diversity). On CIFAR-10 the script
 also reports the real Inception FID against CIFAR-10 train statistics through torch-fidelity, when
 torch-fidelity's Inception weights are on disk.
 
