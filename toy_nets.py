@@ -2,6 +2,8 @@
 keeps model.py apart from train.py: the denoising UNet, the small classifier whose features define the
 offline metric, that metric (the classifier Fréchet distance), and the Inception FID on CIFAR-10.
 """
+import contextlib
+import io
 import math
 from pathlib import Path
 
@@ -228,9 +230,6 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = 5)
     2020), by the `prdc` package (Naeem et al.'s code) on flattened samples: precision is the share of
     samples inside the real data's k-NN balls (fidelity), recall the share of real points inside the
     samples' k-NN balls (diversity: it drops when modes are dropped)."""
-    import contextlib
-    import io
-
     from prdc import compute_prdc
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the two set sizes
         values = compute_prdc(real.flatten(1).double().numpy(), fake.flatten(1).double().numpy(), nearest_k)
