@@ -1,7 +1,40 @@
-"""The benchmarks' shared output contract: a JSON record on disk, then the headline as the last line."""
+"""benchmarks/report.py — the benchmarks' output contract, and every results table rendered from it.
+
+A benchmark writes its record with `write_results` (benchmarks/results/<name>.json) and prints its
+headline last. In the documents, a results table is not typed by hand: it sits in a block whose content
+is exactly what the renderer of that name makes of a committed JSON file:
+
+    <!-- report:NAME -->
+    ...the output of RENDERERS[NAME]...
+    <!-- /report:NAME -->
+
+    python benchmarks/report.py --check             # exit 1, naming every block that differs from its rendering
+    python benchmarks/report.py --write             # rewrite every block in README.md, benchmarks/README.md, docs/related.md
+    python benchmarks/report.py --check docs/x.md   # only these files
+
+To add a table: write a function `record -> markdown` below, register it in RENDERERS with the results
+file it reads, put an empty block with its name in a document, and run --write. tests/test_report.py
+fails when a block is stale or names no renderer.
+"""
+from __future__ import annotations
+
+import argparse
 import json
+import math
 import os
+import re
+import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENTS = ("README.md", "benchmarks/README.md", "docs/related.md")  # relative to ROOT
+
+
+def headline_line(headline: dict) -> str:
+    """The headline as the benchmarks print it last: one JSON object, values rounded to 4 decimals."""
+    return json.dumps({key: round(value, 4) for key, value in headline.items()})
 
 
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
@@ -10,4 +43,279 @@ def write_results(out: str, name: str, record: dict, headline: dict, start: floa
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"wall time {record['wall_seconds']:.0f}s; wrote {os.path.join(out, name)}.json/.png")
-    print(json.dumps({key: round(value, 4) for key, value in headline.items()}))
+    print(headline_line(headline))
+
+
+# ----------------------------------------------------------------------------------------------
+# Number formatting: three significant digits, never an exponent, thousands separated.
+
+
+def decimals(magnitude: float, digits: int = 3) -> int:
+    """Decimal places that show `digits` significant digits of a number of this size (0 from 10**(digits-1) up)."""
+    if magnitude == 0 or not math.isfinite(magnitude):
+        return digits - 1
+    return max(0, digits - 1 - math.floor(math.log10(abs(magnitude))))
+
+
+def number(value) -> str:
+    """One measured value: integers (counts) exactly, floats to three significant digits, none as '–'."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{decimals(value)}f}"
+
+
+def mean_std(mean: float, std: float) -> str:
+    """'mean ± std', both to the same decimals: the std to one significant digit (two when it starts with
+    a 1), the larger of the two to at least three, the mean to at most four."""
+    if math.isnan(mean):
+        return "–"
+    std_digits = 2 if std > 0 and f"{std:e}".startswith("1") else 1
+    places = max(decimals(std, std_digits), decimals(max(abs(mean), std)))
+    if mean:
+        places = min(places, decimals(mean, 4))
+    return f"{mean:,.{places}f} ± {std:,.{places}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def bold_lowest(rows: list[list[str]], means: list[list[float]]) -> list[list[str]]:
+    """Rows with, in each column, the cell of the lowest mean in bold (lower is better)."""
+    rows = [list(row) for row in rows]
+    for column in range(len(means[0])):
+        best = min(range(len(means)), key=lambda i: means[i][column])
+        rows[best][column] = f"**{rows[best][column]}**"
+    return rows
+
+
+def headline_block(record: dict) -> str:
+    """The run's last line, as a JSON code block."""
+    return f"```json\n{headline_line(record['headline'])}\n```"
+
+
+# ----------------------------------------------------------------------------------------------
+# quickstart.json: a verbatim copy of the results.json that `python train_toy.py` writes
+# ({"config": the resolved TrainConfig, "rows": [{model, nfe, cfd, pixel_energy, precision, recall}]}).
+
+LOSS_NAMES = {"l1_weight": "L1", "l2_weight": "L2", "lpips_weight": "perceptual", "gan_weight": "GAN"}
+
+
+def quickstart_table(record: dict) -> str:
+    """The quickstart's evaluation table, and the run it came from in one line."""
+    rows, config = record["rows"], record["config"]
+    with_fid = any("inception_fid" in row for row in rows)
+    header = ["model", "NFE", "CFD ↓", "pixel energy ↓", "precision ↑", "recall ↑"] + ["Inception FID ↓"] * with_fid
+    body = [[row["model"], number(row["nfe"]), number(row["cfd"]), number(row["pixel_energy"]),
+             number(row["precision"]), number(row["recall"])] + [number(row.get("inception_fid"))] * with_fid
+            for row in rows]
+    e2e = config["e2e"]
+    loss = " + ".join(name if e2e[key] == 1 else f"{e2e[key]:g}·{name}" for key, name in LOSS_NAMES.items() if e2e[key])
+    return (table(header, body) + f"\n\n`benchmarks/results/quickstart.json`: {config['dataset']}, {config['base']} base "
+            f"pretrained {config['pretrain_steps']:,} steps, fine-tuned {config['finetune_steps']:,} steps per NFE "
+            f"({e2e['coupling']} coupling, {loss}), {config['eval_samples']:,} samples per row, seed {config['seed']}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# cost.json (benchmarks/cost.py): medians of interleaved repeats; memory probes in fresh processes.
+
+
+def cost_table(record: dict) -> str:
+    """Time, peak memory, saved bytes and page faults of one training step, per T."""
+    seconds, memory, memory_mmap = record["median_seconds"], record["memory"], record["memory_mmap"]
+    steps = sorted(int(key.removeprefix("plain_T")) for key in seconds if key.startswith("plain_T"))
+
+    def mib(probes, mode, k, what):
+        return number(probes[f"{mode}_T{k}"][what] / 2**20)
+
+    header = ["T", "plain (s)", "ckpt (s)", "trunc K=1 (s)", "floor (s)", "plain/floor", "ckpt/floor", "peak MiB plain",
+              "peak MiB ckpt", "peak MiB ckpt, mmap", "saved MiB plain", "saved MiB ckpt", "faults plain", "faults floor"]
+    rows = [[str(k), *(number(seconds[f"{mode}_T{k}"]) for mode in ("plain", "ckpt", "trunc", "floor")),
+             number(seconds[f"plain_T{k}"] / seconds[f"floor_T{k}"]), number(seconds[f"ckpt_T{k}"] / seconds[f"floor_T{k}"]),
+             mib(memory, "plain", k, "peak_bytes"), mib(memory, "ckpt", k, "peak_bytes"),
+             mib(memory_mmap, "ckpt", k, "peak_bytes"), mib(memory, "plain", k, "saved_bytes"),
+             mib(memory, "ckpt", k, "saved_bytes"), number(seconds[f"faults_plain_T{k}"]),
+             number(seconds[f"faults_floor_T{k}"])] for k in steps]
+    channels, height, width = record["image_shape"]
+    return (f"{record['params'] / 1e6:.2f}M-parameter UNet, {height}×{width}×{channels}, batch {record['batch']}, "
+            f"device {record['device']}, {record['threads']} threads, medians of {record['repeats']} interleaved repeats; "
+            f"wall time {record['wall_seconds']:,.0f} s.\n\n" + table(header, rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# dsd.json (benchmarks/dsd.py): per-seed results, and their mean ± std in "summary".
+
+
+def dsd_labels(record: dict) -> dict:
+    """Each training's row label."""
+    equal_steps = record["results"][0]["final"]["dsd_equal_updates"]["step"]
+    return {"naive": "naive joint", "dsd": "DSD", "two_stage": "two-stage",
+            "dsd_no_latent_norm": "DSD without latent LayerNorm",
+            "dsd_equal_updates": f"DSD, equal updates ({equal_steps:,} steps)",
+            "dsd+e2e": f"DSD + E2E (trained at {record['config']['finetune_nfe']} NFE)"}
+
+
+def dsd_tables(record: dict) -> str:
+    """Collapse indicators at the end of training, then CFD and pixel energy distance against NFE."""
+    summary, labels, nfes = record["summary"], dsd_labels(record), record["config"]["nfe"]
+    models = list(summary["parameters"])
+
+    def cell(entry):
+        return mean_std(entry["mean"], entry["std"])
+
+    indicators = [[labels[m], number(summary["parameters"][m]),
+                   *(cell(summary["final"][m][key]) for key in ("latent_std", "effective_rank", "recon_mse"))]
+                  for m in models]
+    parts = [table(["model", "parameters", "latent std", f"effective rank (of {record['config']['latent_dim']})",
+                    "recon MSE"], indicators)]
+    for metric, title in (("cfd", "CFD"), ("energy", "Pixel energy distance")):
+        cells = [[summary["quality"][f"{m}@{nfe}"][metric] for nfe in nfes] for m in models]
+        rows = bold_lowest([[cell(entry) for entry in row] for row in cells], [[e["mean"] for e in row] for row in cells])
+        parts.append(f"{title} (train split vs test: {cell(summary['reference'][metric])}; lower is better):")
+        parts.append(table(["model", *(f"{nfe} NFE" for nfe in nfes)], [[labels[m], *row] for m, row in zip(models, rows)]))
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# destruction.json (benchmarks/destruction.py): per (target, destruction, T) a summary of [mean, std] over seeds.
+
+DESTRUCTION_COLUMNS = {"elbo": "ELBO", "eubo": "EUBO", "gap": "EUBO − ELBO", "log_Z_error": "log Ẑ − log Z", "w1": "W1",
+                       "modes": "modes"}
+
+
+def destruction_cells(summary: dict) -> list[str]:
+    return [mean_std(*summary[metric]) for metric in DESTRUCTION_COLUMNS]
+
+
+def destruction_tables(record: dict) -> str:
+    """Per target, fixed against learned destruction at every T; then the stabiliser ablation on GMM25, T = 5."""
+    results, plan = record["results"], record["plan"]
+    runs = sum(len(entry["runs"]) for entry in [*results.values(), *record["ablation"].values()])
+    diverged = sum(entry["summary"]["diverged"] for entry in [*results.values(), *record["ablation"].values()])
+    parts = [f"{runs} runs of {record['config']['iterations']:,} iterations, seeds {', '.join(map(str, plan['seeds']))}, "
+             f"torch threads {record['threads']}; {diverged} diverged; wall time {record['wall_seconds']:,.0f} s."]
+    header = ["destruction", "T", *DESTRUCTION_COLUMNS.values(), "s/run"]
+    for target in plan["targets"]:
+        first = results[f"{target}/fixed/T{plan['steps'][0]}"]["runs"][0]
+        log_Z = first["log_Z_hat"] - first["log_Z_error"]
+        rows = [[destruction, str(steps), *destruction_cells(summary), number(summary["seconds"][0])]
+                for destruction in ("fixed", "learned") for steps in plan["steps"]
+                for summary in [results[f"{target}/{destruction}/T{steps}"]["summary"]]]
+        parts += [f"**{target}** (log Z = {log_Z:.2f})", table(header, rows)]
+    if record["ablation"]:
+        variants = {"fixed (TB)": results["gmm25/fixed/T5"], "learned (TB, all stabilisers)": results["gmm25/learned/T5"],
+                    **record["ablation"]}
+        rows = [[name, *destruction_cells(entry["summary"])] for name, entry in variants.items()]
+        parts += ["**ablation (GMM25, T = 5)**", table(["variant", *DESTRUCTION_COLUMNS.values()], rows)]
+    return "\n\n".join(parts)
+
+
+# The issue's goals (benchmarks/destruction.py's docstring): (goal, headline key, the largest value that meets it).
+DESTRUCTION_GOALS = (
+    ("learned T = 5 closes ≥ 30 % of fixed T = 5's EUBO − ELBO on GMM25 (ratio ≤ 0.7)", "gmm25/gap_learned5_vs_fixed5", 0.7),
+    ("… on the Funnel", "funnel/gap_learned5_vs_fixed5", 0.7),
+    ("learned T = 5 at least as good as fixed T = 20, GMM25 (ratio ≤ 1)", "gmm25/gap_learned5_vs_fixed20", 1.0),
+    ("… Funnel", "funnel/gap_learned5_vs_fixed20", 1.0),
+    ("no run diverges (NaN)", "diverged_runs", 0),
+    ("\\|log Ẑ − log Z\\| ≤ 0.1 on GMM25, learned T = 5, mean over seeds", "gmm25/logz_error_learned5", 0.1),
+)
+
+
+def destruction_goals(record: dict) -> str:
+    """Each goal, the headline value it is measured by, met or missed."""
+    rows = [[goal, number(record["headline"][key]), "met" if record["headline"][key] <= limit else "**missed**"]
+            for goal, key, limit in DESTRUCTION_GOALS]
+    return table(["goal", "measured", ""], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry: block name -> (the file in benchmarks/results/ it reads, the function that renders it).
+
+RENDERERS = {
+    "quickstart": ("quickstart.json", quickstart_table),
+    "cost": ("cost.json", cost_table),
+    "cost-headline": ("cost.json", headline_block),
+    "dsd": ("dsd.json", dsd_tables),
+    "dsd-headline": ("dsd.json", headline_block),
+    "destruction": ("destruction.json", destruction_tables),
+    "destruction-goals": ("destruction.json", destruction_goals),
+    "destruction-headline": ("destruction.json", headline_block),
+}
+# Blocks placed before their renderer exists (quality.json's schema is being rewritten): they must stay
+# empty. Adding the renderer to RENDERERS means removing the name here.
+PENDING = ("quality", "quality-table1")
+
+# A marker is a line of its own (a marker quoted inside a sentence is not one).
+BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)
+MARKER = re.compile(r"^<!-- /?report:([\w.-]+) -->$", re.MULTILINE)
+
+
+def render(name: str, results: Path = RESULTS) -> str:
+    """The markdown of block `name`, from its JSON in `results`."""
+    if name in PENDING:
+        return ""
+    if name not in RENDERERS:
+        raise ValueError(f"no renderer named {name!r} (known: {', '.join([*RENDERERS, *PENDING])})")
+    file, renderer = RENDERERS[name]
+    path = Path(results) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"block {name!r} renders {path}, which is missing: run the benchmark that writes it "
+                                "(or restore the committed file)")
+    return renderer(json.loads(path.read_text()))
+
+
+def block(name: str, body: str) -> str:
+    """A whole block: its markers, and between them `body` (nothing for an empty body)."""
+    return f"<!-- report:{name} -->\n" + (f"{body}\n" if body else "") + f"<!-- /report:{name} -->"
+
+
+def refresh(text: str, results: Path = RESULTS) -> tuple[str, list[str]]:
+    """`text` with every block re-rendered, and the names of the blocks whose content changed."""
+    markers = MARKER.findall(text)
+    paired = [match["name"] for match in BLOCK.finditer(text)]
+    if markers != [name for name in paired for _ in range(2)]:
+        raise ValueError(f"unpaired report marker(s) for {sorted(set(markers) - set(paired)) or markers}; "
+                         "each <!-- report:NAME --> needs its <!-- /report:NAME --> after it")
+    stale = []
+
+    def rerender(match):
+        fresh = block(match["name"], render(match["name"], results))
+        if fresh != match[0]:
+            stale.append(match["name"])
+        return fresh
+
+    return BLOCK.sub(rerender, text), stale
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", action="store_true", help="exit 1 if a block differs from its rendering")
+    action.add_argument("--write", action="store_true", help="rewrite every block from its JSON")
+    parser.add_argument("files", nargs="*", help=f"markdown files (default: {', '.join(DOCUMENTS)})")
+    args = parser.parse_args(argv)
+    stale, count = [], 0
+    try:
+        files = {name: Path(name) for name in args.files} or {name: ROOT / name for name in DOCUMENTS}
+        for file, path in files.items():
+            text = path.read_text()
+            fresh, changed = refresh(text)
+            count += len(BLOCK.findall(text))
+            stale += [f"{file}: {name}" for name in changed]
+            if args.write and changed:
+                path.write_text(fresh)
+    except (OSError, ValueError) as error:
+        print(f"report.py: error: {error}", file=sys.stderr)
+        return 2
+    for line in stale:
+        print(f"{'rewrote' if args.write else 'stale'}: {line}")
+    print(f"{count} blocks, {len(stale)} {'rewritten' if args.write else 'stale'}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
