@@ -22,7 +22,7 @@ What runs, side by side, with the same network, data, steps and learning rate:
                   (e2ediff's Algorithm 1 in latent space, L2 on the decoded images, inversion coupling).
 
 Which parts are the paper's and which are our reading (the paper has no code; its method section was not
-available to us beyond summaries, see the README):
+available to us beyond summaries, see docs/related.md):
   - paper: one network for the three roles; naive joint training collapses the latents because L_v holds the
     conditional variance Var(z | z_t), which shrinks with the latent scale ("latent variance suppression");
     the fix reads diffusion as self-distillation: stop-gradient on the target latent and a loss that recasts

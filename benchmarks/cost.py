@@ -19,7 +19,7 @@ For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (m
 
 Writes benchmarks/results/cost[-quick].json and cost[-quick].png; the last line printed is one JSON
 object with the headline ratios (cost_ratio_T4_plain, cost_ratio_T4_ckpt, mem_ratio_T4_ckpt,
-sampler_overhead). Goals (the README's cost section): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45,
+sampler_overhead). Goals (benchmarks/README.md's cost section): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45,
 mem_ratio_T4_ckpt <= 1.3, sampler_overhead <= 0.05. Goals are reported, never tuned for.
 """
 from __future__ import annotations
