@@ -234,3 +234,22 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, nearest_k: int = 5)
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the two set sizes
         values = compute_prdc(real.flatten(1).double().numpy(), fake.flatten(1).double().numpy(), nearest_k)
     return {name: float(value) for name, value in values.items()}
+
+
+# The verdict rule (the project's measurement rules): a student beats a reference only on the same samples'
+# distribution metric, pixel metric and recall together, so that no win comes from dropping modes.
+BEATS_CFD_RATIO = 0.9  # distribution metric: at least 10 % lower
+BEATS_PIXEL_RATIO = 1.0  # pixel-space energy distance: no worse
+BEATS_RECALL_MARGIN = 0.05  # recall: at most 0.05 below the reference's
+
+
+def verdict(student: dict, reference: dict, metric: str = "cfd") -> dict:
+    """The three comparisons of the verdict rule, student vs reference (dicts of means with `metric`,
+    "pixel_energy" (optional: 2D points have no pixels) and "recall"), and whether all hold ("beats")."""
+    result = {"distance_ratio": student[metric] / reference[metric],
+              "recall_delta": student["recall"] - reference["recall"]}
+    checks = [result["distance_ratio"] <= BEATS_CFD_RATIO, result["recall_delta"] >= -BEATS_RECALL_MARGIN]
+    if "pixel_energy" in student:
+        result["pixel_ratio"] = student["pixel_energy"] / reference["pixel_energy"]
+        checks.append(result["pixel_ratio"] <= BEATS_PIXEL_RATIO)
+    return {**result, "beats": all(checks)}

@@ -79,12 +79,12 @@ from tqdm import tqdm
 
 from e2ediff import (
     EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, OptionError,
-    PatchDiscriminator, check_options, consistency_scalings, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    PatchDiscriminator, check_options, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import (
     CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, inception_fid,
-    precision_recall,
+    precision_recall, verdict,
 )
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
@@ -123,6 +123,9 @@ class Config:
                        "distilled from it (the paper's setting: PixArt-delta is an LCM)", ("diffusion", "lcm"))
     dataset: str = option("digits", "digits is bundled with scikit-learn: runs offline", ("digits", "cifar10"))
     data_dir: str = option("data", "where CIFAR-10 lives (<data-dir>/cifar-10-batches-py)")
+    eval_split: str = option("test", "what the metrics compare against: the test split, or a validation split carved "
+                             "from the train split (which then trains on the rest): for choosing a recipe without "
+                             "looking at the test split", ("test", "validation"))
     download: bool = option(True, "fetch CIFAR-10 when it is missing and the network allows")
     out_dir: str = option("runs/toy-digits", "checkpoints, log, grids and results go here", valid="non-empty")
     device: str = option("auto", "auto picks cuda > mps > cpu; bf16 autocast on cuda")
@@ -148,8 +151,8 @@ class Config:
     pretrain_batch_size: int = option(128, "large enough for stable diffusion-loss gradients", valid=">= 1")
     pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up", valid="> 0")
     warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)", valid=">= 0")
-    pretrain_ema_decay: float = option(0.999, "EMA of the base weights: smooths the last ~1000 steps",
-                                       valid="[0, 1]")
+    pretrain_ema_decay: float = option(0.999, "EMA of the base weights, with warm-up (decay min(this, (1+n)/(10+n))): "
+                                       "the random init is gone within ~100 steps; averages ~n/10 steps", valid="[0, 1]")
     # stage 1b, with --base lcm: latent consistency distillation of the base into a few-step LCM
     distill_steps: int = option(500, "LCD iterations: 500 at batch 64 give 4-NFE digits within 1.1x of the base's "
                                 "50-step DDIM CFD (measured, seed 0)", valid=">= 1")
@@ -164,6 +167,9 @@ class Config:
     finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
     finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap", valid=">= 1")
     finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data", valid="> 0")
+    teacher_pool: int = option(4, "with --coupling teacher: teacher pairs made once per training image, before "
+                               "fine-tuning (the frozen base is fixed, so a cache is exact); 0 = a fresh teacher "
+                               "sample for every batch, as couple() does (--teacher-steps x slower)", valid=">= 0")
     perceptual_net: str = option("trained", "the lpips term's network: trained = an LPIPS-style distance in a small "
                                  "net this script trains on the train split (offline); lpips = the lpips package's "
                                  "ImageNet backbone (its weights must be on disk)", ("trained", "lpips"))
@@ -210,8 +216,8 @@ PRESETS = {
     ),
 }
 
-# The fields that fix the model's shape and meaning: a checkpoint must agree on all of them.
-MODEL_FIELDS = ("dataset", "model_channels", "channel_mult", "num_res_blocks", "class_conditional",
+# The fields that fix the model's shape, meaning and training data: a checkpoint must agree on all of them.
+MODEL_FIELDS = ("dataset", "eval_split", "model_channels", "channel_mult", "num_res_blocks", "class_conditional",
                 "schedule", "zero_terminal_snr", "num_train_timesteps", "prediction_type")
 
 
@@ -288,11 +294,25 @@ def load_cifar10(data_dir, download: bool):
     return ImageData("cifar10", train_images, train_labels, test_images, test_labels, 10)
 
 
+VALIDATION_FRACTION = 0.2  # of the train split, with --eval-split validation (digits: 288 of 1,437 images)
+
+
 def build_dataset(config):
-    """The dataset named by config.dataset, as an ImageData."""
-    if config.dataset == "digits":
-        return load_digits_data()
-    return load_cifar10(config.data_dir, config.download)
+    """The dataset named by config.dataset, as an ImageData; with --eval-split validation its "test"
+    images are a validation split carved from the train split, and its train images the rest."""
+    data = load_digits_data() if config.dataset == "digits" else load_cifar10(config.data_dir, config.download)
+    return data if config.eval_split == "test" else validation_split(data)
+
+
+def validation_split(data, fraction=VALIDATION_FRACTION):
+    """The train split cut in two, stratified by class with a fixed seed: (the rest, validation) as
+    (train, test). The test split is not touched."""
+    from sklearn.model_selection import train_test_split
+    train, validation = train_test_split(np.arange(len(data.train_labels)), test_size=fraction, random_state=0,
+                                         stratify=data.train_labels.numpy())
+    train, validation = torch.from_numpy(train), torch.from_numpy(validation)
+    return ImageData(data.name, data.train_images[train], data.train_labels[train], data.train_images[validation],
+                     data.train_labels[validation], data.num_classes)
 
 
 class Batches:
@@ -495,7 +515,7 @@ def pretrain(config, data, device):
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = build_model(config, data).to(device)
-    ema = EMA(model, decay=config.pretrain_ema_decay)
+    ema = EMA(model, decay=config.pretrain_ema_decay, warmup=True)  # from a random init: see EMA
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
     batches = Batches(len(data.train_images), config.pretrain_batch_size, config.seed)
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
@@ -540,7 +560,7 @@ def load_base(config, data, device):
     """The frozen EMA weights of the pretrained base model, checked against the config."""
     checkpoint = finished_checkpoint(config.out / "pretrain.pt", config, "pretrain", config.pretrain_steps,
                                      "run --stage pretrain first (or --stage all)")
-    ema = EMA(build_model(config, data).to(device), decay=config.pretrain_ema_decay)
+    ema = EMA(build_model(config, data).to(device), decay=config.pretrain_ema_decay, warmup=True)
     ema.load_state_dict(checkpoint["ema"])
     return ema.module.eval().requires_grad_(False)
 
@@ -657,6 +677,52 @@ def invert_training_set(base, data, schedule, config, device):
     return torch.cat(inverted)
 
 
+@torch.no_grad()
+def teacher_pairs(base, data, schedule, config, device):
+    """The teacher coupling (e2ediff.couple), made once: --teacher-pool noises per training image, each
+    with that image's label, and the frozen base's --teacher-steps DDIM sample from it. Returns (z_T,
+    samples), pair i for training image i % N; seeded by --seed, in fixed chunks (a resume rebuilds it
+    bit-identically)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = data.train_labels.repeat(config.teacher_pool)
+    noises, samples = [], []
+    for label_chunk in labels.split(config.eval_batch_size):
+        cond, _ = conditions(config, data, label_chunk.to(device))
+        shape = (len(label_chunk), *data.image_shape)
+        with autocast(device):
+            z_T, sample = couple("teacher", torch.empty(shape, device=device), base_model=base, schedule=schedule,
+                                 prediction_type=config.prediction_type, cond=cond,
+                                 teacher_steps=config.e2e.teacher_steps, generator=generator)
+        noises.append(z_T.float().cpu())
+        samples.append(sample.float().cpu())
+    return torch.cat(noises), torch.cat(samples)
+
+
+def coupling_pairs(config, data, device, base, schedule):
+    """Alg. 1 line 6 made once, for the couplings the frozen base makes: (z_T, paired target or None =
+    the data), or None for pairs drawn on every batch. Saved as <out>/pairs-<coupling>.pt and reused
+    while it was made by the same base, split and settings (benchmarks share one across many runs)."""
+    coupling, e2e = config.e2e.coupling, config.e2e
+    if coupling == "independent" or (coupling == "teacher" and config.teacher_pool == 0):
+        return None
+    steps = e2e.inversion_steps if coupling == "inversion" else e2e.teacher_steps
+    key = {**{name: getattr(config, name) for name in MODEL_FIELDS + ("seed", "pretrain_steps", "teacher_pool")},
+           "coupling": coupling, "steps": steps}
+    path = config.out / f"pairs-{coupling}.pt"
+    if path.exists():
+        cached = load_checkpoint(path)
+        if cached["key"] == key:
+            return cached["z_T"], cached["paired_target"]
+    started = time.time()
+    if coupling == "inversion":
+        pairs = (invert_training_set(base, data, schedule, config, device), None)
+    else:
+        pairs = teacher_pairs(base, data, schedule, config, device)
+    print(f"finetune: {len(pairs[0])} {coupling} pairs ({steps} DDIM steps of the base) in {time.time() - started:.1f}s")
+    save_checkpoint({"key": key, "z_T": pairs[0], "paired_target": pairs[1]}, path)
+    return pairs
+
+
 def finetune(config, data, device):
     """Fine-tune the base end-to-end, one model per T in config.nfe; returns {T: checkpoint path}.
     Finished models are skipped, and the base's inversion runs only if some model still trains."""
@@ -670,26 +736,22 @@ def finetune(config, data, device):
     base = load_base(config, data, device)  # the frozen diffusion base: the couplings' ODE, in both settings
     start = base if config.base == "diffusion" else load_lcm(config, data, device)
     schedule = build_schedule(config, device)
-    z_T_cache = None
-    if config.e2e.coupling == "inversion":
-        started = time.time()
-        z_T_cache = invert_training_set(base, data, schedule, config, device)
-        print(f"finetune: inverted {len(z_T_cache)} training images ({config.e2e.inversion_steps} DDIM "
-              f"steps) in {time.time() - started:.1f}s")
+    pairs = coupling_pairs(config, data, device, base, schedule)
     lpips = None
     if config.e2e.lpips_weight > 0 and config.perceptual_net == "lpips":
         lpips = LPIPS(net=config.e2e.lpips_net, random_backbone=config.e2e.lpips_random_backbone).to(device)
     elif config.e2e.lpips_weight > 0:
         lpips = FeatureDistance(train_perceptual(config, data, device))
     for steps, checkpoint in todo.items():
-        finetune_one(config, data, device, base, start, schedule, steps, z_T_cache, lpips, checkpoint)
+        finetune_one(config, data, device, base, start, schedule, steps, pairs, lpips, checkpoint)
     return paths
 
 
-def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cache, lpips, checkpoint):
+def finetune_one(config, data, device, base, start, schedule, num_steps, pairs, lpips, checkpoint):
     """Alg. 1 on a copy of `start` (the base, or the LCM) for a num_steps-step sampler, into
-    <out>/finetune[-lcm]-nfe<T>.pt; `base` makes the coupling's pairs. An LCM trains through its own
-    sampler (lcm_sampler: --lcm-update on its grid, no extra guidance). `checkpoint`: the unfinished
+    <out>/finetune[-lcm]-nfe<T>.pt; `base` makes the coupling's pairs, or `pairs` holds them cached:
+    (z_T, paired target or None = the data), pair i for training image i % N. An LCM trains through its
+    own sampler (lcm_sampler: --lcm-update on its grid, no extra guidance). `checkpoint`: the unfinished
     run to continue, or None."""
     name = finetune_name(config, num_steps)
     path = config.out / f"{name}.pt"
@@ -705,7 +767,8 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cac
     model.load_state_dict(start.state_dict())  # Alg. 1 line 1: start from the pretrained model (EMA weights)
     ema = EMA(model, decay=method.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.finetune_lr, weight_decay=0.0)
-    batches = Batches(len(data.train_images), config.finetune_batch_size, config.seed)
+    num_images = len(data.train_images)
+    batches = Batches(num_images if pairs is None else len(pairs[0]), config.finetune_batch_size, config.seed)
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
     gan = None
     if method.gan_weight > 0:
@@ -720,10 +783,14 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, z_T_cac
           f"steps {start_step} -> {config.finetune_steps} on {device}")
 
     def one_step(step):
-        indices = batches.next()  # Alg. 1 line 3; pixel space, so z0 = x0 (no line 4) and e_c = the label
+        pair_indices = batches.next()
+        indices = pair_indices % num_images  # Alg. 1 line 3; pixel space, so z0 = x0 (no line 4), e_c = the label
         cond, uncond = conditions(config, data, data.train_labels[indices].to(device))
-        batch = {"target": data.train_images[indices].to(device), "cond": cond, "uncond": uncond,
-                 "z_T": None if z_T_cache is None else z_T_cache[indices].to(device)}
+        batch = {"target": data.train_images[indices].to(device), "cond": cond, "uncond": uncond}
+        if pairs is not None:  # Alg. 1 line 6, cached
+            z_T, paired_target = pairs
+            batch["z_T"] = z_T[pair_indices].to(device)
+            batch["paired_target"] = None if paired_target is None else paired_target[pair_indices].to(device)
         return train_step(loss_fn, optimizer, ema, [batch], step, base_model=base, gan=gan,
                           autocast=partial(autocast, device))  # Alg. 1 lines 6-15
 
@@ -750,7 +817,9 @@ PERCEPTUAL_SEED_OFFSET = 1000  # the perceptual backbone's seed is config.seed +
 
 
 def train_classifier(config, data, device):
-    """The metric's classifier, trained on the train split; cached in <out>/classifier.pt."""
+    """The metric's classifier, trained on the train split; cached in <out>/classifier.pt. Its
+    initialisation is seeded too, so the metric is a function of --seed alone."""
+    torch.manual_seed(config.seed)
     return fit_classifier(Classifier(data.image_shape[0], data.num_classes), config.out / "classifier.pt",
                           config, data, device, config.seed)
 
@@ -767,7 +836,8 @@ def train_perceptual(config, data, device):
 def fit_classifier(classifier, path, config, data, device, seed):
     """Train `classifier` with cross-entropy for --classifier-epochs on the train split (AdamW, batch
     64, order seeded by `seed`), or load it from `path` when that holds the same training; frozen."""
-    key = {"dataset": data.name, "epochs": config.classifier_epochs, "seed": seed}
+    key = {"dataset": data.name, "train_size": len(data.train_images), "epochs": config.classifier_epochs,
+           "seed": seed, "seeded_init": True}
     classifier = classifier.to(device)
     if path.exists():
         checkpoint = load_checkpoint(path)
@@ -885,19 +955,22 @@ def pixel_metrics(images, reference):
 
 
 def verdicts(rows):
-    """One line per fine-tuned model: its CFD against the model it started from at the same NFE, and
-    (from an LCM: the paper's Table 1) against the diffusion base's 50-step DDIM."""
-    by = {(row["model"], row["nfe"]): row["cfd"] for row in rows}
+    """One line per fine-tuned model under the verdict rule (toy_nets.verdict: CFD <= 0.9x, pixel energy
+    <= 1.0x and recall >= the reference's - 0.05): against the model it started from at the same NFE,
+    and (from an LCM: the paper's Table 1) against the diffusion base's 50-step DDIM."""
+    by = {(row["model"], row["nfe"]): row for row in rows}
     lines = []
-    for (model, nfe), cfd in by.items():
+    for (model, nfe), row in by.items():
         if model not in ("E2E fine-tuned", "E2E from LCM"):
             continue
         start = "base, DDIM" if model == "E2E fine-tuned" else "LCM (distilled)"
         for other, other_nfe in [(start, nfe)] + [("base, DDIM", 50)] * (model == "E2E from LCM"):
             if (other, other_nfe) in by:
-                verdict = "beats" if cfd < by[other, other_nfe] else "does NOT beat"
-                lines.append(f"{nfe} NFE: {model} CFD {cfd:.1f} {verdict} {other} at {other_nfe} NFE, CFD "
-                             f"{by[other, other_nfe]:.1f} (ratio {cfd / by[other, other_nfe]:.2f})")
+                result = verdict(row, by[other, other_nfe])
+                lines.append(f"{nfe} NFE: {model} {'beats' if result['beats'] else 'does NOT beat'} {other} at "
+                             f"{other_nfe} NFE: CFD {row['cfd']:.1f} vs {by[other, other_nfe]['cfd']:.1f} (ratio "
+                             f"{result['distance_ratio']:.2f}), pixel ratio {result['pixel_ratio']:.2f}, recall "
+                             f"{result['recall_delta']:+.3f}")
     return lines
 
 

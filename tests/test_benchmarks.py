@@ -1,7 +1,7 @@
 """Smoke tests of the benchmarks' output contract: each --quick run finishes, writes its JSON and plot,
 and prints as its last line one JSON object holding every headline key with a finite value.
 
-    pytest tests/test_benchmarks.py      # about 7 minutes on 2 CPU cores (two quick benchmark runs)
+    pytest tests/test_benchmarks.py      # about 3 minutes on 2 CPU cores (two quick benchmark runs)
 
 They check the contract, not the numbers: a quick run is far too short for its ratios to mean anything.
 """
@@ -38,21 +38,25 @@ def test_cost_quick_prints_finite_headline_and_writes_results(tmp_path):
     assert (tmp_path / "cost-quick.json").is_file() and (tmp_path / "cost-quick.png").is_file()
 
 
-def test_quality_quick_prints_finite_headline_and_writes_results(tmp_path):
+def test_quality_quick_runs_the_sweep_then_every_recipe_and_writes_the_protocol(tmp_path):
     headline = run_benchmark("quality.py", "--quick", "--out", str(tmp_path), timeout=1800)
-    keys = [f"{dataset}/{ratio}" for dataset in ("ring2d", "digits") for ratio in ("e2e4_vs_base50", "e2e1_vs_base50", "e2e4_vs_base4")]
-    keys += ["digits/pixel_e2e4_vs_base50", "digits/pixel_e2e1_vs_base50"]
-    keys += [f"digits/e2e_from_lcm4{update}_vs_{other}" for update, other in
-             [("", "lcm4"), ("", "base50"), ("_ddim", "lcm4_ddim"), ("_ddim", "base50")]]
-    assert_finite_keys(headline, keys)
     record = json.loads((tmp_path / "quality-quick.json").read_text())
-    table1 = {(r["model"], r["coupling"], r["nfe"]) for r in record["rows"] if r["group"] == "table1"}
-    assert table1 == {("LCM", None, 4), ("LCM, DDIM update", None, 4), ("E2E from LCM", "inversion", 4),
-                      ("E2E from LCM", "teacher", 4), ("E2E from LCM, DDIM update", "inversion", 4)}
-    digits = [r for r in record["rows"] if r["dataset"] == "digits"]
-    assert digits and all({"distance", "pixel", "precision", "recall"} <= r.keys() for r in digits)
-    losses = {(r["coupling"], r["loss"]) for r in digits if r["group"] == "coupling"}
-    assert {("independent", "GAN"), ("inversion", "L2+P"), ("inversion", "L2+P+GAN"), ("teacher", "L2+GAN")} <= losses
-    assert {r["group"] for r in digits} >= {"base", "coupling", "table2", "gan ablation", "leakage", "table1"}
+    protocol = record["protocol"]
+    assert not set(protocol["tuning_seeds"]) & set(protocol["reporting_seeds"])
+    nfes = record["plan"]["nfe"]
+    keys = ["digits/base50_vs_floor"]
+    keys += [f"digits/{name}/nfe{k}/{metric}" for name in record["recipes"]["digits"] for k in nfes
+             for metric in ("cfd_ratio", "pixel_ratio", "recall_delta")]
+    keys += [f"ring2d/{name}/nfe{k}/{metric}" for name in record["recipes"]["ring2d"] for k in nfes
+             for metric in ("energy_ratio", "recall_delta")]
+    assert_finite_keys(headline, keys)
+    assert not any("best" in key for key in headline)
+    assert {r["split"] for r in record["rows"]} == {"test"}  # the report never measures on validation
+    tune = json.loads((tmp_path / "quality-tune-quick.json").read_text())
+    assert {r["split"] for r in tune["rows"]} == {"validation"} and set(tune["chosen"]) == set(tune["sweep"])
+    assert record["tuned"] == tune["chosen"]  # the report ran on the sweep's choices
+    table1 = json.loads((tmp_path / "quality-table1-quick.json").read_text())
+    assert_finite_keys(table1["headline"], [f"table1/{name}/nfe4/{metric}_vs_lcm" for name in record["recipes"]["table1"]
+                                            for metric in ("cfd_ratio", "pixel_ratio", "recall_delta")])
     assert {key: round(value, 4) for key, value in record["headline"].items()} == headline  # the file holds what was printed
     assert (tmp_path / "quality-quick.png").is_file()

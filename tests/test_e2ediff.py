@@ -504,6 +504,26 @@ def test_discriminator_real_samples_are_the_data_with_every_coupling():
         assert all(torch.equal(c, labels) for c in (cond_g, cond_real, cond_fake))
 
 
+def test_cached_teacher_pairs_regress_onto_the_paired_target_while_the_discriminator_sees_the_data():
+    torch.manual_seed(0)
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    data, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    z_T, teacher_sample = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, gan_weight=0.5, gan_adaptive=False,
+                                    grad_checkpoint=False, coupling="teacher", disc_conditional=True)
+    model, discriminator = TinyImageDenoiser(), RecordingDiscriminator()
+    gan = e2ediff.GANLoss(discriminator, config)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+    with torch.no_grad():
+        sample = e2ediff.unrolled_sample(model, z_T, schedule, 2, update="ddim", cond=labels)
+    optimizer, ema = torch.optim.SGD(model.parameters(), lr=0.1), e2ediff.EMA(model, config.ema_decay)
+    logs = e2ediff.train_step(loss_fn, optimizer, ema, [{"target": data, "cond": labels, "z_T": z_T,
+                                                         "paired_target": teacher_sample}], step=0, gan=gan)
+    assert logs["l2"] == pytest.approx((sample - teacher_sample).pow(2).mean().item(), rel=1e-5)
+    (_, _), (real, _), (_, _) = discriminator.seen
+    assert torch.equal(real, data)
+
+
 def test_r1_penalty_matches_closed_form_for_a_linear_discriminator():
     linear = nn.Linear(3, 1, bias=False)
     penalty, _ = e2ediff.r1_penalty(linear, torch.randn(4, 3))
@@ -522,6 +542,25 @@ def test_patch_discriminator_shapes_batch_independence_and_small_input_error():
 
 
 # ---------------------------------------------------------------- 7. EMA, 8. diffusion loss
+
+
+def test_ema_warmup_forgets_the_random_init_and_resumes_its_count():
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, 0.0)  # the "random init"
+    ema = e2ediff.EMA(model, decay=0.999, warmup=True)
+    nn.init.constant_(model.weight, 1.0)  # the trained weights, held fixed
+    init_share = 1.0
+    for n in range(200):
+        assert ema.current_decay() == pytest.approx(min(0.999, (1 + n) / (10 + n)))
+        init_share *= ema.current_decay()
+        ema.update(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((1, 1), 1.0 - init_share))
+    assert init_share < 1e-4  # without warm-up: 0.999^200 = 0.82 of the EMA would still be the init
+    plain = e2ediff.EMA(nn.Linear(1, 1, bias=False), decay=0.999)
+    assert plain.current_decay() == 0.999
+    restored = e2ediff.EMA(nn.Linear(1, 1, bias=False), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert (restored.warmup, restored.num_updates, restored.current_decay()) == (True, 200, ema.current_decay())
 
 
 def test_ema_arithmetic_buffers_and_state_dict():

@@ -3,6 +3,7 @@
     python -m pytest tests/test_toy.py -q
 """
 import json
+import math
 import os
 import pickle
 import signal
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import e2ediff
 import toy_nets
 import train_toy
 import train_utils
@@ -140,6 +142,25 @@ def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_dis
     tuned = [r for r in rows if r["stage"] == "finetune-nfe2"]
     assert "gan" not in tuned[0] and {"l1", "lpips", "gan", "gan_weight", "disc"} <= tuned[-1].keys()
     assert tuned[-1]["loss"] == pytest.approx(tuned[-1]["recon"] + tuned[-1]["gan_total"], rel=1e-5)
+
+
+def test_teacher_pairs_are_the_base_samples_made_once_per_image_and_cached_on_disk(tmp_path, digits, monkeypatch):
+    config = tiny(tmp_path, coupling="teacher", teacher_steps=3, teacher_pool=2)
+    device = torch.device("cpu")
+    train_toy.pretrain(config, digits, device)
+    base, schedule = train_toy.load_base(config, digits, device), train_toy.build_schedule(config, device)
+    z_T, samples = train_toy.coupling_pairs(config, digits, device, base, schedule)
+    assert len(z_T) == len(samples) == 2 * len(digits.train_images)
+    index = torch.tensor([0, 5, len(digits.train_images) + 5])  # pair i carries image i % N's label
+    cond, _ = train_toy.conditions(config, digits, digits.train_labels[index % len(digits.train_images)])
+    with torch.no_grad():
+        again = e2ediff.unrolled_sample(base, z_T[index], schedule, 3, prediction_type=config.prediction_type, cond=cond)
+    torch.testing.assert_close(again, samples[index], rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(train_toy, "teacher_pairs", lambda *args: pytest.fail("the cache was not reused"))
+    cached = train_toy.coupling_pairs(config, digits, device, base, schedule)
+    assert torch.equal(cached[0], z_T) and torch.equal(cached[1], samples)
+    train_toy.finetune(config, digits, device)  # fine-tunes from the cached pairs
+    assert (tmp_path / "finetune-nfe1.pt").is_file()
 
 
 def test_trained_perceptual_backbone_is_its_own_network_cached_and_used_by_the_lpips_term(tmp_path, digits):
@@ -292,6 +313,35 @@ def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, 
     again = train_toy.train_classifier(Config(out_dir=str(out), classifier_epochs=3), digits, torch.device("cpu"))
     for name, tensor in classifier.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name])
+
+
+def test_metric_classifier_is_a_function_of_the_seed_not_of_the_global_random_state(digits, tmp_path):
+    weights = []
+    for run, global_seed in enumerate((123, 456)):
+        torch.manual_seed(global_seed)  # whatever ran before the metric
+        config = Config(out_dir=str(tmp_path / str(run)), classifier_epochs=1, seed=7)
+        weights.append(train_toy.train_classifier(config, digits, torch.device("cpu")).state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_validation_split_is_carved_from_the_train_split_stratified_and_leaves_the_test_split_alone(digits):
+    split = train_toy.build_dataset(Config(eval_split="validation"))
+    assert len(split.train_images) + len(split.test_images) == len(digits.train_images)
+    assert len(split.test_images) == math.ceil(train_toy.VALIDATION_FRACTION * len(digits.train_images))  # as sklearn
+    rows = lambda images: {tuple(image.flatten().tolist()) for image in images}  # noqa: E731
+    assert rows(split.train_images) | rows(split.test_images) == rows(digits.train_images)
+    assert set(split.test_labels.tolist()) == set(range(10))
+    assert torch.equal(train_toy.build_dataset(Config()).test_images, digits.test_images)
+
+
+def test_verdict_rule_needs_distance_pixel_and_recall_together():
+    base = {"cfd": 10.0, "pixel_energy": 0.02, "recall": 0.9}
+    assert toy_nets.verdict({"cfd": 8.0, "pixel_energy": 0.02, "recall": 0.88}, base)["beats"]
+    assert not toy_nets.verdict({"cfd": 5.0, "pixel_energy": 0.01, "recall": 0.3}, base)["beats"]  # modes dropped
+    assert not toy_nets.verdict({"cfd": 8.0, "pixel_energy": 0.03, "recall": 0.9}, base)["beats"]  # pixels worse
+    assert not toy_nets.verdict({"cfd": 9.5, "pixel_energy": 0.01, "recall": 0.9}, base)["beats"]  # a tie on CFD
+    ring = toy_nets.verdict({"energy": 0.5, "recall": 1.0}, {"energy": 1.0, "recall": 1.0}, "energy")
+    assert ring["beats"] and "pixel_ratio" not in ring
 
 
 def test_pixel_energy_distance_is_zero_on_itself_and_grows_with_a_shift(digits):
