@@ -905,7 +905,8 @@ class EndToEndConfig:
     # the update (Alg. 1 lines 14-15)
     grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off",
                               valid=">= 0")
-    ema_decay: float = option(0.95, "tau of Alg. 1 line 15 (paper)", valid="[0, 1]")
+    ema_decay: float = option(0.95, "tau of Alg. 1 line 15 (paper); no warm-up: the EMA starts as the pretrained "
+                              "model, so averaging from step 0 is right (EMA)", valid="[0, 1]")
     # memory
     grad_checkpoint: bool = option(True, "recompute each sampler step in backward: same gradients, ~1/T the memory")
     backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)",

@@ -41,8 +41,9 @@ finished stages are skipped:
 
 Losses that see the data. --gan-weight adds the adversarial term: a PatchGAN that reads the class label
 (a projection discriminator) and whose real samples are training digits with every coupling, trained
-with the non-saturating loss at its own lr (TOY_METHOD holds the recipe; benchmarks/quality.py the
-ablation behind it). --lpips-weight adds a perceptual term; offline it is LPIPS's distance in a small
+with the non-saturating loss at its own lr (TOY_METHOD holds the recipe; the GAN ablation behind it is
+in benchmarks/results/quality.json as of commit 83b4aaa). --coupling teacher regresses onto the frozen
+base's own samples, made once before fine-tuning (--teacher-pool per training image). --lpips-weight adds a perceptual term; offline it is LPIPS's distance in a small
 network this script trains on the train split (--perceptual-net trained: toy_nets.PerceptualNet, cached
 as perceptual.pt, another architecture and seed than the metric's classifier).
 
@@ -51,7 +52,11 @@ Gaussians fitted to the penultimate features of a small classifier trained on th
 (cached as classifier.pt), generated samples against the held-out test split; lower is better. It is
 not the Inception FID and its numbers are not comparable with published FIDs. Beside it, metrics that no
 trained network shapes, in pixel space against the same split: the energy distance, and k-NN precision
-(fidelity) and recall (diversity). On CIFAR-10 the script
+(fidelity) and recall (diversity). The evaluation's verdict lines use the project's rule
+(toy_nets.verdict): a model beats another only if its CFD is <= 0.9x, its pixel energy <= 1.0x and its
+recall >= the other's - 0.05. --eval-split validation measures against a validation split carved from
+the train split instead (and trains on the rest): for choosing settings without the test split.
+On CIFAR-10 the script
 also reports the real Inception FID against CIFAR-10 train statistics through torch-fidelity, when
 torch-fidelity's Inception weights are on disk.
 
@@ -94,7 +99,7 @@ from train_utils import (
 # ----------------------------------------------------------------------------------------------
 # Config: every default says why; the fields (and the method's, in e2e) become the command-line flags.
 
-GAN_WEIGHT = 0.5  # the toy's --gan-weight with L2 (seed-0 pilots: 0.3 and 1.0 did worse; quality.py: 2.0 overshoots)
+GAN_WEIGHT = 0.5  # the toy's --gan-weight with L2 (seed-0 pilots: 0.3 and 1.0 did worse; quality.py at 83b4aaa: 2.0 overshoots)
 
 # The toy's departures from the paper's recipe (EndToEndConfig's defaults), each with its reason.
 TOY_METHOD = dict(
@@ -107,7 +112,7 @@ TOY_METHOD = dict(
     gan_adaptive=False,  # a fixed weight (--gan-weight 0.5 measured best): the adaptive one settles at ~0.001 here
     gan_kind="non_saturating",
     r1_weight=0.0,  # R1 0.1 keeps this discriminator at chance on 8x8 digits (its loss stays at 2 ln 2)
-    disc_lr=1e-3,  # 10x the generator's lr: the discriminator must keep up in 200 steps (1e-4 pulls less: quality.py)
+    disc_lr=1e-3,  # 10x the generator's lr: the discriminator must keep up in 200 steps (1e-4 pulls less: 83b4aaa)
     disc_conditional=True,
     disc_channels=64, disc_layers=1,  # a PatchGAN whose patches fit 8x8 digits
     grad_checkpoint=False,  # a small UNet at 8x8: memory is no concern, plain backprop is faster

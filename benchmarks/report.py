@@ -233,6 +233,94 @@ def destruction_goals(record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# quality.json, quality-table1.json, quality-tune.json (benchmarks/quality.py): the protocol's sweep, then
+# every pre-declared recipe on the reporting seeds with its verdict against a reference.
+
+
+def summary_of(record: dict) -> dict:
+    """{(dataset, model, nfe): summary row} of a quality record."""
+    return {(s["dataset"], s["model"], s["nfe"]): s for s in record["summary"]}
+
+
+def quality_cells(entry: dict, distance: str) -> list[str]:
+    """mean ± std of the distance, and (digits) pixel energy, precision, recall."""
+    names = [distance] + (["pixel_energy"] if distance == "cfd" else []) + ["precision", "recall"]
+    return [mean_std(entry[f"{name}_mean"], entry[f"{name}_std"]) for name in names]
+
+
+def verdict_cells(result: dict, pixels: bool) -> list[str]:
+    """The verdict rule's three comparisons (means over seeds of per-seed values) and the verdict."""
+    cells = [mean_std(result["distance_ratio_mean"], result["distance_ratio_std"])]
+    cells += [number(result["pixel_ratio_mean"])] if pixels else []
+    return cells + [f"{result['recall_delta_mean']:+.3f}", "**beats**" if result["beats"] else "no"]
+
+
+def quality_tables(record: dict) -> str:
+    """Per dataset: the base's rows, then every recipe at every NFE with its verdict against the base's
+    50-step DDIM (the verdict rule in the caption)."""
+    summary, parts = summary_of(record), []
+    for dataset, distance in (("digits", "cfd"), ("ring2d", "energy")):
+        pixels = distance == "cfd"
+        metric_header = [f"{'CFD' if pixels else 'energy'} ↓"] + ["pixel energy ↓"] * pixels + ["precision ↑", "recall ↑"]
+        ratio_header = [f"{'CFD' if pixels else 'energy'} ratio"] + ["pixel ratio"] * pixels + ["recall Δ", "verdict"]
+        rows = []
+        for (name, model, nfe), entry in summary.items():
+            if name == dataset and model in ("real data", "base DDIM"):
+                rows.append([model, number(nfe)] + quality_cells(entry, distance) + [""] * len(ratio_header))
+        for recipe in record["recipes"][dataset]:
+            for nfe in record["plan"]["nfe"]:
+                result = record["verdicts"][f"{dataset}/{recipe}/nfe{nfe} vs base DDIM 50"]
+                rows.append([f"`{recipe}`", number(nfe)] + quality_cells(summary[dataset, recipe, nfe], distance)
+                            + verdict_cells(result, pixels))
+        seeds = record["protocol"]["reporting_seeds"]
+        parts.append(f"**{dataset}**, test split, mean ± std over reporting seeds {', '.join(map(str, seeds))}; "
+                     f"ratios and recall Δ against the same seed's base at 50 DDIM steps:\n\n"
+                     + table(["model", "NFE"] + metric_header + ratio_header, rows))
+    rule = record["verdict_rule"]
+    parts.append(f"Verdict rule: **beats** = CFD (ring: energy) ratio ≤ {rule['cfd_ratio_at_most']}, pixel ratio ≤ "
+                 f"{rule['pixel_ratio_at_most']} and recall ≥ the base's − {rule['recall_drop_at_most']}, on the seed means.")
+    return "\n\n".join(parts)
+
+
+def quality_table1(record: dict) -> str:
+    """The LCM at its own 1/2/4 steps, and each E2E-from-LCM recipe at 4 NFE against the LCM's 4 steps."""
+    summary, rows = summary_of(record), []
+    for (dataset, model, nfe), entry in summary.items():
+        if dataset == "digits" and model in ("base DDIM", "LCM") and (model == "LCM" or nfe in (4, 50)):
+            rows.append([model, number(nfe)] + quality_cells(entry, "cfd") + [""] * 4)
+    for recipe in record["recipes"]["table1"]:
+        result = record["verdicts"][f"table1/{recipe}/nfe4 vs LCM 4"]
+        cells = verdict_cells(result, True)
+        rows.append([f"`{recipe}`", "4"] + quality_cells(summary["digits", recipe, 4], "cfd") + cells[:-1]
+                    + [f"{cells[-1]}{' (goal met)' if result['meets_goal'] else ''}"])
+    seeds = record["protocol"]["reporting_seeds"]
+    return (f"digits, test split, mean ± std over reporting seeds {', '.join(map(str, seeds))}; ratios and recall Δ "
+            f"of each recipe against the same seed's LCM at 4 steps (goal: CFD ratio ≤ 0.85 with the verdict rule's "
+            f"pixel and recall checks):\n\n"
+            + table(["model", "NFE", "CFD ↓", "pixel energy ↓", "precision ↑", "recall ↑", "CFD ratio", "pixel ratio",
+                     "recall Δ", "verdict"], rows))
+
+
+def quality_tune(record: dict) -> str:
+    """The sweep: each stage's values, their validation distance and recall, and the value chosen."""
+    summary, rows = summary_of(record), []
+    for stage, spec in record["sweep"].items():
+        dataset = spec["dataset"]
+        distance = "cfd" if dataset == "digits" else "energy"
+        base = summary[dataset, "base DDIM", 50]
+        for value in spec["values"]:
+            entry = summary[dataset, f"{stage}={value}", record["plan"]["tune_nfe"]]
+            rows.append([f"`{stage}`", f"{value:g}", mean_std(entry[f"{distance}_mean"], entry[f"{distance}_std"]),
+                         mean_std(entry["recall_mean"], entry["recall_std"]), f"{base['recall_mean']:.3f}",
+                         "**chosen**" if record["chosen"][stage] == value else ""])
+    protocol = record["protocol"]
+    return (f"Validation split, tuning seeds {', '.join(map(str, protocol['tuning_seeds']))}, "
+            f"{record['plan']['tune_nfe']} NFE; rule: {protocol['selection']}.\n\n"
+            + table(["stage", "value", "distance ↓ (digits CFD, ring energy)", "recall ↑", "base 50-step recall",
+                     ""], rows))
+
+
+# ----------------------------------------------------------------------------------------------
 # The registry: block name -> (the file in benchmarks/results/ it reads, the function that renders it).
 
 RENDERERS = {
@@ -244,6 +332,10 @@ RENDERERS = {
     "destruction": ("destruction.json", destruction_tables),
     "destruction-goals": ("destruction.json", destruction_goals),
     "destruction-headline": ("destruction.json", headline_block),
+    "quality": ("quality.json", quality_tables),
+    "quality-headline": ("quality.json", headline_block),
+    "quality-table1": ("quality-table1.json", quality_table1),
+    "quality-tune": ("quality-tune.json", quality_tune),
 }
 # Blocks placed before their renderer exists (quality.json's schema is being rewritten): they must stay
 # empty. Adding the renderer to RENDERERS means removing the name here.
