@@ -42,6 +42,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -76,7 +77,7 @@ PROTOCOL = dict(
 PLANS = {
     "full": dict(
         tuning_seeds=PROTOCOL["tuning_seeds"], reporting_seeds=PROTOCOL["reporting_seeds"],
-        digits_pretrain_steps=1000,  # with the EMA warm-up, a base near the real-data floor (digits/base50_vs_floor)
+        digits_pretrain_steps=3000,  # the quickstart's base: 1,000 steps left it at 1.82x the floor (validation, quality-tune-pretrain1000.json)
         digits_finetune_steps=200,  # a third of the quickstart's 600: the budget of 2 cores
         digits_eval_samples=1000,  # the quickstart's
         classifier_epochs=30,  # train_toy's default (the metric's classifier and the perceptual backbone)
@@ -100,9 +101,9 @@ BASE_NFE = (1, 2, 4, 50)
 # name -> (dataset, the recipe it runs, the swept field, its candidates). "{...}" in a recipe is a choice of an
 # earlier stage of the sweep; each stage runs when the ones it reads are chosen.
 TUNING = {
-    "inversion_lr": ("digits", dict(coupling="inversion", finetune_lr="{}"), "finetune_lr", (3e-5, 1e-4, 3e-4)),
-    "teacher_lr": ("digits", dict(coupling="teacher", finetune_lr="{}"), "finetune_lr", (3e-5, 1e-4, 3e-4)),
-    "lcm_lr": ("digits", dict(base="lcm", coupling="inversion", finetune_lr="{}"), "finetune_lr", (1e-5, 1e-4)),
+    "inversion_lr": ("digits", dict(coupling="inversion", finetune_lr="{}"), "finetune_lr", (1e-4, 3e-4, 1e-3)),
+    "teacher_lr": ("digits", dict(coupling="teacher", finetune_lr="{}"), "finetune_lr", (1e-4, 3e-4, 1e-3)),
+    "lcm_lr": ("digits", dict(base="lcm", coupling="inversion", finetune_lr="{}"), "finetune_lr", (1e-6, 3e-6, 1e-5)),
     "gan_weight": ("digits", dict(coupling="teacher", finetune_lr="{teacher_lr}", gan_weight="{}"), "gan_weight",
                    (0.1, 0.5)),
     "lpips_weight": ("digits", dict(coupling="teacher", finetune_lr="{teacher_lr}", lpips_weight="{}"),
@@ -302,6 +303,29 @@ def run_jobs(pool, jobs) -> list:
     return rows
 
 
+def run_chains(pool, chains) -> list:
+    """Run (first job, later jobs) chains: a chain's later jobs are queued once its first is done, so the
+    workers stay busy while other seeds' bases still train. Returns every job's rows."""
+    finished, rows, started, done = queue.SimpleQueue(), [], time.time(), 0
+
+    def submit(job, then=()):
+        pool.apply_async(run_job, (job,), callback=lambda result: finished.put((result, then)),
+                         error_callback=lambda error: finished.put((error, ())))
+
+    for first, then in chains:
+        submit(first, then)
+    outstanding, total = len(chains), sum(1 + len(then) for _, then in chains)
+    while outstanding:
+        result, then = finished.get()
+        if isinstance(result, BaseException):
+            raise result
+        rows, outstanding, done = rows + result, outstanding - 1 + len(then), done + 1
+        for job in then:
+            submit(job)
+        print(f"  {done}/{total} jobs done ({time.time() - started:.0f}s)", flush=True)
+    return rows
+
+
 def prepare_jobs(plan, seeds, split, work, datasets, lcm):
     return [("prepare", dataset, dict(plan=plan, seed=seed, split=split, work=work, nfes=plan["nfe"],
                                       couplings=("inversion", "teacher"), lcm=lcm and dataset == "digits"))
@@ -389,13 +413,14 @@ def tune(plan, pool, work):
 def report(plan, pool, work, tuned):
     """Every recipe on the reporting seeds against the test split; returns the rows."""
     seeds, table = plan["reporting_seeds"], recipes(tuned)
-    rows = run_jobs(pool, prepare_jobs(plan, seeds, "test", work, ("digits", "ring2d"), lcm=True))
-    jobs = []
-    for dataset, nfes in (("digits", plan["nfe"]), ("ring2d", plan["nfe"]), ("table1", (4,))):
-        named = {name: fields for name, (fields, _) in table[dataset].items()}
-        jobs += finetune_jobs(plan, seeds, "test", work, "digits" if dataset == "table1" else dataset, named, nfes)
-    jobs.sort(key=lambda job: job[2]["fields"].get("coupling") != "teacher")  # the longest jobs first
-    return rows + run_jobs(pool, jobs)
+    chains = []
+    for seed in seeds:
+        for dataset, parts in (("digits", (("digits", plan["nfe"]), ("table1", (4,)))), ("ring2d", (("ring2d", plan["nfe"]),))):
+            jobs = [job for part, nfes in parts for job in finetune_jobs(
+                plan, (seed,), "test", work, dataset, {name: fields for name, (fields, _) in table[part].items()}, nfes)]
+            jobs.sort(key=lambda job: job[2]["fields"].get("coupling") != "teacher")  # the longest jobs first
+            chains.append((prepare_jobs(plan, (seed,), "test", work, (dataset,), lcm=True)[0], jobs))
+    return run_chains(pool, chains)
 
 
 def headlines(rows, plan, table):
