@@ -321,6 +321,20 @@ def quality_tune(record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# toy2d.json (python toy2d.py): the README's "Which coupling" table on the ring.
+
+
+def toy2d_table(record: dict) -> str:
+    """Energy distance at 1 and 4 NFE per sampler, the lowest per column in bold, and the run's time."""
+    rows, names, means = record["rows"], [], []
+    for name, scores in rows.items():
+        names.append(f"{name} (50 NFE: {number(scores['50'])})" if "50" in scores else name)
+        means.append([scores["1"], scores["4"]])
+    cells = bold_lowest([[number(a), number(b)] for a, b in means], means)
+    return table(["sampler", "1 NFE", "4 NFE"], [[name, *row] for name, row in zip(names, cells)]) + f"\n\n`python toy2d.py`: {record['wall_seconds']:.0f} s."
+
+
+# ----------------------------------------------------------------------------------------------
 # The registry: block name -> (the file in benchmarks/results/ it reads, the function that renders it).
 
 RENDERERS = {
@@ -332,6 +346,7 @@ RENDERERS = {
     "destruction": ("destruction.json", destruction_tables),
     "destruction-goals": ("destruction.json", destruction_goals),
     "destruction-headline": ("destruction.json", headline_block),
+    "toy2d": ("toy2d.json", toy2d_table),
     "quality": ("quality.json", quality_tables),
     "quality-headline": ("quality.json", headline_block),
     "quality-table1": ("quality-table1.json", quality_table1),

@@ -43,6 +43,7 @@ def test_quality_quick_runs_the_sweep_then_every_recipe_and_writes_the_protocol(
     record = json.loads((tmp_path / "quality-quick.json").read_text())
     protocol = record["protocol"]
     assert not set(protocol["tuning_seeds"]) & set(protocol["reporting_seeds"])
+    assert {"validation_split", "test_split"} <= set(protocol) and protocol["recipes"] == record["recipes"]
     nfes = record["plan"]["nfe"]
     keys = ["digits/base50_vs_floor"]
     keys += [f"digits/{name}/nfe{k}/{metric}" for name in record["recipes"]["digits"] for k in nfes
