@@ -526,13 +526,15 @@ def main(argv=None) -> dict:
                            "rows": rows, "summary": summary_rows(summarise(rows)), "chosen": tuned}
             write_results(args.out, f"quality-tune{suffix}", record_tune, {f"chosen/{k}": v for k, v in tuned.items()},
                           start)
-            if not args.quick:
-                print("freeze these choices in TUNED (benchmarks/quality.py), then run the report")
-                return tuned
-        table = recipes(tuned)
-        rows = report(plan, pool, work, tuned)
+        rows = report(plan, pool, work, tuned) if args.quick or not args.tune else None
+        pool.close()
+        pool.join()  # let the workers exit (the context's terminate() leaks their semaphores)
     if temporary is not None:
         temporary.cleanup()
+    if rows is None:
+        print("freeze these choices in TUNED (benchmarks/quality.py), then run the report")
+        return tuned
+    table = recipes(tuned)
     main_headline, table1_headline, verdicts, summary = headlines(rows, plan, table)
     frozen = {d: {n: {"fields": f, "why": w} for n, (f, w) in r.items()} for d, r in table.items()}
     record = {**record, "protocol": {**record["protocol"], "recipes": frozen}, "tuned": tuned, "recipes": frozen,
