@@ -29,8 +29,8 @@ ring2d/R/nfe{n}/energy_ratio, .../recall_delta, and digits/base50_vs_floor. qual
 table1/R/nfe4/cfd_ratio_vs_lcm, .../pixel_ratio_vs_lcm, .../recall_delta_vs_lcm against the LCM's own
 4-step sampler (goal: <= 0.85 under the verdict rule's other two checks).
 
-    python benchmarks/quality.py --tune     # the sweep -> quality-tune.json (~35 min on 2 CPU cores)
-    python benchmarks/quality.py            # the report -> quality.json, quality-table1.json (~60 min)
+    python benchmarks/quality.py --tune     # the sweep -> quality-tune.json (2,549 s on 2 CPU cores, shared)
+    python benchmarks/quality.py            # the report -> quality.json, quality-table1.json (3,653 s)
     python benchmarks/quality.py --quick    # both, 1 seed each, tiny step counts: a smoke run (-quick files)
 
 Jobs (a seed's base, then one fine-tune each) run in a pool of one-thread processes, one per core; a

@@ -120,6 +120,18 @@ def quickstart_table(record: dict) -> str:
             f"({e2e['coupling']} coupling, {loss}), {config['eval_samples']:,} samples per row, seed {config['seed']}.")
 
 
+def quickstart_threads(record: dict) -> str:
+    """The same quickstart with two torch threads against the committed one-thread run: CFD per row."""
+    one = {(row["model"], row["nfe"]): row for row in json.loads((RESULTS / "quickstart.json").read_text())["rows"]}
+    body, gaps = [], []
+    for row in record["rows"]:
+        other = one[row["model"], row["nfe"]]
+        gaps.append(abs(row["cfd"] - other["cfd"]))
+        body.append([row["model"], number(row["nfe"]), number(other["cfd"]), number(row["cfd"]), number(gaps[-1])])
+    return (table(["model", "NFE", "CFD, 1 thread", "CFD, 2 threads", "|difference|"], body)
+            + f"\n\nLargest difference: {number(max(gaps))} CFD.")
+
+
 # ----------------------------------------------------------------------------------------------
 # cost.json (benchmarks/cost.py): medians of interleaved repeats; memory probes in fresh processes.
 
@@ -339,6 +351,7 @@ def toy2d_table(record: dict) -> str:
 
 RENDERERS = {
     "quickstart": ("quickstart.json", quickstart_table),
+    "quickstart-threads": ("quickstart-2threads.json", quickstart_threads),
     "cost": ("cost.json", cost_table),
     "cost-headline": ("cost.json", headline_block),
     "dsd": ("dsd.json", dsd_tables),
