@@ -126,9 +126,9 @@ def quickstart_threads(record: dict) -> str:
     body, gaps = [], []
     for row in record["rows"]:
         other = one[row["model"], row["nfe"]]
-        gaps.append(abs(row["cfd"] - other["cfd"]))
+        gaps.append(abs(row["cfd"] - other["cfd"]))  # absolute
         body.append([row["model"], number(row["nfe"]), number(other["cfd"]), number(row["cfd"]), number(gaps[-1])])
-    return (table(["model", "NFE", "CFD, 1 thread", "CFD, 2 threads", "|difference|"], body)
+    return (table(["model", "NFE", "CFD, 1 thread", "CFD, 2 threads", "difference"], body)
             + f"\n\nLargest difference: {number(max(gaps))} CFD.")
 
 
