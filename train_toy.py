@@ -43,8 +43,9 @@ Losses that see the data. --gan-weight adds the adversarial term: a PatchGAN tha
 (a projection discriminator) and whose real samples are training digits with every coupling, trained
 with the non-saturating loss at its own lr (TOY_METHOD holds the recipe; the GAN ablation behind it is
 in benchmarks/results/quality.json as of commit 83b4aaa). --coupling teacher regresses onto the frozen
-base's own samples, made once before fine-tuning (--teacher-pool per training image). --lpips-weight adds a perceptual term; offline it is LPIPS's distance in a small
-network this script trains on the train split (--perceptual-net trained: toy_nets.PerceptualNet, cached
+base's own samples, made once before fine-tuning (--teacher-pool per training image). --lpips-weight
+adds a perceptual term; offline it is LPIPS's distance in a small network this script trains on the
+train split (--perceptual-net trained: toy_nets.PerceptualNet, cached
 as perceptual.pt, another architecture and seed than the metric's classifier).
 
 Metric. The offline metric is the *classifier Fréchet distance* (CFD): the Fréchet distance between
@@ -157,7 +158,7 @@ class Config:
     pretrain_lr: float = option(1e-3, "AdamW; high is fine for a small net after warm-up", valid="> 0")
     warmup_steps: int = option(100, "linear learning-rate warm-up, then constant (resume-safe)", valid=">= 0")
     pretrain_ema_decay: float = option(0.999, "EMA of the base weights, with warm-up (decay min(this, (1+n)/(10+n))): "
-                                       "the random init is gone within ~100 steps; averages ~n/10 steps", valid="[0, 1]")
+                                       "the random init is gone within ~10 steps; averages ~n/10 steps", valid="[0, 1]")
     # stage 1b, with --base lcm: latent consistency distillation of the base into a few-step LCM
     distill_steps: int = option(500, "LCD iterations: 500 at batch 64 give 4-NFE digits within 1.1x of the base's "
                                 "50-step DDIM CFD (measured, seed 0)", valid=">= 1")

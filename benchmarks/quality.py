@@ -192,7 +192,7 @@ class DigitsMeter:
     def __init__(self, config, data):
         classifier = train_toy.train_classifier(config, data, torch.device("cpu"))
         self.cfd = toy_nets.ClassifierFrechetDistance(classifier, data.test_images, config.eval_batch_size)
-        self.config, self.data = config, data
+        self.data = data
 
     def __call__(self, config, model, nfe, lcm=False):
         images = train_toy.generate(model, config, self.data, train_toy.build_schedule(config, torch.device("cpu")),
@@ -300,14 +300,6 @@ def run_job(job):
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
-def run_jobs(pool, jobs) -> list:
-    started, rows = time.time(), []
-    for index, result in enumerate(pool.imap_unordered(run_job, jobs)):
-        rows += result
-        print(f"  {index + 1}/{len(jobs)} jobs done ({time.time() - started:.0f}s)", flush=True)
-    return rows
-
-
 def run_chains(pool, chains) -> list:
     """Run (first job, later jobs) chains: a chain's later jobs are queued once its first is done, so the
     workers stay busy while other seeds' bases still train. Returns every job's rows."""
@@ -397,7 +389,8 @@ def choose(rows, dataset, name, values, nfe):
 def tune(plan, pool, work):
     """Run the sweep's stages in dependency order; returns (rows, {stage: chosen value})."""
     seeds, nfe = plan["tuning_seeds"], plan["tune_nfe"]
-    rows = run_jobs(pool, prepare_jobs(plan, seeds, "validation", work, ("digits", "ring2d"), lcm=True))
+    rows = run_chains(pool, [(job, ()) for job in prepare_jobs(plan, seeds, "validation", work, ("digits", "ring2d"),
+                                                               lcm=True)])
     chosen, left = {}, dict(TUNING)
     while left:
         ready = {name: spec for name, spec in left.items()
@@ -407,7 +400,7 @@ def tune(plan, pool, work):
             named = {f"{name}={value}": fill(template, value, chosen) for value in values}
             jobs += finetune_jobs(plan, seeds, "validation", work, dataset, named, (nfe,))
         print(f"sweep stage: {', '.join(ready)} ({len(jobs)} jobs)", flush=True)
-        rows += run_jobs(pool, jobs)
+        rows += run_chains(pool, [(job, ()) for job in jobs])
         for name, (dataset, _, _, values) in ready.items():
             chosen[name] = choose(rows, dataset, name, values, nfe)
             print(f"  chose {name} = {chosen[name]}", flush=True)
