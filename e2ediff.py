@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """model(z_t (B, ...), t (B,) long in [0, N), cond) -> output shaped like z_t."""
@@ -286,6 +287,28 @@ def guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Ten
     return output
 
 
+CHECKPOINT_POLICIES = ("full", "selective")
+_ATEN = torch.ops.aten
+# What selective checkpointing keeps: the outputs of the ops that cost FLOPs (matmuls, convolutions,
+# fused attention). Everything between them (norms, activations, elementwise arithmetic) is recomputed
+# from those outputs in the backward pass — memory-bound work, a small share of a step's time.
+SELECTIVE_SAVE_OPS = frozenset({
+    _ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default, _ATEN.baddbmm.default, _ATEN.convolution.default,
+    _ATEN._scaled_dot_product_flash_attention.default, _ATEN._scaled_dot_product_efficient_attention.default,
+    _ATEN._scaled_dot_product_cudnn_attention.default, _ATEN._scaled_dot_product_flash_attention_for_cpu.default,
+})
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective activation checkpointing (PyTorch's create_selective_checkpoint_contexts): keep the
+    outputs of SELECTIVE_SAVE_OPS, recompute every other op in the backward pass."""
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(selective_policy)
+
+
 def unrolled_sample(
     model: Denoiser,
     z_T: torch.Tensor,
@@ -301,7 +324,7 @@ def unrolled_sample(
     uncond: Any = None,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
-    checkpoint: bool = False,
+    checkpoint: bool | str = False,
     backprop_steps: int | None = None,
 ) -> torch.Tensor:
     """Run a T-step sampler from z_T and return its output z0 — keeping the whole chain in the
@@ -320,7 +343,11 @@ def unrolled_sample(
         guidance_scale != 1 the model is also called with `uncond` (classifier-free guidance).
     :param generator: source of the fresh noise of "lcm" and eta > 0 (injectable for tests).
     :param checkpoint: recompute each step's activations in the backward pass instead of storing
-        them (same gradients; activation memory ~ one step instead of T).
+        them (same gradients). False = store them all (plain backprop: activation memory ~ T steps);
+        "full" (or True) = recompute the whole step (memory ~ one step, one extra forward per step);
+        "selective" = keep the outputs of the matmuls, convolutions and attention of all T steps and
+        recompute only the ops between them (SELECTIVE_SAVE_OPS; less recompute than "full", less
+        memory than plain).
     :param backprop_steps: K — gradients flow only through the last K steps (DRaFT-K); earlier steps
         run without a graph. None = all steps.
     :returns: z0 (B, ...).
@@ -337,6 +364,12 @@ def unrolled_sample(
         raise ValueError(f"backprop_steps must be in [1, num_steps={num_steps}] or None, got {backprop_steps}")
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("guidance_scale != 1 needs `uncond` (the null conditioning)")
+    if checkpoint is True:
+        checkpoint = "full"
+    if checkpoint is not False:
+        check_choice("checkpoint", checkpoint, CHECKPOINT_POLICIES)
+    # "selective": the checkpoint keeps the outputs that selective_policy marks MUST_SAVE
+    policy = {"context_fn": _selective_contexts} if checkpoint == "selective" else {}
 
     timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, original_steps).tolist()
     alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
@@ -350,7 +383,8 @@ def unrolled_sample(
         # truncated backprop: the steps before the last K run without a graph, so they get no gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_graph_step):
             if checkpoint and torch.is_grad_enabled():
-                output = activation_checkpoint(guided_output, model, z, t_batch, cond, uncond, guidance_scale, use_reentrant=False)
+                output = activation_checkpoint(guided_output, model, z, t_batch, cond, uncond, guidance_scale,
+                                               use_reentrant=False, **policy)
             else:
                 output = guided_output(model, z, t_batch, cond, uncond, guidance_scale)
             if i == 0 and output.shape != z.shape:
@@ -668,7 +702,9 @@ MAX_ADAPTIVE_GAN_WEIGHT = 1e4  # taming-transformers' clamp
 
 def adaptive_gan_weight(recon_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
     """Esser et al. 2021 (taming-transformers) Eq. 7: ||grad_L recon|| / (||grad_L gan|| + 1e-4),
-    the gradients taken w.r.t. the generator's last layer L; clamped to [0, 1e4], detached."""
+    the gradients taken w.r.t. the generator's last layer L; clamped to [0, 1e4], detached. Under DDP these
+    gradients are this rank's (autograd.grad is not all-reduced): each rank weighs its GAN term differently,
+    so DDP then differs from one process on the global batch, which a fixed weight does not."""
     recon_grad = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     return (recon_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, MAX_ADAPTIVE_GAN_WEIGHT).detach()
@@ -862,6 +898,56 @@ def check_options(config) -> None:
             raise OptionError(f.name, value, need)
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A constraint across options: a combination that a later part of a run would reject with a
+    ValueError (the sampler's grid, a network's input size, a missing condition), checked instead when
+    the config is made, before a model is built or a file written. `holds(config)` says whether the
+    config keeps it; `breaking` is one combination of values that breaks it (tests/test_bad_inputs.py
+    runs each rule's `breaking` through each script, so a new rule gets its bad-input case for free)."""
+
+    fields: tuple[str, ...]  # the options involved, the one to change first
+    need: str  # what they must satisfy together, as a user reads it
+    holds: Callable[[Any], bool]
+    breaking: dict[str, Any]
+
+
+class RuleError(OptionError):
+    """A config breaks a Rule; the scripts name every flag of it: "--a 5 with --b 4: need ..."."""
+
+    def __init__(self, rule: Rule, config):
+        self.rule, self.config = rule, config
+        super().__init__(rule.fields[0], getattr(config, rule.fields[0], None), rule.need)
+
+
+def check_rules(config, rules: tuple[Rule, ...]) -> None:
+    """RuleError for the first rule in `rules` that `config` breaks."""
+    for rule in rules:
+        if not rule.holds(config):
+            raise RuleError(rule, config)
+
+
+def _needs_reconstruction(config) -> bool:
+    return max(config.loss_weights.values()) > 0 or (config.gan_weight > 0 and not config.gan_adaptive)
+
+
+END_TO_END_RULES = (
+    Rule(("backprop_steps", "num_steps"), "backprop_steps <= num_steps (the last K of the T sampler steps)",
+         lambda c: c.backprop_steps <= c.num_steps, {"backprop_steps": 4, "num_steps": 2}),
+    Rule(("l2_weight", "l1_weight", "lpips_weight", "gan_weight", "gan_adaptive"),
+         "a reconstruction weight > 0 (l1, l2 or lpips), or a GAN weight with --no-gan-adaptive (the adaptive "
+         "weight is a ratio to the reconstruction loss)", _needs_reconstruction,
+         {"l1_weight": 0.0, "l2_weight": 0.0, "lpips_weight": 0.0}),
+    Rule(("original_steps", "num_steps", "spacing"), "num_steps <= original_steps with spacing lcm (T steps are "
+         "picked from the LCM's grid of original_steps)",
+         lambda c: c.spacing != "lcm" or c.num_steps <= c.original_steps,
+         {"spacing": "lcm", "original_steps": 2, "num_steps": 4}),
+    Rule(("checkpoint_policy", "grad_checkpoint"), "grad_checkpoint on with checkpoint_policy selective (the policy "
+         "says what a checkpointed step keeps)", lambda c: c.grad_checkpoint or c.checkpoint_policy == "full",
+         {"checkpoint_policy": "selective", "grad_checkpoint": False}),
+)
+
+
 @dataclass
 class EndToEndConfig:
     """Every option of the end-to-end method. The defaults are the paper's recipe (PixArt-delta, Sec. 4.1
@@ -894,7 +980,9 @@ class EndToEndConfig:
                               valid=">= 0")
     gan_kind: str = option("hinge", "GAN objective (taming-transformers' hinge)", GAN_KINDS)
     gan_start_step: int = option(0, "step at which the GAN term and the discriminator's updates start", valid=">= 0")
-    gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers)")
+    gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers); under "
+                                "DDP each rank takes the ratio on its own micro-batch, so the ranks' weights differ and "
+                                "the step is not one process's on the global batch (--no-gan-adaptive: it is)")
     r1_weight: float = option(0.0, "R1 penalty on the discriminator's real inputs; 0 = off", valid=">= 0")
     disc_lr: float = option(1e-4, "discriminator AdamW lr, betas (0.5, 0.9) as taming; not given in the paper",
                            valid="> 0")
@@ -909,16 +997,15 @@ class EndToEndConfig:
                               "model, so averaging from step 0 is right (EMA)", valid="[0, 1]")
     # memory
     grad_checkpoint: bool = option(True, "recompute each sampler step in backward: same gradients, ~1/T the memory")
+    checkpoint_policy: str = option("full", "what --grad-checkpoint recomputes: full = the whole step (least memory); "
+                                    "selective = all but the matmul, convolution and attention outputs, which are kept "
+                                    "for all T steps (less recompute, more memory)", CHECKPOINT_POLICIES)
     backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)",
                             valid=">= 0")
 
     def __post_init__(self):
         check_options(self)
-        if self.backprop_steps > self.num_steps:
-            raise OptionError("backprop_steps", self.backprop_steps, f"at most num_steps ({self.num_steps})")
-        if max(self.loss_weights.values()) == 0 and (self.gan_weight == 0 or self.gan_adaptive):
-            raise OptionError("l2_weight", self.l2_weight, "a reconstruction weight > 0 (l1, l2 or lpips), or a "
-                              "GAN weight with --no-gan-adaptive (the adaptive weight is a ratio to that loss)")
+        check_rules(self, END_TO_END_RULES)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -929,7 +1016,7 @@ class EndToEndConfig:
         if self.spacing == "auto":
             raise ValueError("spacing 'auto' is for the scripts to resolve (train_t2i: the base's own grid)")
         return dict(prediction_type=prediction_type, update=self.update, eta=self.eta, spacing=self.spacing,
-                    original_steps=self.original_steps, checkpoint=self.grad_checkpoint,
+                    original_steps=self.original_steps, checkpoint=self.grad_checkpoint and self.checkpoint_policy,
                     backprop_steps=self.backprop_steps or None)
 
 

@@ -64,7 +64,8 @@ model is scored by torchmetrics' CLIP score (--clip-model) and FID (torch-fideli
 weights, --inception-weights) every --eval-every steps and at the end; a missing model or weights
 file is reported in the log and skipped.
 
-Memory and throughput knobs: --grad-checkpoint (on: one sampler step's activations at a time),
+Memory and throughput knobs: --grad-checkpoint (on: one sampler step's activations at a time;
+--checkpoint-policy selective keeps the matmul and attention outputs, recomputing less),
 --checkpoint-blocks (also every transformer/VAE-decoder block), --backprop-steps K (gradients through
 the last K steps only), --batch-size with --grad-accum (same global batch, less memory),
 --lpips-weight 0 (no differentiable VAE decode at full resolution: the largest activation cost),
@@ -106,12 +107,13 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from diffusers_parts import DiffusersDenoiser, LatentCodec
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
-    check_options, check_prediction_type, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
+    Rule, check_options, check_prediction_type, check_rules, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
-    INCEPTION_WEIGHTS, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
+    INCEPTION_WEIGHTS, as_flags, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
     inception_weights_path, load_checkpoint, missing_inception_message, parse_config, rng_state, save_checkpoint,
     select_device, set_rng_state,
 )
@@ -181,6 +183,20 @@ class Config:
         if self.e2e.disc_conditional:
             raise OptionError("disc_conditional", True, "class labels: the projection discriminator reads labels, "
                               "and this script conditions on text")
+        check_rules(self, RULES)
+
+
+# Options that are bad together: each would fail later, inside a model or the sampler (see e2ediff.Rule).
+RULES = (
+    Rule(("disc_layers", "resolution", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
+         "--resolution (the PatchGAN reads decoded images)",
+         lambda c: c.e2e.gan_weight == 0 or 3 * 2**c.e2e.disc_layers <= c.resolution,
+         {"disc_layers": 5, "resolution": 64, "gan_weight": 0.1}),
+    Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero terminal SNR "
+         "(epsilon cannot recover x0 where alpha_T = 0)",
+         lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
+         {"prediction_type": "epsilon", "zero_terminal_snr": True}),
+)
 
 
 SAMPLE_PROMPTS = (
@@ -333,63 +349,6 @@ def base_grid(method: EndToEndConfig, scheduler_config: dict) -> EndToEndConfig:
         return dataclasses.replace(method, spacing="lcm",
                                    original_steps=scheduler_config.get("original_inference_steps", 50))
     return dataclasses.replace(method, spacing="trailing")
-
-
-class DiffusersDenoiser(nn.Module):
-    """A diffusers PixArt transformer (or UNet2DConditionModel) in e2ediff's protocol:
-    model(z_t (B, C, h, w), t (B,), cond=(text_embeddings (B, L, D), attention_mask (B, L))) -> (B, C, h, w)."""
-
-    def __init__(self, transformer: nn.Module, vae_scale_factor: int = 8):
-        super().__init__()
-        self.transformer, self.vae_scale_factor = transformer, vae_scale_factor
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The output projection's weight, where the adaptive GAN weight compares gradient norms."""
-        for name in ("proj_out", "conv_out"):  # PixArt / UNet
-            if hasattr(self.transformer, name):
-                return getattr(self.transformer, name).weight
-        return [p for p in self.transformer.parameters() if p.dim() > 1][-1]
-
-    def forward(self, z_t, t, cond):
-        text_embeddings, attention_mask = cond
-        kwargs = {}
-        if type(self.transformer).__name__ == "PixArtTransformer2DModel":
-            # the multi-scale (1024-MS) models also take the image size and aspect ratio
-            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-            if self.transformer.use_additional_conditions:
-                height, width = (s * self.vae_scale_factor for s in z_t.shape[-2:])
-                kwargs["added_cond_kwargs"] = {
-                    "resolution": z_t.new_tensor([[height, width]]).expand(len(z_t), 2),
-                    "aspect_ratio": z_t.new_tensor([[height / width]]).expand(len(z_t), 1)}
-        output = self.transformer(z_t, timestep=t, encoder_hidden_states=text_embeddings,
-                                  encoder_attention_mask=attention_mask, return_dict=False, **kwargs)[0]
-        if output.shape[1] == 2 * z_t.shape[1]:  # PixArt's out_channels = 2 C: a learned variance we do not use
-            output = output[:, : z_t.shape[1]]
-        return output
-
-
-class LatentCodec:
-    """The frozen VAE as the map between images in [-1, 1] and the denoiser's (scaled) latents."""
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.scale, self.shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    @torch.no_grad()
-    def distribution(self, images):
-        """(B, 3, H, W) -> mean, std of q(z | x), each (B, C, H/f, W/f), unscaled."""
-        posterior = self.vae.encode(images).latent_dist
-        return posterior.mean, posterior.std
-
-    def sample(self, mean, std):
-        """A latent from the posterior, scaled as the denoiser was trained: (z - shift) * scale."""
-        return (mean.float() + std.float() * torch.randn_like(mean, dtype=torch.float32) - self.shift) * self.scale
-
-    def decode(self, latents):
-        """Differentiable w.r.t. the latents (the VAE's own weights are frozen)."""
-        return self.vae.decode(latents / self.scale + self.shift).sample
 
 
 @torch.no_grad()
@@ -713,16 +672,23 @@ def evaluate(run: Run) -> dict:
 
 
 @torch.no_grad()
-def generate(run: Run, cond, generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] from the EMA model's own T-step sampler (Alg. 1 lines 6-12 without gradients)."""
+def sample_latents(run: Run, cond, generator: torch.Generator) -> torch.Tensor:
+    """The EMA model's own T-step sample, latents (B, C, h, w) (Alg. 1 lines 6-12 without gradients): z_T, then
+    the sampler's fresh noise, drawn from `generator` in the order PixArtAlphaPipeline(generator=...) draws them."""
     denoiser, device = run.ema.module, cond[0].device
     size = run.config.resolution // run.codec.factor
     z_T = torch.randn(len(cond[0]), denoiser.transformer.config.in_channels, size, size, generator=generator,
                       device=generator.device).to(device)
     with autocast(run.config, device):
-        z0 = unrolled_sample(denoiser, z_T, run.schedule, run.config.e2e.num_steps, cond=cond, generator=generator,
-                             **run.config.e2e.sampler_options(run.prediction_type))
-        return run.codec.decode(z0).float().clamp(-1, 1)
+        return unrolled_sample(denoiser, z_T, run.schedule, run.config.e2e.num_steps, cond=cond, generator=generator,
+                               **run.config.e2e.sampler_options(run.prediction_type))
+
+
+@torch.no_grad()
+def generate(run: Run, cond, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] from the EMA model's own T-step sampler, decoded."""
+    with autocast(run.config, cond[0].device):
+        return run.codec.decode(sample_latents(run, cond, generator)).float().clamp(-1, 1)
 
 
 def save_samples(run: Run) -> str:
@@ -995,6 +961,28 @@ def check_model(name: str, value: str, file: str) -> None:
                          f"{flag(name)} {local}")
 
 
+def check_sampler(config: Config) -> None:
+    """Build now, from scheduler_config.json, the schedule, prediction type and timestep grid the run will
+    sample on: a combination of flags and base that the sampler would reject after the models have loaded
+    (epsilon under zero terminal SNR, more steps than an LCM grid holds) is a UsageError naming the flags.
+    A scheduler config that cannot be read is left to the load, which says what to download."""
+    try:
+        scheduler_config = load_scheduler_config(config)
+    except MissingModelError:
+        return
+    prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    num_steps = config.e2e.num_steps
+    try:
+        method = base_grid(config.e2e, scheduler_config)  # the LCM's grid: a RuleError if T does not fit in it
+        schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr)
+        check_prediction_type(prediction_type, schedule)
+        sampling_timesteps(schedule.num_train_timesteps, method.num_steps, method.spacing, method.original_steps)
+    except ValueError as error:
+        flags = [f"--prediction-type {prediction_type}", as_flags("zero_terminal_snr", config.zero_terminal_snr),
+                 f"--num-steps {num_steps}", f"--spacing {config.e2e.spacing}"]
+        raise UsageError(f"{', '.join(flags)} with the base's scheduler_config.json: {error}") from None
+
+
 def preflight(config: Config) -> dict | None:
     """Check what the run needs before it loads a model or writes a file: the extras, the device, the data,
     the models, the prompt and evaluation files, and the checkpoint. UsageError otherwise. Returns the
@@ -1021,6 +1009,7 @@ def preflight(config: Config) -> dict | None:
             check_model(part, getattr(config, part), file)
         else:
             check_model("pretrained", config.pretrained, f"{part}/{file}")
+    check_sampler(config)
     if config.eval_data:
         if not os.path.isfile(os.path.join(config.eval_data, "metadata.jsonl")):
             raise UsageError(f"--eval-data: got {config.eval_data!r}, need an imagefolder with metadata.jsonl")

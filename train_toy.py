@@ -69,29 +69,27 @@ pretrain, distill, finetune, load_base, load_lcm, load_finetuned, generate, eval
 
 import json
 import math
-import pickle
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, OptionError,
-    PatchDiscriminator, check_options, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, PatchDiscriminator,
+    Rule, check_options, check_rules, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import (
     CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, inception_fid,
     precision_recall, verdict,
 )
+from toy_data import fit_classifier, load_cifar10, load_digits_data, validation_split
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
     parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
@@ -194,19 +192,53 @@ class Config:
 
     def __post_init__(self):
         check_options(self)
-        if self.e2e.gan_weight > 0 and self.e2e.disc_conditional and not self.class_conditional:
-            raise OptionError("disc_conditional", True, "--class-conditional (the discriminator reads the labels); "
-                              "with --no-class-conditional pass --no-disc-conditional")
-        if self.e2e.backprop_steps > min(self.nfe):
-            raise OptionError("backprop_steps", self.e2e.backprop_steps, f"at most the smallest --nfe ({min(self.nfe)})")
-        for name, steps in [("base_nfe", max(self.base_nfe)), ("inversion_steps", self.e2e.inversion_steps),
-                            ("teacher_steps", self.e2e.teacher_steps)]:
-            if steps > self.num_train_timesteps:
-                raise OptionError(name, steps, f"at most --num-train-timesteps ({self.num_train_timesteps})")
+        check_rules(self, RULES)
 
     @property
     def out(self):
         return Path(self.out_dir)
+
+
+IMAGE_SIZE = {"digits": 8, "cifar10": 32}  # pixels per side
+
+
+def _uses_lcm_grid(c) -> bool:
+    return c.base == "lcm" or c.e2e.spacing == "lcm"
+
+
+# Options that are bad together: each would fail later, inside a model or the sampler (see e2ediff.Rule).
+RULES = (
+    Rule(("disc_conditional", "class_conditional", "gan_weight"), "--no-disc-conditional without class labels "
+         "(the projection discriminator reads them)",
+         lambda c: not (c.e2e.gan_weight > 0 and c.e2e.disc_conditional and not c.class_conditional),
+         {"class_conditional": False, "gan_weight": 0.5, "disc_conditional": True}),
+    Rule(("backprop_steps", "nfe"), "--backprop-steps at most the smallest --nfe (the last K of T steps)",
+         lambda c: c.e2e.backprop_steps <= min(c.nfe), {"backprop_steps": 2, "nfe": (1, 2)}),
+    *(Rule((name, "num_train_timesteps"), f"{flag(name)} at most --num-train-timesteps (DDIM steps on its grid)",
+           lambda c, steps=steps: steps(c) <= c.num_train_timesteps, {name: value, "num_train_timesteps": 1000})
+      for name, steps, value in [("base_nfe", lambda c: max(c.base_nfe), (1, 5000)),
+                                 ("inversion_steps", lambda c: c.e2e.inversion_steps, 2000),
+                                 ("teacher_steps", lambda c: c.e2e.teacher_steps, 2000)]),
+    Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero terminal SNR "
+         "(epsilon cannot recover x0 where alpha_T = 0)",
+         lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
+         {"prediction_type": "epsilon", "zero_terminal_snr": True}),
+    Rule(("guidance_scale", "class_conditional"), "--guidance-scale 1 without class labels (guidance needs them)",
+         lambda c: c.guidance_scale == 1 or c.class_conditional, {"guidance_scale": 2.0, "class_conditional": False}),
+    Rule(("spacing",), "trailing or lcm here (auto picks a diffusers base's own grid: train_t2i.py)",
+         lambda c: c.e2e.spacing != "auto", {"spacing": "auto"}),
+    Rule(("original_steps", "nfe", "num_train_timesteps", "base", "spacing"), "max(--nfe) <= --original-steps <= "
+         "--num-train-timesteps for an LCM grid (--base lcm or --spacing lcm)",
+         lambda c: not _uses_lcm_grid(c) or max(c.nfe) <= c.e2e.original_steps <= c.num_train_timesteps,
+         {"original_steps": 2, "nfe": (1, 4), "base": "lcm"}),
+    Rule(("disc_layers", "dataset", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
+         "the side (digits 8: 1 layer; cifar10 32: up to 3)",
+         lambda c: c.e2e.gan_weight == 0 or 3 * 2**c.e2e.disc_layers <= IMAGE_SIZE[c.dataset],
+         {"disc_layers": 2, "dataset": "digits", "gan_weight": 0.5}),
+    Rule(("channel_mult", "dataset"), "at most log2(side) + 1 levels in --channel-mult (each halves the side)",
+         lambda c: 2 ** (len(c.channel_mult) - 1) <= IMAGE_SIZE[c.dataset],
+         {"channel_mult": (1, 1, 1, 1, 1), "dataset": "digits"}),
+)
 
 
 # Dataset-specific defaults that replace the digits defaults unless a flag is given. The CIFAR-10
@@ -234,73 +266,7 @@ def parse_config(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: both datasets become the same tensors in [-1, 1], (N, C, H, W), with class labels.
-
-
-@dataclass
-class ImageData:
-    name: str
-    train_images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
-    train_labels: torch.Tensor  # (N,) int64
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-
-    @property
-    def image_shape(self):
-        return tuple(self.train_images.shape[1:])
-
-
-def load_digits_data(test_fraction=0.2):
-    """scikit-learn's bundled UCI digits (1,797 images, 8x8, values 0-16), kept at 8x8, 1 channel."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1  # (N, 1, 8, 8)
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=0,
-                                   stratify=digits.target)
-    return ImageData("digits", images[train], labels[train], images[test], labels[test], 10)
-
-
-def load_cifar10(data_dir, download: bool):
-    """CIFAR-10 from <data_dir>/cifar-10-batches-py (the python-pickle release), downloaded if missing.
-
-    torchvision only downloads; the batches are read here because torchvision's reader insists on
-    the release's md5 sums, which a small test folder cannot have.
-    """
-    folder = Path(data_dir) / CIFAR10_FOLDER
-    if not folder.is_dir() and download:
-        import torchvision
-        created = not Path(data_dir).exists()
-        try:
-            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
-        except OSError as error:  # offline: urllib's URLError
-            print(f"CIFAR-10 download failed: {error}", file=sys.stderr)
-            if created:  # leave no empty folder behind
-                shutil.rmtree(data_dir, ignore_errors=True)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"--data-dir: CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
-            f"Offline, fetch cifar-10-python.tar.gz (the 'CIFAR-10 python version' from the CIFAR "
-            f"homepage) elsewhere and unpack it into {data_dir}/, or run with network and --download.")
-
-    def read(names):
-        images, labels = [], []
-        for name in names:
-            with open(folder / name, "rb") as file:
-                batch = pickle.load(file, encoding="latin1")
-            images.append(batch["data"])  # (n, 3072) uint8, channel-major
-            labels.extend(batch["labels"])
-        images = torch.from_numpy(np.concatenate(images)).view(-1, 3, 32, 32)
-        return images.float() / 255 * 2 - 1, torch.tensor(labels, dtype=torch.int64)
-
-    train_images, train_labels = read([f"data_batch_{i}" for i in range(1, 6)])
-    test_images, test_labels = read(["test_batch"])
-    return ImageData("cifar10", train_images, train_labels, test_images, test_labels, 10)
-
-
-VALIDATION_FRACTION = 0.2  # of the train split, with --eval-split validation (digits: 288 of 1,437 images)
+# Data (toy_data.py): both datasets become the same tensors in [-1, 1], (N, C, H, W), with class labels.
 
 
 def build_dataset(config):
@@ -308,17 +274,6 @@ def build_dataset(config):
     images are a validation split carved from the train split, and its train images the rest."""
     data = load_digits_data() if config.dataset == "digits" else load_cifar10(config.data_dir, config.download)
     return data if config.eval_split == "test" else validation_split(data)
-
-
-def validation_split(data, fraction=VALIDATION_FRACTION):
-    """The train split cut in two, stratified by class with a fixed seed: (the rest, validation) as
-    (train, test). The test split is not touched."""
-    from sklearn.model_selection import train_test_split
-    train, validation = train_test_split(np.arange(len(data.train_labels)), test_size=fraction, random_state=0,
-                                         stratify=data.train_labels.numpy())
-    train, validation = torch.from_numpy(train), torch.from_numpy(validation)
-    return ImageData(data.name, data.train_images[train], data.train_labels[train], data.train_images[validation],
-                     data.train_labels[validation], data.num_classes)
 
 
 class Batches:
@@ -827,7 +782,7 @@ def train_classifier(config, data, device):
     initialisation is seeded too, so the metric is a function of --seed alone."""
     torch.manual_seed(config.seed)
     return fit_classifier(Classifier(data.image_shape[0], data.num_classes), config.out / "classifier.pt",
-                          config, data, device, config.seed)
+                          data, device, config.seed, config.classifier_epochs, config.eval_batch_size)
 
 
 def train_perceptual(config, data, device):
@@ -836,40 +791,7 @@ def train_perceptual(config, data, device):
     seed = config.seed + PERCEPTUAL_SEED_OFFSET
     torch.manual_seed(seed)
     return fit_classifier(PerceptualNet(data.image_shape[0], data.num_classes), config.out / "perceptual.pt",
-                          config, data, device, seed)
-
-
-def fit_classifier(classifier, path, config, data, device, seed):
-    """Train `classifier` with cross-entropy for --classifier-epochs on the train split (AdamW, batch
-    64, order seeded by `seed`), or load it from `path` when that holds the same training; frozen."""
-    key = {"dataset": data.name, "train_size": len(data.train_images), "epochs": config.classifier_epochs,
-           "seed": seed, "seeded_init": True}
-    classifier = classifier.to(device)
-    if path.exists():
-        checkpoint = load_checkpoint(path)
-        if checkpoint["key"] == key:
-            classifier.load_state_dict(checkpoint["model"])
-            return classifier.eval().requires_grad_(False)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
-    batch_size = 64
-    for _ in tqdm(range(config.classifier_epochs), desc=path.stem, dynamic_ncols=True):
-        order = torch.randperm(len(data.train_images), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            indices = order[start:start + batch_size]
-            logits = classifier(data.train_images[indices].to(device))
-            loss = F.cross_entropy(logits, data.train_labels[indices].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    classifier.eval().requires_grad_(False)
-    with torch.no_grad():
-        predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu()
-                                 for chunk in data.test_images.split(config.eval_batch_size)])
-    accuracy = (predictions == data.test_labels).float().mean().item()
-    print(f"{path.stem}: test accuracy {accuracy:.3f}")
-    save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
-    return classifier
+                          data, device, seed, config.classifier_epochs, config.eval_batch_size)
 
 
 # ----------------------------------------------------------------------------------------------

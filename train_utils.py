@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from e2ediff import OptionError
+from e2ediff import OptionError, RuleError
 
 # ----------------------------------------------------------------------------------------------
 # Config -> command line. Every field becomes --field-name with its "why" as help; the fields of a
@@ -117,8 +117,19 @@ def parse_config(config_class, argv=None, description: str = "", presets: dict |
     given = vars(parser.parse_args(argv))
     try:
         return make_config(config_class, **{**presets.get(given.get(preset_flag), {}), **given})
+    except RuleError as error:  # options that are bad together: name every one of them
+        values = flat_config(error.config)
+        first, *others = (as_flags(name, values[name]) for name in error.rule.fields)
+        raise UsageError(f"{first}{' with ' if others else ''}{', '.join(others)}: need {error.rule.need}") from None
     except OptionError as error:
         raise UsageError(f"{flag(error.name)}: got {_show(error.value)}, need {error.need}") from None
+
+
+def as_flags(name: str, value) -> str:
+    """How a command line sets a field to `value`: "--nfe 1,2", "--no-class-conditional"."""
+    if isinstance(value, bool):
+        return flag(name) if value else "--no-" + name.replace("_", "-")
+    return f"{flag(name)} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
 
 
 def make_config(config_class, **values):

@@ -2,13 +2,18 @@
 
 For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (medians reported):
   - wall time of one end-to-end training step (unrolled sampler forward, loss, backward, AdamW step):
-    plain, per-step checkpointed, and truncated to the last step (DRaFT-K with K = 1);
+    plain, per-step checkpointed ("ckpt": the whole step recomputed), selectively checkpointed ("sel":
+    the outputs of convolutions and matmuls kept, the norms and activations between them recomputed;
+    e2ediff.SELECTIVE_SAVE_OPS), and truncated to the last step (DRaFT-K with K = 1);
   - the floor: T standard diffusion training steps at the same batch (an unrolled step does
     T forwards and T backwards, like T single steps);
   - peak memory of each: each configuration runs in a fresh subprocess (CPU: the RSS high-water
     mark, reset after setup through /proc/self/clear_refs, above the RSS after setup; CUDA:
     max_memory_allocated above the setup level),
-    plus the exact bytes of activations autograd holds for the backward pass (saved tensors);
+    plus the exact bytes of activations autograd holds for the backward pass: "saved" as
+    saved_tensors_hooks sees them, and "held" as benchmarks/scale.py counts them (every tensor the
+    forward creates and leaves alive for backward — it also sees what a selective checkpoint keeps,
+    which bypasses the hooks);
     on CPU with glibc, every probe runs a second time with MALLOC_MMAP_THRESHOLD_=65536, so that
     every freed block of 64 KiB or more goes back to the OS at once: the RSS high-water mark then
     follows the live tensors, not the pages the allocator keeps for reuse ("mmap" columns);
@@ -19,8 +24,11 @@ For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (m
 
 Writes benchmarks/results/cost[-quick].json and cost[-quick].png; the last line printed is one JSON
 object with the headline ratios (cost_ratio_T4_plain, cost_ratio_T4_ckpt, mem_ratio_T4_ckpt,
-sampler_overhead). Goals (benchmarks/README.md's cost section): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45,
-mem_ratio_T4_ckpt <= 1.3, sampler_overhead <= 0.05. Goals are reported, never tuned for.
+sampler_overhead, cost_ratio_T4_selective, mem_ratio_T4_selective). Goals (benchmarks/README.md's cost
+section): cost_ratio_T4_plain <= 1.10, cost_ratio_T4_ckpt <= 1.45, mem_ratio_T4_ckpt <= 1.3,
+sampler_overhead <= 0.05; selective checkpointing at T = 4: time <= 1.20 x four single steps
+(cost_ratio_T4_selective) and held activations <= 2.0 x those of one plain step, T = 1
+(mem_ratio_T4_selective). Goals are reported, never tuned for.
 """
 from __future__ import annotations
 
@@ -41,6 +49,7 @@ import torch  # noqa: E402
 
 import e2ediff  # noqa: E402
 from report import write_results  # noqa: E402
+from scale import TensorMemory  # noqa: E402
 from train_utils import select_device  # noqa: E402
 from toy_nets import UNet  # noqa: E402
 
@@ -48,7 +57,7 @@ SETUPS = {  # name -> (image shape, UNet kwargs, batch)
     "cifar": ((3, 32, 32), dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2), 32),
     "quick": ((1, 16, 16), dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1), 16),
 }
-MODES = ("plain", "ckpt", "trunc", "floor")
+MODES = ("plain", "ckpt", "sel", "trunc", "floor")
 # glibc's malloc: freed blocks >= this size are unmapped at once (fixing it also stops glibc raising it).
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
@@ -70,7 +79,7 @@ def build(setup: str, device: torch.device, seed: int = 0):
 
 
 def train_step(mode: str, num_steps: int, model, optimizer, schedule, z_T, target) -> None:
-    """One end-to-end step (plain / ckpt / trunc), or T standard diffusion steps (floor)."""
+    """One end-to-end step (plain / ckpt / sel / trunc), or T standard diffusion steps (floor)."""
     if mode == "floor":
         for _ in range(num_steps):
             loss = e2ediff.diffusion_loss(model, target, schedule).mean()
@@ -78,7 +87,8 @@ def train_step(mode: str, num_steps: int, model, optimizer, schedule, z_T, targe
             loss.backward()
             optimizer.step()
         return
-    config = e2ediff.EndToEndConfig(num_steps=num_steps, update="ddim", lpips_weight=0.0, grad_checkpoint=mode == "ckpt",
+    config = e2ediff.EndToEndConfig(num_steps=num_steps, update="ddim", lpips_weight=0.0, grad_checkpoint=mode in ("ckpt", "sel"),
+                                    checkpoint_policy="selective" if mode == "sel" else "full",
                                     backprop_steps=1 if mode == "trunc" else 0)
     loss = e2ediff.EndToEndLoss(model, schedule, config)(z_T, target, step=0)[0]  # Alg. 1 lines 7-13
     optimizer.zero_grad(set_to_none=True)
@@ -147,8 +157,9 @@ def peak_rss_bytes() -> int:
 
 
 def measure_memory_here(setup: str, mode: str, num_steps: int, device) -> dict:
-    """Run in a fresh process: peak memory of one step above the post-setup level, and the bytes
-    of tensors autograd saves for backward during it."""
+    """Run in a fresh process: peak memory of one step above the post-setup level, the bytes of tensors
+    autograd saves for backward during it (saved_tensors_hooks), and the bytes the forward leaves alive
+    for backward (TensorMemory; counted in a second step, so that its bookkeeping is not in the peak)."""
     model, optimizer, schedule, z_T, target = build(setup, device)
     saved = []
 
@@ -169,12 +180,15 @@ def measure_memory_here(setup: str, mode: str, num_steps: int, device) -> dict:
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
         peak = peak_rss_bytes() - baseline
-    return {"peak_bytes": peak, "saved_bytes": sum(saved)}
+    held = TensorMemory()
+    with held:
+        train_step(mode, num_steps, model, optimizer, schedule, z_T, target)
+    return {"peak_bytes": peak, "saved_bytes": sum(saved), "held_bytes": held.held or 0}
 
 
 def measure_memory(setup: str, steps_list, device_name: str, env: dict | None = None) -> dict:
     """Every probe in a fresh process, with `env` added to the environment."""
-    probes = [(mode, k) for k in steps_list for mode in ("plain", "ckpt", "trunc")] + [("floor", 1)]
+    probes = [(mode, k) for k in steps_list for mode in ("plain", "ckpt", "sel", "trunc")] + [("floor", 1)]
     return {f"{mode}_T{k}": run_probe([sys.executable, os.path.abspath(__file__), "--memory-probe", f"{setup},{mode},{k}",
                                        "--device", device_name], env) for mode, k in probes}
 
@@ -194,13 +208,14 @@ def plot(steps_list, times, memory, memory_mmap, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for mode, label in [("plain", "unrolled, plain"), ("ckpt", "unrolled, checkpointed"), ("trunc", "unrolled, truncated (K=1)"), ("floor", "T single steps (floor)")]:
+    for mode, label in [("plain", "unrolled, plain"), ("ckpt", "unrolled, checkpointed"), ("sel", "unrolled, selective checkpoint"),
+                        ("trunc", "unrolled, truncated (K=1)"), ("floor", "T single steps (floor)")]:
         left.plot(steps_list, [times[f"{mode}_T{k}"] for k in steps_list], marker="o", label=label)
     left.set(xlabel="T (sampler steps)", ylabel="seconds per training step", xscale="log", yscale="log", title="time")
     left.set_xticks(steps_list, [str(k) for k in steps_list])
     left.set_xticks([], minor=True)
     left.legend(fontsize=8)
-    for mode, label in [("plain", "plain"), ("ckpt", "checkpointed"), ("trunc", "truncated (K=1)")]:
+    for mode, label in [("plain", "plain"), ("ckpt", "checkpointed"), ("sel", "selective"), ("trunc", "truncated (K=1)")]:
         line, = right.plot(steps_list, [memory[f"{mode}_T{k}"]["peak_bytes"] / 2**20 for k in steps_list], marker="o", label=label)
         if memory_mmap:
             right.plot(steps_list, [memory_mmap[f"{mode}_T{k}"]["peak_bytes"] / 2**20 for k in steps_list], marker="x",
@@ -244,18 +259,21 @@ def main(argv=None) -> dict:
     glibc_cpu = device.type == "cpu" and platform.libc_ver()[0] == "glibc"
     memory_mmap = measure_memory(setup, steps_list, args.device, MMAP_ENV) if glibc_cpu else None
 
-    print("\n| T | plain (s) | ckpt (s) | trunc K=1 (s) | floor: T steps (s) | plain/floor | ckpt/floor | ckpt/plain "
-          "| peak MiB plain | peak MiB ckpt | peak MiB plain (mmap) | peak MiB ckpt (mmap) | saved MiB plain | saved MiB ckpt "
-          "| sampling (s) | T bare calls (s) | page faults/step plain | page faults/step floor |")
-    print("|" + "---|" * 18)
+    trained = ("plain", "ckpt", "sel")
+    header = ([f"{m} (s)" for m in (*trained, "trunc", "floor")] + [f"{m}/floor" for m in trained]
+              + [f"peak MiB {m}" for m in trained] + [f"peak MiB {m} (mmap)" for m in trained]
+              + [f"held MiB {m}" for m in trained] + ["sampling (s)", "T bare calls (s)", "faults/step plain", "faults/step floor"])
+    print("\n| T | " + " | ".join(header) + " |\n|" + "---|" * (len(header) + 1))
     for k in steps_list:
-        mib = lambda key, field, probes=memory: probes[f"{key}_T{k}"][field] / 2**20 if probes else float("nan")  # noqa: E731
-        print(f"| {k} | {times[f'plain_T{k}']:.3f} | {times[f'ckpt_T{k}']:.3f} | {times[f'trunc_T{k}']:.3f} | {times[f'floor_T{k}']:.3f} "
-              f"| {times[f'plain_T{k}'] / times[f'floor_T{k}']:.2f} | {times[f'ckpt_T{k}'] / times[f'floor_T{k}']:.2f} "
-              f"| {times[f'ckpt_T{k}'] / times[f'plain_T{k}']:.2f} | {mib('plain', 'peak_bytes'):.0f} | {mib('ckpt', 'peak_bytes'):.0f} "
-              f"| {mib('plain', 'peak_bytes', memory_mmap):.0f} | {mib('ckpt', 'peak_bytes', memory_mmap):.0f} "
-              f"| {mib('plain', 'saved_bytes'):.1f} | {mib('ckpt', 'saved_bytes'):.1f} | {times[f'sample_T{k}']:.4f} | {times[f'bare_T{k}']:.4f} "
-              f"| {times[f'faults_plain_T{k}']:.0f} | {times[f'faults_floor_T{k}']:.0f} |")
+        def mib(mode, field, probes=memory):
+            return f"{probes[f'{mode}_T{k}'][field] / 2**20:.1f}" if probes else "-"
+        cells = ([f"{times[f'{m}_T{k}']:.3f}" for m in (*trained, "trunc", "floor")]
+                 + [f"{times[f'{m}_T{k}'] / times[f'floor_T{k}']:.2f}" for m in trained]
+                 + [mib(m, "peak_bytes") for m in trained] + [mib(m, "peak_bytes", memory_mmap) for m in trained]
+                 + [mib(m, "held_bytes") for m in trained]
+                 + [f"{times[f'sample_T{k}']:.4f}", f"{times[f'bare_T{k}']:.4f}", f"{times[f'faults_plain_T{k}']:.0f}",
+                    f"{times[f'faults_floor_T{k}']:.0f}"])
+        print(f"| {k} | " + " | ".join(cells) + " |")
     headline = {
         "cost_ratio_T4_plain": times["plain_T4"] / times["floor_T4"],
         "cost_ratio_T4_ckpt": times["ckpt_T4"] / times["floor_T4"],
@@ -263,10 +281,14 @@ def main(argv=None) -> dict:
         "mem_ratio_T4_plain": memory["plain_T4"]["peak_bytes"] / max(memory["plain_T1"]["peak_bytes"], 1),
         "saved_ratio_T4_plain": memory["plain_T4"]["saved_bytes"] / memory["plain_T1"]["saved_bytes"],
         "sampler_overhead": statistics.median(times[f"sample_T{k}"] / times[f"bare_T{k}"] - 1 for k in steps_list),
+        "cost_ratio_T4_selective": times["sel_T4"] / times["floor_T4"],
+        # against one plain step's activations: what an ordinary training step holds
+        "mem_ratio_T4_selective": memory["sel_T4"]["held_bytes"] / memory["plain_T1"]["held_bytes"],
     }
     if memory_mmap:
         headline["mem_ratio_T4_ckpt_mmap"] = memory_mmap["ckpt_T4"]["peak_bytes"] / max(memory_mmap["ckpt_T1"]["peak_bytes"], 1)
-    goals = {"cost_ratio_T4_plain": 1.10, "cost_ratio_T4_ckpt": 1.45, "mem_ratio_T4_ckpt": 1.3, "sampler_overhead": 0.05}
+    goals = {"cost_ratio_T4_plain": 1.10, "cost_ratio_T4_ckpt": 1.45, "mem_ratio_T4_ckpt": 1.3, "sampler_overhead": 0.05,
+             "cost_ratio_T4_selective": 1.20, "mem_ratio_T4_selective": 2.0}
     print()
     for key, goal in goals.items():
         print(f"goal {key} <= {goal}: measured {headline[key]:.3f} -> {'met' if headline[key] <= goal else 'MISSED'}")

@@ -54,6 +54,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import toy2d  # noqa: E402
+import toy_data  # noqa: E402
 import toy_nets  # noqa: E402
 import train_toy  # noqa: E402
 from report import write_results  # noqa: E402
@@ -64,7 +65,7 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PROTOCOL = dict(
     tuning_seeds=(100, 101),  # every choice is made on these
     reporting_seeds=(200, 201, 202),  # never seen before the report
-    validation_split=f"digits: {train_toy.VALIDATION_FRACTION:.0%} of the train split (stratified, random_state 0; "
+    validation_split=f"digits: {toy_data.VALIDATION_FRACTION:.0%} of the train split (stratified, random_state 0; "
                      "train_toy --eval-split validation), the models trained on the rest; ring2d: fresh points "
                      "drawn with seed 5000 + seed",
     test_split="digits: scikit-learn's digits test split (20 %, 360 images), models trained on the whole train "

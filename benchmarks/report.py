@@ -9,8 +9,8 @@ is exactly what the renderer of that name makes of a committed JSON file:
     <!-- /report:NAME -->
 
     python benchmarks/report.py --check             # exit 1, naming every block that differs from its rendering
-    python benchmarks/report.py --write             # rewrite every block in README.md, benchmarks/README.md, docs/related.md
-    python benchmarks/report.py --check docs/x.md   # only these files
+    python benchmarks/report.py --write             # rewrite every block in README.md, benchmarks/README.md, related/README.md
+    python benchmarks/report.py --check related/README.md   # only these files
 
 To add a table: write a function `record -> markdown` below, register it in RENDERERS with the results
 file it reads, put an empty block with its name in a document, and run --write. tests/test_report.py
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCUMENTS = ("README.md", "benchmarks/README.md", "docs/related.md")  # relative to ROOT
+DOCUMENTS = ("README.md", "benchmarks/README.md", "related/README.md")  # relative to ROOT
 
 
 def headline_line(headline: dict) -> str:
@@ -137,29 +137,154 @@ def quickstart_threads(record: dict) -> str:
 
 
 def cost_table(record: dict) -> str:
-    """Time, peak memory, saved bytes and page faults of one training step, per T."""
+    """Time, peak memory, held activations and page faults of one training step, per T."""
     seconds, memory, memory_mmap = record["median_seconds"], record["memory"], record["memory_mmap"]
     steps = sorted(int(key.removeprefix("plain_T")) for key in seconds if key.startswith("plain_T"))
+    trained = ("plain", "ckpt", "sel")
 
     def mib(probes, mode, k, what):
         return number(probes[f"{mode}_T{k}"][what] / 2**20)
 
-    header = ["T", "plain (s)", "ckpt (s)", "trunc K=1 (s)", "floor (s)", "plain/floor", "ckpt/floor", "peak MiB plain",
-              "peak MiB ckpt", "peak MiB ckpt, mmap", "saved MiB plain", "saved MiB ckpt", "faults plain", "faults floor"]
-    rows = [[str(k), *(number(seconds[f"{mode}_T{k}"]) for mode in ("plain", "ckpt", "trunc", "floor")),
-             number(seconds[f"plain_T{k}"] / seconds[f"floor_T{k}"]), number(seconds[f"ckpt_T{k}"] / seconds[f"floor_T{k}"]),
-             mib(memory, "plain", k, "peak_bytes"), mib(memory, "ckpt", k, "peak_bytes"),
-             mib(memory_mmap, "ckpt", k, "peak_bytes"), mib(memory, "plain", k, "saved_bytes"),
-             mib(memory, "ckpt", k, "saved_bytes"), number(seconds[f"faults_plain_T{k}"]),
-             number(seconds[f"faults_floor_T{k}"])] for k in steps]
+    header = ["T", "plain (s)", "ckpt (s)", "sel (s)", "trunc K=1 (s)", "floor (s)", "plain/floor", "ckpt/floor",
+              "sel/floor", "peak MiB plain", "peak MiB ckpt", "peak MiB sel", "peak MiB ckpt, mmap", "peak MiB sel, mmap",
+              "held MiB plain", "held MiB ckpt", "held MiB sel", "faults plain", "faults floor"]
+    rows = [[str(k), *(number(seconds[f"{mode}_T{k}"]) for mode in (*trained, "trunc", "floor")),
+             *(number(seconds[f"{mode}_T{k}"] / seconds[f"floor_T{k}"]) for mode in trained),
+             *(mib(memory, mode, k, "peak_bytes") for mode in trained),
+             mib(memory_mmap, "ckpt", k, "peak_bytes"), mib(memory_mmap, "sel", k, "peak_bytes"),
+             *(mib(memory, mode, k, "held_bytes") for mode in trained),
+             number(seconds[f"faults_plain_T{k}"]), number(seconds[f"faults_floor_T{k}"])] for k in steps]
     channels, height, width = record["image_shape"]
     return (f"{record['params'] / 1e6:.2f}M-parameter UNet, {height}×{width}×{channels}, batch {record['batch']}, "
             f"device {record['device']}, {record['threads']} threads, medians of {record['repeats']} interleaved repeats; "
             f"wall time {record['wall_seconds']:,.0f} s.\n\n" + table(header, rows))
 
 
+# What each way of paying for the T-step graph keeps for the backward pass (scale.py's names; cost.py's below).
+CHECKPOINT_KEEPS = {
+    "plain": "everything autograd saves, for all T steps",
+    "step": "each step's input; the whole step is recomputed in backward",
+    "blocks": "each step's and each transformer / VAE-decoder block's input; every block recomputed",
+    "selective": "the outputs of matmuls, convolutions and attention of all T steps; norms, activations and "
+                 "elementwise ops recomputed",
+    "truncated": "the last step's saved tensors (the T − 1 earlier steps run without a graph and get no gradient)",
+}
+CHECKPOINT_KEEPS.update(ckpt=CHECKPOINT_KEEPS["step"], sel=CHECKPOINT_KEEPS["selective"], trunc=CHECKPOINT_KEEPS["truncated"])
+
+
+def cost_frontier(record: dict) -> str:
+    """At T = 4: time against four single steps, held activations against one plain step (T = 1)."""
+    seconds, memory, mmap = record["median_seconds"], record["memory"], record["memory_mmap"]
+    plain_held = memory["plain_T1"]["held_bytes"]
+    rows = [[mode, CHECKPOINT_KEEPS[mode], number(seconds[f"{mode}_T4"] / seconds["floor_T4"]),
+             number(memory[f"{mode}_T4"]["held_bytes"] / plain_held), number(mmap[f"{mode}_T4"]["peak_bytes"] / 2**20)
+             if mmap else "–"] for mode in ("plain", "sel", "ckpt", "trunc")]
+    return table(["T = 4", "keeps for backward", "time / 4 single steps", "held / one plain step (T = 1)",
+                  "peak MiB, mmap"], rows)
+
+
 # ----------------------------------------------------------------------------------------------
-# dsd.json (benchmarks/dsd.py): per-seed results, and their mean ± std in "summary".
+# scale.json (benchmarks/scale.py): counts on the meta device for PixArt-XL-2 + SD VAE + LPIPS.
+
+def flags_cell(flags: str) -> str:
+    """A mode's flags as code, a trailing "(default)" outside it."""
+    code = flags.removesuffix(" (default)")
+    return f"`{code}`" + (" (default)" if code != flags else "")
+
+
+SCALE_MODE_NAMES = {"plain": "plain", "step": "per step", "blocks": "per step + per block", "truncated": "truncated K = 1",
+                    "selective": "selective"}
+
+
+def scale_paper(record: dict) -> str:
+    """The paper's setting per checkpointing mode: memory per GPU, the largest batch, seconds per step."""
+    paper, gpus = record["paper"], list(record["gpus"])
+    budgets = list(next(iter(record["paper_setting"].values()))["largest_batch"])
+    rows = []
+    for mode, flags in record["modes"].items():
+        row, encoded = record["paper_setting"][f"precomputed/{mode}"], record["paper_setting"][f"encoded/{mode}"]
+        rows.append([f"{SCALE_MODE_NAMES[mode]} ({flags_cell(flags)})", number(row["peak_bytes_batch1"] / 1e9),
+                     number(row["peak_bytes"] / 1e9), number(encoded["peak_bytes"] / 1e9),
+                     " / ".join(str(row["largest_batch"][gb]) for gb in budgets), number(row["flops"] / 1e12),
+                     *(number(row["seconds"][gpu]) for gpu in gpus), number(encoded["seconds"][gpus[0]])])
+    header = ["checkpointing", "GB, batch 1", f"GB, batch {paper['batch']}", f"GB, batch {paper['batch']}, T5 + VAE encoder in the step",
+              f"largest batch in {' / '.join(budgets)} GB", "TFLOPs / step", *(f"s / step, {gpu}" for gpu in gpus),
+              f"s / step, {gpus[0]}, T5 + VAE encoder"]
+    return (f"Computed, not measured: PixArt-XL-2 ({record['params']['transformer'] / 1e6:.0f}M) at {paper['resolution']}², "
+            f"T = {paper['num_steps']}, L2 + LPIPS, batch {paper['batch']} per GPU, bf16 autocast, "
+            f"{paper['gpus']} GPUs (DDP); memory per GPU without the CUDA context and allocator slack; seconds at "
+            f"{record['mfu']:.0%} of each GPU's dense bf16 peak (an assumption). Text and latents pre-computed unless "
+            "the column says otherwise.\n\n" + table(header, rows))
+
+
+def scale_readme(record: dict) -> str:
+    """The paper's setting on an A100-80GB per checkpointing flag, in two rows: memory, seconds."""
+    paper, rows = record["paper"], record["paper_setting"]
+    gpu = next(name for name, spec in record["gpus"].items() if spec["memory_gb"] == 80)
+    modes = list(record["modes"])
+    memory = [f"{number(rows[f'precomputed/{m}']['peak_bytes'] / 1e9)} ({rows[f'precomputed/{m}']['largest_batch']['80']})"
+              for m in modes]
+    seconds = [number(rows[f"precomputed/{m}"]["seconds"][gpu]) for m in modes]
+    return table([f"{paper['resolution']}², T = {paper['num_steps']}, L2 + LPIPS, batch {paper['batch']}, text pre-computed",
+                  *(flags_cell(record["modes"][m]) for m in modes)],
+                 [["GB per GPU (largest batch in 80 GB)", *memory],
+                  [f"s / step at {record['mfu']:.0%} MFU", *seconds]])
+
+
+def scale_grid(record: dict) -> str:
+    """Held and peak GB per GPU at batch 1 for every (resolution, loss, mode), against T."""
+    grid = record["grid"]
+    steps = sorted({int(key.split("/")[2][1:]) for key in grid})
+    resolutions = sorted({int(key.split("/")[3]) for key in grid})
+    rows = []
+    for resolution in resolutions:
+        for loss in ("l2", "l2+lpips"):
+            for mode in record["modes"]:
+                cells = [grid[f"{loss}/{mode}/T{k}/{resolution}"] for k in steps]
+                rows.append([f"{resolution}²", "L2" if loss == "l2" else "L2 + LPIPS", SCALE_MODE_NAMES[mode],
+                             *(number(c["held_bytes"] / 1e9) for c in cells), *(number(c["peak_bytes"] / 1e9) for c in cells),
+                             *(number(c["flops"] / 1e12) for c in cells)])
+    header = ["resolution", "loss", "checkpointing", *(f"held GB, T={k}" for k in steps),
+              *(f"step peak GB, T={k}" for k in steps), *(f"TFLOPs, T={k}" for k in steps)]
+    return ("Batch 1; \"held\": activations the forward leaves for backward; \"step peak\": the most bytes the step's own "
+            "tensors (activations, recomputation, gradients, AdamW temporaries) occupy at once — add the static memory "
+            "below for a GPU's total.\n\n" + table(header, rows))
+
+
+def scale_static(record: dict) -> str:
+    """Static memory per GPU in the paper's setting, with and without pre-computed text and latents."""
+    parts = record["paper_setting"]["encoded/step"]["static_bytes"]
+    precomputed = record["paper_setting"]["precomputed/step"]["static_bytes"]
+    rows = [[name, number(value / 1e9), "yes" if name in precomputed else "no"] for name, value in parts.items()]
+    rows.append(["total", number(sum(parts.values()) / 1e9), number(sum(precomputed.values()) / 1e9) + " GB"])
+    return table(["part", "GB", "with --precompute-to"], rows)
+
+
+def scale_frontier(record: dict) -> str:
+    """The paper's setting per checkpointing mode at batch 1: FLOPs against plain, held and peak GB."""
+    paper, grid = record["paper"], record["grid"]
+    key = "{}/{}/T{}/{}".format("l2+lpips", "{}", paper["num_steps"], paper["resolution"])
+    plain = grid[key.format("plain")]
+    rows = [[SCALE_MODE_NAMES[mode], CHECKPOINT_KEEPS[mode], number(grid[key.format(mode)]["flops"] / plain["flops"]),
+             number(grid[key.format(mode)]["held_bytes"] / 1e9), number(grid[key.format(mode)]["peak_bytes"] / 1e9)]
+            for mode in record["modes"]]
+    return (f"PixArt-XL-2, {paper['resolution']}², T = {paper['num_steps']}, L2 + LPIPS, batch 1:\n\n"
+            + table(["checkpointing", "keeps for backward", "FLOPs / plain's", "held GB", "step peak GB"], rows))
+
+
+def scale_validation(record: dict) -> str:
+    """The meta-device count against the same step on real CPU tensors, and against saved_tensors_hooks."""
+    rows = []
+    for model, results in record["validation"].items():
+        for key, r in results.items():
+            rows.append([model, key, number(r["meta_held_bytes"] / 2**20), number(r["cpu_held_bytes"] / 2**20),
+                         f"{r['meta_held_bytes'] / r['cpu_held_bytes'] - 1:+.2%}", number(r["cpu_saved_hooks_bytes"] / 2**20)])
+    return table(["model", "loss / checkpointing", "held MiB, meta count", "held MiB, CPU run", "difference",
+                  "saved_tensors_hooks MiB, CPU run"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# dsd.json (related/benchmarks/dsd.py): per-seed results, and their mean ± std in "summary".
 
 
 def dsd_labels(record: dict) -> dict:
@@ -193,7 +318,7 @@ def dsd_tables(record: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# destruction.json (benchmarks/destruction.py): per (target, destruction, T) a summary of [mean, std] over seeds.
+# destruction.json (related/benchmarks/destruction.py): per (target, destruction, T) a summary of [mean, std] over seeds.
 
 DESTRUCTION_COLUMNS = {"elbo": "ELBO", "eubo": "EUBO", "gap": "EUBO − ELBO", "log_Z_error": "log Ẑ − log Z", "w1": "W1",
                        "modes": "modes"}
@@ -226,7 +351,7 @@ def destruction_tables(record: dict) -> str:
     return "\n\n".join(parts)
 
 
-# The issue's goals (benchmarks/destruction.py's docstring): (goal, headline key, the largest value that meets it).
+# The issue's goals (related/benchmarks/destruction.py's docstring): (goal, headline key, the largest value that meets it).
 DESTRUCTION_GOALS = (
     ("learned T = 5 closes ≥ 30 % of fixed T = 5's EUBO − ELBO on GMM25 (ratio ≤ 0.7)", "gmm25/gap_learned5_vs_fixed5", 0.7),
     ("… on the Funnel", "funnel/gap_learned5_vs_fixed5", 0.7),
@@ -354,6 +479,14 @@ RENDERERS = {
     "quickstart-threads": ("quickstart-2threads.json", quickstart_threads),
     "cost": ("cost.json", cost_table),
     "cost-headline": ("cost.json", headline_block),
+    "cost-frontier": ("cost.json", cost_frontier),
+    "scale-paper": ("scale.json", scale_paper),
+    "scale-readme": ("scale.json", scale_readme),
+    "scale-frontier": ("scale.json", scale_frontier),
+    "scale-grid": ("scale.json", scale_grid),
+    "scale-static": ("scale.json", scale_static),
+    "scale-validation": ("scale.json", scale_validation),
+    "scale-headline": ("scale.json", headline_block),
     "dsd": ("dsd.json", dsd_tables),
     "dsd-headline": ("dsd.json", headline_block),
     "destruction": ("destruction.json", destruction_tables),

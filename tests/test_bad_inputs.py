@@ -12,6 +12,7 @@ scripts run in this process (`main(argv)`), so that each case costs milliseconds
 run as real processes, to check the exit status and the whole of stderr as a user sees them.
 """
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import e2ediff
 import train_t2i
+import toy_data
 import train_toy
 import train_utils
 
@@ -36,7 +39,7 @@ NOT_CHECKED = {  # fields whose every value is accepted at the boundary, and why
 class Case:
     script: str  # "train_toy.py" or "train_t2i.py"
     argv: list  # the flags under test; the script's BASE flags come first
-    expect: str  # the stderr line must contain this (the flag's name, or the file's)
+    expect: str | tuple  # the stderr line must contain this (the flag's name, or the file's), or each of these
     field: str = ""  # the config field this case tries ("" for a file case)
     setup: str = ""  # a name in SETUPS: files written into the run folder before the run
 
@@ -103,16 +106,28 @@ T2I_PATHS = {
     "inception_weights": [(MISSING,)],
 }
 
+def checked_rules(config_class, rules, hidden=()):
+    """The rules a script checks whose every field is one of its flags (the toy sets num_steps through --nfe,
+    so the method's rules on num_steps reach it as the toy's own rules on --nfe)."""
+    flags = {f.name for f, _, _ in train_utils.flag_fields(config_class)} - set(hidden)
+    return [rule for rule in (*e2ediff.END_TO_END_RULES, *rules) if set(rule.fields) <= flags]
+
+
+def rule_cases(script, config_class, rules, hidden=()):
+    """One case per rule (e2ediff.Rule) the script checks: the rule's `breaking` values as flags; the line
+    must name every flag of the rule (as "class-conditional", which --no-class-conditional contains too)."""
+    return [Case(script, [part for name, value in rule.breaking.items()
+                          for part in train_utils.as_flags(name, value).split(" ", 1)],
+                 tuple(train_utils.flag(name)[2:] for name in rule.fields), rule.fields[0])
+            for rule in checked_rules(config_class, rules, hidden)]
+
+
 CASES = [
     *generated_cases("train_toy.py", train_toy.Config, hidden=("num_steps",), paths=TOY_PATHS),
-    # inputs that are bad together, or against the data
-    Case("train_toy.py", ["--backprop-steps", "2", "--nfe", "1,2"], "--backprop-steps", "backprop_steps"),
-    Case("train_toy.py", ["--inversion-steps", "2000"], "--inversion-steps", "inversion_steps"),
-    Case("train_toy.py", ["--base-nfe", "1,5000"], "--base-nfe", "base_nfe"),
-    Case("train_toy.py", ["--l2-weight", "0"], "--l2-weight", "l2_weight"),
+    *rule_cases("train_toy.py", train_toy.Config, train_toy.RULES, hidden=("num_steps",)),
+    # inputs that are bad against the data
     Case("train_toy.py", ["--finetune-batch-size", "5000"], "--finetune-batch-size", "finetune_batch_size"),
     Case("train_toy.py", ["--pretrain-batch-size", "5000"], "--pretrain-batch-size", "pretrain_batch_size"),
-    Case("train_toy.py", ["--no-class-conditional", "--gan-weight", "0.5"], "--disc-conditional", "disc_conditional"),
     # checkpoints: corrupt, foreign, of another stage, unfinished, missing, or about to be overwritten
     Case("train_toy.py", ["--resume"], "mv {run}/pretrain.pt", setup="corrupt_pretrain"),
     Case("train_toy.py", ["--resume", "--stage", "finetune", "--nfe", "2"], "mv {run}/finetune-nfe2.pt",
@@ -130,12 +145,15 @@ CASES = [
     Case("train_toy.py", ["--distill-batch-size", "5000", "--base", "lcm"], "--distill-batch-size",
          "distill_batch_size"),
     *generated_cases("train_t2i.py", train_t2i.Config, paths=T2I_PATHS),
+    *rule_cases("train_t2i.py", train_t2i.Config, train_t2i.RULES),
     Case("train_t2i.py", ["--resolution", "100"], "--resolution", "resolution"),
     Case("train_t2i.py", ["--disc-conditional"], "--disc-conditional", "disc_conditional"),
-    Case("train_t2i.py", ["--backprop-steps", "5"], "--backprop-steps", "backprop_steps"),
-    Case("train_t2i.py", ["--l2-weight", "0", "--lpips-weight", "0"], "--l2-weight", "l2_weight"),
     Case("train_t2i.py", ["--data", "{precomputed}", "--resolution", "512"], "--resolution", "resolution"),
     Case("train_t2i.py", ["--data", "{precomputed}", "--precompute-to", "{run}/again"], "--precompute-to"),
+    Case("train_t2i.py", ["--zero-terminal-snr"], ("--prediction-type epsilon", "--zero-terminal-snr", "scheduler_config"),
+         setup="lcm_scheduler"),  # epsilon comes from the base's scheduler config
+    Case("train_t2i.py", ["--num-steps", "4"], ("--num-steps 4", "--spacing auto", "num_steps <= original_steps"),
+         setup="lcm_scheduler_grid_of_2"),  # --spacing auto takes the LCM's grid of 2 steps
     Case("train_t2i.py", ["--resume"], "mv {run}/ckpt.pt", setup="corrupt_ckpt"),
     Case("train_t2i.py", ["--resume"], "--resume: no checkpoint at {run}/ckpt.pt"),
     Case("train_t2i.py", [], "{run}/ckpt.pt exists: pass --resume", setup="t2i_ckpt"),
@@ -151,6 +169,14 @@ def fake_toy_checkpoint(path, stage, step, **config):
     torch.save({"stage": stage, "step": step, "config": dataclasses.asdict(train_toy.Config(**config))}, path)
 
 
+def lcm_scheduler(pipeline, **fields):
+    """PixArt-delta's scheduler config (an LCMScheduler, epsilon), as a pipeline folder holds it."""
+    (pipeline / "scheduler").mkdir(exist_ok=True)
+    (pipeline / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "LCMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "num_train_timesteps": 1000, "prediction_type": "epsilon", **fields}))
+
+
 SETUPS = {
     "corrupt_pretrain": lambda run, monkeypatch: (run / "pretrain.pt").write_bytes(b"\x00" * 100),
     "corrupt_finetune": lambda run, monkeypatch: (
@@ -158,6 +184,8 @@ SETUPS = {
     "finished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000),
     "unfinished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 5),
     "finetune_as_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "finetune", 600),
+    "lcm_scheduler": lambda run, monkeypatch: lcm_scheduler(run.parent / "pipeline", original_inference_steps=50),
+    "lcm_scheduler_grid_of_2": lambda run, monkeypatch: lcm_scheduler(run.parent / "pipeline", original_inference_steps=2),
     "corrupt_ckpt": lambda run, monkeypatch: (run / "ckpt.pt").write_bytes(b"truncated"),
     "t2i_ckpt": lambda run, monkeypatch: torch.save({"step": 3}, run / "ckpt.pt"),
     "missing_extra": lambda run, monkeypatch: monkeypatch.setattr(
@@ -171,7 +199,7 @@ def warm_imports():
     so that each case's time is the checking itself, not a first import on a busy machine."""
     import braceexpand  # noqa: F401
     import huggingface_hub  # noqa: F401
-    train_toy.load_digits_data()
+    toy_data.load_digits_data()
 
 
 @pytest.fixture
@@ -231,7 +259,8 @@ def test_bad_input_fails_at_once_in_one_line_naming_the_flag_and_touches_nothing
     status, out, err, seconds = run_in_process(case, world, monkeypatch, capsys)
     assert status == 2, (status, err)
     assert out == "" and err.count("\n") == 1 and err.startswith(f"{case.script}: error: "), err
-    assert resolve(case.expect, world) in err, err
+    for expect in case.expect if isinstance(case.expect, tuple) else (case.expect,):
+        assert resolve(expect, world) in err, err
     assert "Traceback" not in err and "usage:" not in err
     assert seconds < 10, f"took {seconds:.1f}s to reject"  # the late checks this replaces took 60-75 s
     assert snapshot(tmp_path) == before, "a file was created or changed"
@@ -243,6 +272,20 @@ def test_every_flag_has_a_bad_input_case():
         flags = {f.name for f, _, _ in train_utils.flag_fields(config_class)} - set(hidden)
         tried = {case.field for case in CASES if case.script == script}
         assert flags - tried == set(NOT_CHECKED.get(script, {})), sorted(flags - tried)
+
+
+@pytest.mark.parametrize("script, config_class, rules, hidden", [
+    ("train_toy.py", train_toy.Config, train_toy.RULES, ("num_steps",)), ("train_t2i.py", train_t2i.Config, train_t2i.RULES, ())])
+def test_each_rule_holds_by_default_and_its_breaking_values_break_it_and_no_earlier_rule(world, script, config_class,
+                                                                                      rules, hidden):
+    """So that each rule's case tries that rule: the defaults keep it, its `breaking` values trip it first."""
+    base = train_utils.flat_config(train_utils.parse_config(config_class, base_argv(script, world)))
+    config = train_utils.make_config(config_class, **base)
+    for rule in checked_rules(config_class, rules, hidden):
+        assert rule.holds(config.e2e if rule in e2ediff.END_TO_END_RULES else config), rule.fields
+        with pytest.raises(e2ediff.RuleError) as error:
+            train_utils.make_config(config_class, **{**base, **rule.breaking})
+        assert error.value.rule is rule
 
 
 def test_the_base_flags_pass_every_check(world):

@@ -216,7 +216,7 @@ def test_checkpointed_gradients_match_plain(update, guidance_scale):
     z_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(4))
     cond, uncond = torch.ones(16, 1), torch.zeros(16, 1)
     grads = []
-    for use_checkpoint in (False, True):
+    for use_checkpoint in (False, True, "selective"):  # plain, full recomputation, selective (matmul outputs kept)
         torch.manual_seed(1)  # same dropout masks; checkpoint replays the RNG state
         net.zero_grad()
         out = e2ediff.unrolled_sample(model, z_T, schedule, 4, update=update, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
@@ -225,6 +225,7 @@ def test_checkpointed_gradients_match_plain(update, guidance_scale):
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert grads[0].norm() > 0
     assert relative_error(grads[1], grads[0]) <= 1e-5
+    assert relative_error(grads[2], grads[0]) <= 1e-5
 
 
 def test_sampler_is_reproducible_with_a_generator():
@@ -695,7 +696,8 @@ def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
     (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
     (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "coupling: got 'nearest', need one of 'independent', 'inversion', 'teacher'"),
     (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "l2_weight: got 0.0, need a reconstruction weight"),
-    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), r"backprop_steps: got 3, need at most num_steps \(2\)"),
+    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), r"backprop_steps: got 3, need backprop_steps <= num_steps"),
+    (lambda: e2ediff.EndToEndConfig(spacing="lcm", original_steps=2), r"original_steps: got 2, need num_steps <= original_steps"),
     (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), r"l1_weight: got -1.0, need a finite number >= 0"),
     (lambda: e2ediff.EndToEndConfig(eta=float("nan")), r"eta: got nan, need a finite number in \[0, 1\]"),
     (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs a perceptual distance"),

@@ -146,6 +146,7 @@ def test_two_ranks_hold_identical_weights_after_every_step_and_write_a_checkpoin
     assert os.path.isfile(os.path.join(out_dir, "transformer_ema", "config.json"))
 
 
+@pytest.mark.slow  # a second torchrun launch (~25 s)
 def test_two_ranks_resume_from_the_checkpoint_and_continue(ddp_run):
     out_dir, args, rows_before = ddp_run
     sums_before = checksums(out_dir)
@@ -164,6 +165,76 @@ def test_two_ranks_resume_from_the_checkpoint_and_continue(ddp_run):
     assert sums[0] == sums[1] and len(sums[0]) == len(sums_before[0]) + 4  # 2 more steps, 2 optimisers
 
 
+@pytest.fixture(scope="module")
+def short_run(tiny, tmp_path_factory):
+    """2 steps in this process: a finished run, with its ckpt.pt and transformer_ema/."""
+    out_dir = tmp_path_factory.mktemp("short")
+    args = tiny_args(tiny, out_dir, max_steps=2)
+    train_t2i.main(args)
+    return out_dir, args
+
+
+def test_exported_ema_is_the_checkpoints_ema_and_samples_in_the_pipeline_as_the_script_does(tiny, short_run):
+    """What a user opens in diffusers is what trained: transformer_ema/ loads with from_pretrained, holds the EMA
+    of ckpt.pt to the last bit, and PixArtAlphaPipeline, given the same prompts' embeddings and seed, samples the
+    latents of the script's own sample grid at that step (z_T and the LCM's noise: the generator's, in order)."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from safetensors.torch import load_file
+    out_dir, args = short_run
+    checkpoint = train_t2i.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    exported = PixArtTransformer2DModel.from_pretrained(os.path.join(out_dir, "transformer_ema"))
+    ema = {name.removeprefix("transformer."): value for name, value in checkpoint["ema"]["module"].items()}
+    assert exported.state_dict().keys() == ema.keys()
+    assert all(torch.equal(value, ema[name]) for name, value in exported.state_dict().items())
+    pretrained = load_file(tiny / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not torch.equal(ema["proj_out.weight"], pretrained["proj_out.weight"])  # the EMA moved: it trained
+
+    config = train_t2i.parse_config(train_t2i.Config, args)
+    run = train_t2i.Run(config, train_t2i.Dist(), train_t2i.Log("unused", master=False))
+    run.ema.load_state_dict(checkpoint["ema"])
+    latents = train_t2i.sample_latents(run, run.sample_cond, torch.Generator().manual_seed(config.seed))
+    pipeline = PixArtAlphaPipeline.from_pretrained(str(tiny / "pipeline"), transformer=exported)
+    pipeline.set_progress_bar_config(disable=True)
+    expected = pipeline(prompt_embeds=run.sample_cond[0], prompt_attention_mask=run.sample_cond[1],
+                        guidance_scale=1.0, num_inference_steps=config.e2e.num_steps, height=config.resolution,
+                        width=config.resolution, generator=torch.Generator().manual_seed(config.seed),
+                        output_type="latent", use_resolution_binning=False).images
+    assert float((latents - expected).norm() / expected.norm()) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_ranks_take_the_single_process_step_on_the_same_global_batch(tiny, tmp_path, accumulation):
+    """DDP is right iff 2 ranks end where 1 process does on the same global batches from the same z_T: the process
+    trains on the ranks' shares in turn (tests/ddp_probe.py's fixed batches, --grad-accum twice the ranks'), so
+    every forward pass is the same and only the gradients' sums differ in order. The DDIM update (eta 0) draws no
+    noise of its own, and the GAN weight is fixed: the adaptive weight is each rank's own (see --gan-adaptive).
+    LPIPS is off: its random test backbone is drawn from each rank's seed (the real one is read from a file).
+    Learning rates 1e-5: an attention key bias has no gradient (softmax ignores a shift shared by all keys), so
+    AdamW moves it by its rounding noise, up to ~0.1 lr, differently in every run. AdamW and the clip ignore the
+    gradient's scale: the logged gradient norm (before the clip) shows that the ranks' mean is the global batch's."""
+    per_rank = 2 // accumulation  # a global batch of 4 images per step either way
+    flags = dict(max_steps=2, num_steps=2, update="ddim", gan_weight=0.1, disc_channels=8, lr=1e-5, disc_lr=1e-5)
+    fixed = {"E2EDIFF_FIXED_BATCHES": "2"}  # each global micro-batch in 2 shares
+    for name, nproc, accumulate in (("ranks", 2, accumulation), ("one", 1, 2 * accumulation)):
+        args = tiny_args(tiny, tmp_path / name, batch_size=per_rank, grad_accum=accumulate, **flags)
+        returncode, output = launch(args + ["--no-gan-adaptive"], nproc=nproc, script=PROBE, env=fixed)
+        assert returncode == 0, output[-4000:]
+    ranks = train_t2i.load_checkpoint(tmp_path / "ranks" / "ckpt.pt")
+    one = train_t2i.load_checkpoint(tmp_path / "one" / "ckpt.pt")
+    assert ranks["step"] == one["step"] == 2 and (ranks["world_size"], one["world_size"]) == (2, 1)
+    from safetensors.torch import load_file
+    pretrained = load_file(tiny / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    moved = max(float((one["model"][name] - value).abs().max()) for name, value in pretrained.items())
+    assert moved > 1e-5  # it trained: two AdamW steps at lr 1e-5
+    for part in ("model", "ema", "discriminator"):
+        ours, theirs = (run[part]["module"] if part == "ema" else run[part] for run in (one, ranks))
+        for name, value in ours.items():
+            assert float((value - theirs[name]).abs().max()) <= 1e-6, (part, name)
+    for name in ("loss", "gan", "disc", "grad_norm"):  # the ranks' means are the global batch's
+        logged = [[row[name] for row in step_rows(read_log(tmp_path / run))] for run in ("ranks", "one")]
+        assert logged[0] == pytest.approx(logged[1], rel=1e-5), name
+
 def rank_process(torchrun_pid, rank):
     """The pid of torchrun's child with RANK=<rank> in its environment (its DataLoader workers, the
     grandchildren, have it too), or None."""
@@ -180,6 +251,7 @@ def rank_process(torchrun_pid, rank):
     return None
 
 
+@pytest.mark.slow  # a long fault injection: the hung rank is found by --dist-timeout
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dead_rank", "hung_rank"])
 def test_a_dead_or_hung_rank_fails_the_run_instead_of_hanging_it(tiny, tmp_path, fault):
     # once training is under way rank 1 is killed, or stopped; rank 0 must give up after --dist-timeout
@@ -210,6 +282,7 @@ def test_a_dead_or_hung_rank_fails_the_run_instead_of_hanging_it(tiny, tmp_path,
     assert trained[0] == 1 and trained[-1] < 200  # it trained, then the fault ended it
 
 
+@pytest.mark.slow  # a fault injection through torchrun, then a resume (two launches)
 def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step_and_resume_continues(tiny, tmp_path):
     """Ctrl-C reaches torchrun, which forwards SIGINT to each rank's process group (rank + DataLoader
     worker): every rank must finish its step, agree on it, checkpoint it and exit; --resume goes on."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import e2ediff
+import toy_data
 import toy_nets
 import train_toy
 import train_utils
@@ -32,11 +33,6 @@ def tiny(out_dir, **overrides):
         finetune_steps=4, finetune_batch_size=16, nfe=(1,), base_nfe=(1, 2), inversion_steps=4,
         eval_samples=100, eval_batch_size=100, classifier_epochs=1, log_every=1, save_every=100)
     return train_utils.make_config(Config, **{**settings, **overrides})
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return train_toy.load_digits_data()
 
 
 def flat_tensors(tree, prefix=""):
@@ -277,7 +273,7 @@ def test_cifar10_loader_reads_a_fake_cifar_format_folder(tmp_path):
 
 def test_missing_cifar10_offline_names_the_archive_and_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz") as error:
-        train_toy.load_cifar10(tmp_path, download=False)
+        toy_data.load_cifar10(tmp_path, download=False)
     assert str(tmp_path / "cifar-10-batches-py") in str(error.value)
 
 
@@ -329,7 +325,7 @@ def test_metric_classifier_is_a_function_of_the_seed_not_of_the_global_random_st
 def test_validation_split_is_carved_from_the_train_split_stratified_and_leaves_the_test_split_alone(digits):
     split = train_toy.build_dataset(Config(eval_split="validation"))
     assert len(split.train_images) + len(split.test_images) == len(digits.train_images)
-    assert len(split.test_images) == math.ceil(train_toy.VALIDATION_FRACTION * len(digits.train_images))  # as sklearn
+    assert len(split.test_images) == math.ceil(toy_data.VALIDATION_FRACTION * len(digits.train_images))  # as sklearn
     rows = lambda images: {tuple(image.flatten().tolist()) for image in images}  # noqa: E731
     assert rows(split.train_images) | rows(split.test_images) == rows(digits.train_images)
     assert set(split.test_labels.tolist()) == set(range(10))

@@ -40,7 +40,8 @@ def test_presets_fill_unset_flags_and_bad_values_exit_naming_the_valid_choices(c
     assert config.steps == 5
     for argv, message in [(["--coupling", "nearest"], "--coupling: invalid choice: 'nearest' (choose from 'independent', "
                                                      "'inversion', 'teacher')"),
-                          (["--backprop-steps", "9"], "--backprop-steps: got 9, need at most num_steps (4)"),
+                          (["--backprop-steps", "9"], "--backprop-steps 9 with --num-steps 4: need backprop_steps <= num_steps "
+                                                     "(the last K of the T sampler steps)"),
                           (["--ema-decay", "nan"], "--ema-decay: got nan, need a finite number in [0, 1]"),
                           (["--steps", "2.5"], "--steps: got '2.5', need an integer")]:
         with pytest.raises(train_utils.UsageError) as error:

@@ -27,8 +27,24 @@ WORDS = ("a photo of the red green blue small large cat dog bird tree house car 
 RESOLUTION = 64  # pixels; the 8x VAE makes 8x8 latents, the tiny transformer's sample_size
 
 
-def write_tiny_pipeline(folder):
-    """Write tiny random PixArt transformer + 8x AutoencoderKL + T5 encoder + word-level tokenizer + LCM scheduler."""
+# PixArt-delta's scheduler (PixArt-alpha/PixArt-LCM-XL-2-1024-MS, scheduler/scheduler_config.json, hub commit
+# 885fcb2): an LCMScheduler on PixArt's own training schedule, linear 1e-4 .. 0.02 (as DiT / ADM), epsilon
+# prediction, 50 original steps; the fields it does not set are diffusers' defaults.
+PIXART_DELTA_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+                              num_train_timesteps=1000, original_inference_steps=50)
+# diffusers' LCMScheduler defaults, Stable Diffusion's schedule (LCM-LoRA, LCM-Dreamshaper): scaled_linear
+SD_LCM_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+                        num_train_timesteps=1000, original_inference_steps=50)
+
+
+def write_tiny_pipeline(folder, scheduler=PIXART_DELTA_SCHEDULER, multi_scale=False):
+    """Write tiny random PixArt transformer + 8x AutoencoderKL + T5 encoder + word-level tokenizer + LCM scheduler.
+
+    :param scheduler: the LCMScheduler's settings: PixArt-delta's, or e.g. SD_LCM_SCHEDULER.
+    :param multi_scale: the transformer's sample_size is 128, as in the 1024-MS models: it then takes the
+        image's resolution and aspect ratio as extra conditions (use_additional_conditions), and
+        PixArtAlphaPipeline passes them. It still runs on 8x8 latents (64 px images).
+    """
     import torch
     from diffusers import AutoencoderKL, LCMScheduler, PixArtTransformer2DModel
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -37,9 +53,9 @@ def write_tiny_pipeline(folder):
     torch.manual_seed(0)
     text_dim = 32  # the T5 d_model, which PixArt's caption_channels must equal
     transformer = PixArtTransformer2DModel(
-        sample_size=RESOLUTION // 8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=text_dim, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        sample_size=128 if multi_scale else RESOLUTION // 8, num_layers=2, patch_size=2, attention_head_dim=8,
+        num_attention_heads=3, caption_channels=text_dim, in_channels=4, cross_attention_dim=24, out_channels=8,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6)  # out_channels = 2*in_channels: a learned variance, as PixArt
     vae = AutoencoderKL(
         block_out_channels=[8, 8, 8, 8], norm_num_groups=2, latent_channels=4, sample_size=RESOLUTION,
@@ -53,7 +69,7 @@ def write_tiny_pipeline(folder):
     word_level.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", eos_token="</s>",
                                         unk_token="<unk>", model_max_length=16)
-    scheduler = LCMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+    scheduler = LCMScheduler(**scheduler)
 
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     vae.save_pretrained(os.path.join(folder, "vae"))

@@ -1,6 +1,6 @@
 """Tests of dsd.py (Diffusion as Self-Distillation at toy scale) and its benchmark's output contract.
 
-    python -m pytest -q tests/test_dsd.py      # under a minute on 2 CPU cores
+    python -m pytest -q related/tests/test_dsd.py      # under a minute on 2 CPU cores
 
 They prove: one network holds every role; DSD's target latent gets no gradient while the naive loss
 sends its gradient into the encoder through the target; the effective rank is right on known spectra;
@@ -20,7 +20,7 @@ import torch
 import dsd
 import e2ediff
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +32,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data():
-    import train_toy
-    return train_toy.load_digits_data()
+def data(digits):  # the session's digits (conftest.py)
+    return digits
 
 
 @pytest.fixture(scope="module")
-def digits(data):
+def images(data):
     return data.train_images
 
 
@@ -103,11 +102,11 @@ def test_effective_rank_of_known_spectra():
     assert dsd.effective_rank(isotropic + 5.0) == pytest.approx(d, rel=1e-9)  # a shift changes nothing (centred)
 
 
-def test_short_naive_run_shrinks_the_latents_and_dsd_run_does_not(digits):
+def test_short_naive_run_shrinks_the_latents_and_dsd_run_does_not(images):
     config = dsd.Config(steps=300, log_every=300, hidden=128)  # half the width: a third faster, same behaviour
-    probe = digits[:512]
-    naive = dsd.train("naive", config, digits, probe).history
-    self_distilled = dsd.train("dsd", config, digits, probe).history
+    probe = images[:512]
+    naive = dsd.train("naive", config, images, probe).history
+    self_distilled = dsd.train("dsd", config, images, probe).history
     assert naive[0]["latent_std"] == pytest.approx(self_distilled[0]["latent_std"])  # the same initial network
     # measured (seed 0): 0.127 at the start -> naive 0.021, DSD 0.34 (the full run ends at 0.028 vs 0.99)
     assert naive[-1]["latent_std"] < 0.5 * naive[0]["latent_std"]
@@ -115,19 +114,19 @@ def test_short_naive_run_shrinks_the_latents_and_dsd_run_does_not(digits):
     assert self_distilled[-1]["latent_std"] > 4 * naive[-1]["latent_std"]
 
 
-def test_two_stage_baseline_has_twice_the_parameters_and_a_frozen_autoencoder(digits):
+def test_two_stage_baseline_has_twice_the_parameters_and_a_frozen_autoencoder(images):
     config = dsd.Config(steps=2, log_every=1, hidden=32)
-    two_stage = dsd.train("two_stage", config, digits, digits[:64])
-    one = dsd.train("dsd", config, digits, digits[:64])
+    two_stage = dsd.train("two_stage", config, images, images[:64])
+    one = dsd.train("dsd", config, images, images[:64])
     assert two_stage.autoencoder is not two_stage.denoiser and one.autoencoder is one.denoiser
     assert two_stage.parameters == 2 * one.parameters
     assert not any(p.requires_grad for p in two_stage.autoencoder.parameters())
 
 
-def test_end_to_end_loss_trains_the_sampler_and_the_decoder(digits):
+def test_end_to_end_loss_trains_the_sampler_and_the_decoder(images):
     torch.manual_seed(0)
     network = dsd.OneNetwork(hidden=64, depth=2)
-    schedule, images = dsd.build_schedule(), digits[:64]
+    schedule, images = dsd.build_schedule(), images[:64]
     config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", coupling="inversion", lpips_weight=0.0, grad_checkpoint=False)
     loss_fn = dsd.DecodedEndToEndLoss(network, schedule, config)
     optimizer = torch.optim.AdamW(network.parameters(), lr=3e-3)
@@ -152,9 +151,10 @@ def test_metric_classifier_depends_on_the_seed_not_on_the_global_random_state(da
     assert scores[0] == scores[1]
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    completed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "dsd.py"), "--quick", "--out", str(tmp_path)],
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "benchmarks", "dsd.py"), "--quick", "--out", str(tmp_path)],
                                capture_output=True, text=True, timeout=300, cwd=ROOT, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     headline = json.loads(completed.stdout.strip().splitlines()[-1])

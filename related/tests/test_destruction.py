@@ -2,7 +2,7 @@
 the kernels, the objectives on a sampler that is exact by construction, the bounds, a stabilised
 learned run, and the benchmark's output contract.
 
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_destruction.py      # about 40 s on 2 CPU cores
+    OMP_NUM_THREADS=1 python -m pytest -q related/tests/test_destruction.py      # about 40 s on 2 CPU cores
 """
 import json
 import math
@@ -15,7 +15,7 @@ import torch
 
 import adaptive_destruction as ad
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def grid_log_Z(target: ad.Target, low: float, high: float, points: int = 1201) -> float:
@@ -164,8 +164,9 @@ def test_config_rejects_bad_values():
         ad.SamplerConfig(target_decay=1.0)
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
-    completed = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "destruction.py"), "--quick", "--out",
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "benchmarks", "destruction.py"), "--quick", "--out",
                                 str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]

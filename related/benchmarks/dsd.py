@@ -2,8 +2,8 @@
 training collapse the latents, does DSD avoid it and match the two-stage baseline's few-step quality with
 half the parameters, and does end-to-end fine-tuning through its own sampler and decoder improve it?
 
-    python benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (~17 minutes, one thread, 2 shared cores)
-    python benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
+    python related/benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (~17 minutes, one thread, 2 shared cores)
+    python related/benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
 
 Per seed, dsd.run trains naive joint, DSD and the two-stage baseline from scratch (same network, data order,
 steps, learning rate), trains the DSD objective without the latent LayerNorm (the ablation behind our reading)
@@ -33,8 +33,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "related"), os.path.join(ROOT, "benchmarks")]  # helpers, the system, report
 
 import torch  # noqa: E402
 

@@ -1,11 +1,11 @@
 """dsd — Diffusion as Self-Distillation (Wang & Zhang, arXiv 2511.14716) at toy scale: one network that
 encodes, decodes and denoises, trained end to end on scikit-learn's 8x8 digits (offline, CPU).
 
-    python dsd.py                          # one seed: the three trainings, the ablation, the end-to-end
+    python related/dsd.py                          # one seed: the three trainings, the ablation, the end-to-end
                                            # fine-tune, indicators and few-step quality (~5 min, 1 CPU thread)
-    python dsd.py --seed 1 --steps 1000    # another seed, a shorter run; --help lists every flag and why
-    python benchmarks/dsd.py               # 3 seeds, mean ± std, plot: benchmarks/results/dsd.{json,png}
-    python -m pytest -q tests/test_dsd.py  # the tests (< 60 s on 2 CPU cores)
+    python related/dsd.py --seed 1 --steps 1000    # another seed, a shorter run; --help lists every flag and why
+    python related/benchmarks/dsd.py               # 3 seeds, mean ± std, plot: benchmarks/results/dsd.{json,png}
+    python -m pytest -q related/tests/test_dsd.py  # the tests (< 60 s on 2 CPU cores)
 
 What runs, side by side, with the same network, data, steps and learning rate:
   - naive joint:  z = E(x); L = |D(z) - x|^2 + L_v, the standard v-prediction loss on z with the gradient
@@ -22,7 +22,7 @@ What runs, side by side, with the same network, data, steps and learning rate:
                   (e2ediff's Algorithm 1 in latent space, L2 on the decoded images, inversion coupling).
 
 Which parts are the paper's and which are our reading (the paper has no code; its method section was not
-available to us beyond summaries, see docs/related.md):
+available to us beyond summaries, see related/README.md):
   - paper: one network for the three roles; naive joint training collapses the latents because L_v holds the
     conditional variance Var(z | z_t), which shrinks with the latent scale ("latent variance suppression");
     the fix reads diffusion as self-distillation: stop-gradient on the target latent and a loss that recasts
@@ -48,19 +48,22 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method module and its helpers
 
-import e2ediff
-import toy2d
-import train_toy
-from e2ediff import option
-from toy_nets import ClassifierFrechetDistance, timestep_embedding
-from train_utils import UsageError, exit_with, parse_config
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import e2ediff  # noqa: E402
+import toy2d  # noqa: E402
+import toy_data  # noqa: E402
+from e2ediff import option  # noqa: E402
+from toy_nets import Classifier, ClassifierFrechetDistance, timestep_embedding  # noqa: E402
+from train_utils import UsageError, exit_with, parse_config  # noqa: E402
 
 ROLES = ("encode", "decode", "denoise")
 TRAININGS = ("naive", "dsd", "two_stage")
@@ -305,11 +308,11 @@ class Judge:
     distance of the raw pixels (toy2d.energy_distance); lower is better for both."""
 
     def __init__(self, config: Config, data):
-        toy_config = train_toy.Config(out_dir=os.path.join(config.work_dir, f"classifier-seed{config.seed}"),
-                                      seed=config.seed, classifier_epochs=config.classifier_epochs)
-        with torch.random.fork_rng():  # train_classifier seeds its data order; its initialisation is seeded here
+        path = os.path.join(config.work_dir, f"classifier-seed{config.seed}", "classifier.pt")
+        with torch.random.fork_rng():  # fit_classifier seeds its data order; the initialisation is seeded here
             torch.manual_seed(config.seed)
-            classifier = train_toy.train_classifier(toy_config, data, torch.device("cpu"))
+            classifier = toy_data.fit_classifier(Classifier(1, data.num_classes), path, data, torch.device("cpu"),
+                                                 config.seed, config.classifier_epochs)
         self.cfd = ClassifierFrechetDistance(classifier, data.test_images)
         self.test_pixels = data.test_images.flatten(1)
 
@@ -376,7 +379,7 @@ def run(config: Config, log=print) -> dict:
         rows}, "parameters": {model: count}, "seconds": {model: training time}, "reference": metrics of
         the train split itself (the metrics' floor)}.
     """
-    data = train_toy.load_digits_data()
+    data = toy_data.load_digits_data()
     images = data.train_images
     probe_images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:512]]
     judge = Judge(config, data)

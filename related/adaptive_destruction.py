@@ -31,13 +31,13 @@ The stabilisers, and which we use (the pilot in the issue: naive unconstrained d
       objective), so that it never absorbs the error of TB's learned log Z by shrinking or inflating its
       variances (a pilot, Many-Well d = 32, T = 5, 1000 iterations, seed 0: ELBO 4.3 uncentred, 137 centred).
     Each can be switched off by a flag (--target-decay 0, --destruction-lr-ratio 1, --no-replay,
-    --destruction-objective same); benchmarks/destruction.py measures that ablation. In both arms the
+    --destruction-objective same); related/benchmarks/destruction.py measures that ablation. In both arms the
     training paths carry extra exploration noise for the first half of the run (gfn-diffusion's).
 
-    python adaptive_destruction.py --target gmm25 --num-steps 5 --destruction learned   # one run, ~15 s
-    python adaptive_destruction.py --target funnel --num-steps 20 --destruction fixed --objective vargrad
-    python adaptive_destruction.py --help                                               # every option
-    python benchmarks/destruction.py                     # fixed vs learned, T = 5, 10, 20, 3 seeds
+    python related/adaptive_destruction.py --target gmm25 --num-steps 5 --destruction learned   # one run, ~15 s
+    python related/adaptive_destruction.py --target funnel --num-steps 20 --destruction fixed --objective vargrad
+    python related/adaptive_destruction.py --help                                               # every option
+    python related/benchmarks/destruction.py                     # fixed vs learned, T = 5, 10, 20, 3 seeds
 
 Needs POT (`pip install POT`) for the W1 distance to exact samples.
 """
@@ -45,16 +45,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-import torch
-import torch.nn as nn
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method module and its helpers
 
-import e2ediff
-import toy2d
-from train_utils import UsageError, exit_with, parse_config
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import e2ediff  # noqa: E402
+import toy2d  # noqa: E402
+from train_utils import UsageError, exit_with, parse_config  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -421,7 +425,7 @@ option = e2ediff.option
 
 @dataclass
 class SamplerConfig:
-    """Every option of one run; the defaults are what benchmarks/destruction.py runs."""
+    """Every option of one run; the defaults are what related/benchmarks/destruction.py runs."""
 
     target: str = option("gmm25", "the energy to sample", tuple(TARGETS))
     num_steps: int = option(5, "T: the paper's claim is about few steps (5 vs 20)",

@@ -9,8 +9,8 @@ An ablation on GMM25 at T = 5 adds: VarGrad for both destructions, the learned d
 stabiliser (no target network, one learning rate, no replay, its loss the TB residual with log Z), with
 only the last of those, and with TLM as its objective.
 
-    python benchmarks/destruction.py            # full mode: 3 seeds, 600 iterations a run (about 25 min, 1 thread)
-    python benchmarks/destruction.py --quick    # 1 seed, 30 iterations, T in 5, 20, no ablation (a smoke run)
+    python related/benchmarks/destruction.py            # full mode: 3 seeds, 600 iterations a run (about 25 min, 1 thread)
+    python related/benchmarks/destruction.py --quick    # 1 seed, 30 iterations, T in 5, 20, no ablation (a smoke run)
 
 Writes benchmarks/results/destruction[-quick].json and .png (EUBO - ELBO against iteration, mean over
 seeds); the last line printed is one JSON object with, per target D, D/gap_learned5_vs_fixed5 and
@@ -29,8 +29,8 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "related"), os.path.join(ROOT, "benchmarks")]  # helpers, the system, report
 
 import torch  # noqa: E402
 

@@ -1,0 +1,132 @@
+"""The toy's data and its metric's classifier, shared by train_toy.py, related/dsd.py and the benchmarks
+(a script is never imported as a library: its shared pieces live here).
+
+Both datasets become the same tensors in [-1, 1], (N, C, H, W), with class labels: scikit-learn's bundled
+8x8 digits (offline) and CIFAR-10 (the python-pickle release). `fit_classifier` trains the small
+classifier whose features the toy's metric (toy_nets.ClassifierFrechetDistance) compares, cached on disk.
+"""
+from __future__ import annotations
+
+import pickle
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from toy_nets import CIFAR10_FOLDER
+from train_utils import load_checkpoint, save_checkpoint
+
+
+@dataclass
+class ImageData:
+    name: str
+    train_images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_images.shape[1:])
+
+
+def load_digits_data(test_fraction=0.2):
+    """scikit-learn's bundled UCI digits (1,797 images, 8x8, values 0-16), kept at 8x8, 1 channel."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16 * 2 - 1  # (N, 1, 8, 8)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=0,
+                                   stratify=digits.target)
+    return ImageData("digits", images[train], labels[train], images[test], labels[test], 10)
+
+
+def load_cifar10(data_dir, download: bool):
+    """CIFAR-10 from <data_dir>/cifar-10-batches-py (the python-pickle release), downloaded if missing.
+
+    torchvision only downloads; the batches are read here because torchvision's reader insists on
+    the release's md5 sums, which a small test folder cannot have.
+    """
+    folder = Path(data_dir) / CIFAR10_FOLDER
+    if not folder.is_dir() and download:
+        import torchvision
+        created = not Path(data_dir).exists()
+        try:
+            torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        except OSError as error:  # offline: urllib's URLError
+            print(f"CIFAR-10 download failed: {error}", file=sys.stderr)
+            if created:  # leave no empty folder behind
+                shutil.rmtree(data_dir, ignore_errors=True)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"--data-dir: CIFAR-10 not found: expected {folder}/ with data_batch_1 ... data_batch_5 and test_batch. "
+            f"Offline, fetch cifar-10-python.tar.gz (the 'CIFAR-10 python version' from the CIFAR "
+            f"homepage) elsewhere and unpack it into {data_dir}/, or run with network and --download.")
+
+    def read(names):
+        images, labels = [], []
+        for name in names:
+            with open(folder / name, "rb") as file:
+                batch = pickle.load(file, encoding="latin1")
+            images.append(batch["data"])  # (n, 3072) uint8, channel-major
+            labels.extend(batch["labels"])
+        images = torch.from_numpy(np.concatenate(images)).view(-1, 3, 32, 32)
+        return images.float() / 255 * 2 - 1, torch.tensor(labels, dtype=torch.int64)
+
+    train_images, train_labels = read([f"data_batch_{i}" for i in range(1, 6)])
+    test_images, test_labels = read(["test_batch"])
+    return ImageData("cifar10", train_images, train_labels, test_images, test_labels, 10)
+
+
+VALIDATION_FRACTION = 0.2  # of the train split, with --eval-split validation (digits: 288 of 1,437 images)
+
+
+def validation_split(data, fraction=VALIDATION_FRACTION):
+    """The train split cut in two, stratified by class with a fixed seed: (the rest, validation) as
+    (train, test). The test split is not touched."""
+    from sklearn.model_selection import train_test_split
+    train, validation = train_test_split(np.arange(len(data.train_labels)), test_size=fraction, random_state=0,
+                                         stratify=data.train_labels.numpy())
+    train, validation = torch.from_numpy(train), torch.from_numpy(validation)
+    return ImageData(data.name, data.train_images[train], data.train_labels[train], data.train_images[validation],
+                     data.train_labels[validation], data.num_classes)
+
+
+def fit_classifier(classifier, path, data, device, seed, epochs, eval_batch_size=500):
+    """Train `classifier` with cross-entropy for `epochs` on the train split (AdamW, batch
+    64, order seeded by `seed`), or load it from `path` when that holds the same training; frozen."""
+    key = {"dataset": data.name, "train_size": len(data.train_images), "epochs": epochs,
+           "seed": seed, "seeded_init": True}
+    classifier, path = classifier.to(device), Path(path)
+    if path.exists():
+        checkpoint = load_checkpoint(path)
+        if checkpoint["key"] == key:
+            classifier.load_state_dict(checkpoint["model"])
+            return classifier.eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
+    batch_size = 64
+    for _ in tqdm(range(epochs), desc=path.stem, dynamic_ncols=True):
+        order = torch.randperm(len(data.train_images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            indices = order[start:start + batch_size]
+            logits = classifier(data.train_images[indices].to(device))
+            loss = F.cross_entropy(logits, data.train_labels[indices].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    classifier.eval().requires_grad_(False)
+    with torch.no_grad():
+        predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu()
+                                 for chunk in data.test_images.split(eval_batch_size)])
+    accuracy = (predictions == data.test_labels).float().mean().item()
+    print(f"{path.stem}: test accuracy {accuracy:.3f}")
+    save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
+    return classifier
