@@ -3,7 +3,7 @@
 For T = 1, 2, 4 the pipeline (given the text embeddings, z_T, guidance scale 1, the same generator for the LCM's
 per-step noise) and e2ediff.unrolled_sample through the script's own parts (its DiffusersDenoiser adapter, the
 schedule it reads from scheduler_config.json, its --spacing auto grid, its VAE decode) give the same latents and
-the same images, to 1e-5 relative. The tiny pipelines (tests/conftest.py's tiny_pipeline) carry PixArt-delta's
+the same images, to 1e-5 relative. The tiny pipelines (conftest.py's tiny_pipeline) carry PixArt-delta's
 scheduler, with and without the 1024-MS resolution and aspect-ratio conditions, and Stable Diffusion's
 scaled_linear LCMScheduler. Run: python -m pytest -q tests/test_pipeline_oracle.py
 """
