@@ -24,8 +24,9 @@ Read it top to bottom, in the paper's order:
     3. unrolled sampler        (Alg. 1 lines 7-12)
     4. couplings               (Alg. 1 line 6: which noise z_T is paired with which target z0)
     5. reconstruction losses   (Eq. 7: L1, L2, LPIPS — or LPIPS's distance in any backbone — and their hybrid)
-    6. adversarial loss        (Eq. 8: PatchGAN, projection on class labels, hinge / non-saturating,
-                                adaptive or fixed weight, R1, start step; its real samples are data)
+    6. adversarial loss        (Eq. 8: PatchGAN, or heads on the frozen base's features (LADD), projection
+                                on class labels, hinge / non-saturating, adaptive or fixed weight, R1, start
+                                step, critic steps; its real samples are data)
     7. EMA                     (Alg. 1 line 15)
     8. standard diffusion loss (to pretrain the base model the method starts from)
     9. Algorithm 1             (EndToEndConfig, EndToEndLoss, train_step)
@@ -680,6 +681,151 @@ class PatchDiscriminator(nn.Module):
         return self.main[-1](features) + F.avg_pool2d(projection, 4, stride=1, padding=1, count_include_pad=False)
 
 
+DISC_KINDS = ("patch", "basefeat")
+FEATURE_TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
+
+
+def default_feature_layers(base: nn.Module, count: int = 4) -> tuple[str, ...]:
+    """Names in base.named_modules() whose outputs a BaseFeatureDiscriminator reads, found by the
+    blocks' container names: a transformer (diffusers' PixArt: `transformer_blocks`, a ModuleList, also
+    under a wrapper as `transformer.transformer_blocks`) gives `count` evenly spaced blocks, the last
+    one included; the toy UNet (toy_nets.UNet: `down`, `middle`, `up`) its last `down` block, at the
+    lowest resolution, and its `middle` blocks. Anything else: pass the names yourself."""
+    containers = dict(base.named_modules())
+    for name, module in containers.items():
+        if name.split(".")[-1] == "transformer_blocks" and isinstance(module, nn.ModuleList):
+            chosen = np.unique(np.linspace(0, len(module) - 1, min(count, len(module))).round().astype(int))
+            return tuple(f"{name}.{i}" for i in chosen)
+    if isinstance(containers.get("down"), nn.ModuleList) and isinstance(containers.get("middle"), nn.ModuleList):
+        return (f"down.{len(containers['down']) - 1}", *(f"middle.{i}" for i in range(len(containers["middle"]))))
+    raise ValueError(f"no default feature layers for a {type(base).__name__} (neither `transformer_blocks` nor "
+                     "`down` and `middle`): name them (feature_layers, from base.named_modules())")
+
+
+class BaseFeatureDiscriminator(nn.Module):
+    """A discriminator that sees with the frozen base's eyes (LADD, Sauer et al. 2024; SANA-Sprint;
+    DMD2's head on diffusion features): re-noise the input to x_t = alpha_t x + sigma_t eps (Eq. 1's
+    forward process), run the FROZEN base denoiser on it (the `Denoiser` protocol, base(x_t, t, cond)),
+    and read the outputs of the blocks named in `feature_layers` through forward hooks. A small trainable
+    head per block gives its logits: 4-D features (B, C, H, W) -> GroupNorm + SiLU + 1x1 conv -> one logit
+    per position; 3-D token features (B, N, D) -> LayerNorm + Linear -> one logit per token. Output:
+    every head's logits, flattened and concatenated, (B, K): discriminator_loss and
+    generator_adversarial_loss average them, so each position of each block counts once.
+
+    t: `logit_normal` (LADD) draws t / N = sigmoid(loc + scale n), n ~ N(0, 1): with loc > 0 biased to high
+    noise, where the base's features carry global structure; `uniform` draws t from all N timesteps.
+    Real and fake inputs get their own t and eps (drawn from `generator`, or the global RNG).
+
+    The base is frozen and hidden: kept in a dict, not as a submodule, so parameters(), state_dict(),
+    requires_grad_(), train() and DDP see the heads only (the optimiser updates the heads, a checkpoint
+    holds the heads, not a copy of the base); the caller puts the base on the heads' device. Gradients do
+    flow through the base to the input x, so the generator's adversarial loss reaches its sample. The hooks
+    record only during this module's forward: the same base may also run the couplings.
+
+    :param base: the frozen denoiser (every parameter requires_grad=False), in eval mode.
+    :param feature_layers: names of its submodules to read (see `default_feature_layers`).
+    :param example: an input like the ones to judge (1, C, H, W) and `example_cond` its condition for the
+        base: one probing forward finds each block's feature shape, to size its head.
+    :param num_classes: class-label projection (Miyato & Koyama 2018) on every head: logit += <embed(c),
+        normalised feature>; the condition `cond` then must be the labels (label num_classes: no class).
+    """
+
+    def __init__(self, base: nn.Module, alphas_cumprod: torch.Tensor, feature_layers: Iterable[str],
+                 example: torch.Tensor, example_cond: Any = None, *, num_classes: int | None = None,
+                 t_distribution: str = "logit_normal", t_loc: float = 1.0, t_scale: float = 1.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        check_choice("timestep distribution", t_distribution, FEATURE_TIME_DISTRIBUTIONS)
+        if any(p.requires_grad for p in base.parameters()):
+            raise ValueError("a BaseFeatureDiscriminator needs a frozen base: base.requires_grad_(False) (a copy of "
+                             "the pretrained denoiser, not the model being trained)")
+        modules = dict(base.named_modules())
+        self.feature_layers = tuple(feature_layers)
+        missing = [name for name in self.feature_layers if name not in modules]
+        if missing or not self.feature_layers:
+            raise ValueError(f"feature layers {missing or '()'} not in the base; e.g. {default_feature_layers(base)}")
+        self.frozen = {"base": base.eval()}  # a dict: not registered, so not a parameter, buffer or state_dict entry
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
+        self.t_distribution, self.t_loc, self.t_scale, self.generator = t_distribution, t_loc, t_scale, generator
+        self.features, self.recording = {}, False
+        for name in self.feature_layers:
+            modules[name].register_forward_hook(self._hook(name))
+        with torch.no_grad():
+            shapes = [f.shape for f in self._base_features(example, example_cond)]
+        self.heads = nn.ModuleList()
+        for shape in shapes:
+            if len(shape) == 4:  # (B, C, H, W)
+                channels = shape[1]
+                trunk = nn.Sequential(nn.GroupNorm(math.gcd(32, channels), channels), nn.SiLU())
+                head = nn.Conv2d(channels, 1, 1)
+            elif len(shape) == 3:  # (B, N, D) tokens
+                channels = shape[2]
+                trunk, head = nn.LayerNorm(channels), nn.Linear(channels, 1)
+            else:
+                raise ValueError(f"feature of shape {tuple(shape)}: need (B, C, H, W) or (B, N, D)")
+            embed = nn.Embedding(num_classes + 1, channels) if num_classes else None
+            self.heads.append(nn.ModuleDict({"trunk": trunk, "head": head, **({"embed": embed} if embed else {})}))
+        self.num_classes = num_classes
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            if self.recording:
+                self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return record
+
+    def _base_features(self, x_t: torch.Tensor, cond: Any, t: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The base's block outputs at (x_t, t), in `feature_layers` order."""
+        if t is None:
+            t = torch.full((len(x_t),), len(self.alphas_cumprod) - 1, device=x_t.device, dtype=torch.long)
+        self.features, self.recording = {}, True
+        try:
+            self.frozen["base"](x_t, t, cond)
+        finally:
+            self.recording = False
+        features, self.features = [self.features[name] for name in self.feature_layers], {}
+        return features
+
+    def sample_timesteps(self, batch: int, device) -> torch.Tensor:
+        """(B,) long t in [0, N) from the stated distribution."""
+        num_timesteps, source = len(self.alphas_cumprod), self.generator.device if self.generator else device
+        if self.t_distribution == "uniform":
+            return torch.randint(0, num_timesteps, (batch,), device=source, generator=self.generator).to(device)
+        n = torch.randn(batch, device=source, generator=self.generator)
+        u = torch.sigmoid(self.t_loc + self.t_scale * n)  # LADD's logit-normal
+        return (u * num_timesteps).long().clamp(0, num_timesteps - 1).to(device)
+
+    def forward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """x (B, C, H, W) in the base's input space, cond the base's condition (the class labels when
+        num_classes) -> (B, K) logits, every head's positions concatenated."""
+        if self.num_classes and cond is None:
+            raise ValueError("a conditional BaseFeatureDiscriminator (num_classes) needs class labels")
+        t = self.sample_timesteps(len(x), x.device)
+        abar = self.alphas_cumprod[t].to(x.dtype)
+        noise = _randn_like(x, self.generator)
+        x_t = _expand(abar.sqrt(), x) * x + _expand((1 - abar).sqrt(), x) * noise  # x_t = alpha_t x + sigma_t eps
+        logits = []
+        for feature, parts in zip(self._base_features(x_t, cond, t), self.heads):
+            h = parts["trunk"](feature.float())
+            logit = parts["head"](h)  # (B, 1, H, W) or (B, N, 1)
+            if "embed" in parts:  # projection: <embed(c), h> per position, scaled as a mean over channels
+                embedding = parts["embed"](cond)
+                channel_dim = 1 if h.dim() == 4 else 2
+                shape = (len(h), -1, 1, 1) if h.dim() == 4 else (len(h), 1, -1)
+                logit = logit + (embedding.view(shape) * h).mean(channel_dim, keepdim=True)
+            logits.append(logit.flatten(1))
+        return torch.cat(logits, dim=1)
+
+
+def base_feature_discriminator(base: nn.Module, schedule: NoiseSchedule, config: EndToEndConfig, example: torch.Tensor,
+                               example_cond: Any = None, num_classes: int | None = None) -> BaseFeatureDiscriminator:
+    """The BaseFeatureDiscriminator that `config`'s disc_* options describe, on the frozen `base`."""
+    layers = default_feature_layers(base) if config.disc_feature_layers == "auto" else \
+        tuple(name.strip() for name in config.disc_feature_layers.split(","))
+    return BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, example, example_cond, num_classes=num_classes,
+                                    t_distribution=config.disc_t_distribution, t_loc=config.disc_t_loc,
+                                    t_scale=config.disc_t_scale)
+
+
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """Per-sample discriminator loss. hinge: relu(1 - D(x)) + relu(1 + D(G)) (Lim & Ye 2017);
     non_saturating: softplus(-D(x)) + softplus(D(G)) (Goodfellow et al. 2014)."""
@@ -724,7 +870,11 @@ class GANLoss:
 
     Before `start_step` nothing touches the discriminator (no forward, no autograd.grad), so the
     unrolled graph is not held for it: the steps before it are a warm-up on the reconstruction loss
-    alone. `discriminator` may be DDP-wrapped: the generator pass uses the bare module (no
+    alone. `discriminator` is a PatchDiscriminator on images, or a BaseFeatureDiscriminator on the
+    denoiser's own inputs (latents: EndToEndLoss then hands it the sampler's output z0, not the decoded
+    image, and train_step the data's z0), which gets the condition `cond` for its base; train_step
+    updates it `config.disc_steps` times per generator step. `discriminator` may be DDP-wrapped: the
+    generator pass uses the bare module (no
     discriminator gradients are wanted there), the discriminator step the wrapper. With
     `config.disc_conditional` both passes hand the discriminator the class labels `cond`.
     """
@@ -733,16 +883,20 @@ class GANLoss:
         self.discriminator, self.kind, self.weight = discriminator, config.gan_kind, config.gan_weight
         self.start_step, self.adaptive, self.r1_weight = config.gan_start_step, config.gan_adaptive, config.r1_weight
         self.conditional = config.disc_conditional
+        self.steps = config.disc_steps  # discriminator updates per generator step
+        # a base-feature discriminator reads the denoiser's own space (latents) and needs the base's condition
+        self.on_latents = isinstance(unwrap(discriminator), BaseFeatureDiscriminator)
         self.optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
         return step >= self.start_step
 
     def _labels(self, cond) -> tuple:
-        """The discriminator's extra arguments: (cond,) when it is conditional, () otherwise."""
+        """The discriminator's extra arguments: (cond,) when it is conditional or reads the base (whose
+        condition it is), () otherwise."""
         if self.conditional and cond is None:
             raise ValueError("disc_conditional needs class labels (cond) for the discriminator")
-        return (cond,) if self.conditional else ()
+        return (cond,) if self.conditional or self.on_latents else ()
 
     def generator_loss(self, fake: torch.Tensor, recon_loss: torch.Tensor, step: int, last_layer: torch.Tensor | None = None,
                        cond: Any = None) -> dict:
@@ -945,6 +1099,12 @@ END_TO_END_RULES = (
     Rule(("checkpoint_policy", "grad_checkpoint"), "grad_checkpoint on with checkpoint_policy selective (the policy "
          "says what a checkpointed step keeps)", lambda c: c.grad_checkpoint or c.checkpoint_policy == "full",
          {"checkpoint_policy": "selective", "grad_checkpoint": False}),
+    Rule(("disc_feature_layers", "disc_kind"), "--disc-feature-layers auto unless --disc-kind basefeat (only its heads "
+         "read the base's blocks)", lambda c: c.disc_kind == "basefeat" or c.disc_feature_layers == "auto",
+         {"disc_feature_layers": "middle.0", "disc_kind": "patch"}),
+    Rule(("disc_t_distribution", "disc_kind"), "--disc-t-distribution logit_normal unless --disc-kind basefeat (only it "
+         "re-noises its inputs)", lambda c: c.disc_kind == "basefeat" or c.disc_t_distribution == "logit_normal",
+         {"disc_t_distribution": "uniform", "disc_kind": "patch"}),
 )
 
 
@@ -990,6 +1150,19 @@ class EndToEndConfig:
     disc_layers: int = option(3, "PatchGAN strided layers (taming's default)", valid=">= 1")
     disc_conditional: bool = option(False, "projection discriminator on class labels (Miyato & Koyama 2018): it "
                                     "judges p(x | c), not p(x); class-conditional toy only")
+    disc_kind: str = option("patch", "patch = the paper's PatchGAN on images, trained from scratch; basefeat = trainable "
+                            "heads on the frozen base's features of re-noised inputs in its own space (LADD, DMD2)",
+                            DISC_KINDS)
+    disc_feature_layers: str = option("auto", "basefeat: comma-separated names in the base's named_modules() to read; "
+                                      "auto = the UNet's last down and middle blocks, or 4 evenly spaced PixArt blocks",
+                                      valid="non-empty")
+    disc_t_distribution: str = option("logit_normal", "basefeat: t of the re-noised input; logit_normal (LADD) "
+                                      "t/N = sigmoid(loc + scale n), uniform = every timestep alike",
+                                      FEATURE_TIME_DISTRIBUTIONS)
+    disc_t_loc: float = option(1.0, "basefeat, logit_normal: location; > 0 biases t to high noise (global structure)")
+    disc_t_scale: float = option(1.0, "basefeat, logit_normal: scale of the logit", valid="> 0")
+    disc_steps: int = option(1, "discriminator updates per generator step (DMD2: 5), on the step's detached samples",
+                             valid=">= 1")
     # the update (Alg. 1 lines 14-15)
     grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off",
                               valid=">= 0")
@@ -1053,14 +1226,15 @@ class EndToEndLoss(nn.Module):
 
     def forward(self, z_T: torch.Tensor, target: torch.Tensor, step: int, cond: Any = None, uncond: Any = None,
                 target_image: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
-        """:returns: loss (scalar), logs (detached scalars), and the output and the target as images
-        (B, C, H, W) for the discriminator's step: decoded, or z0 and the target themselves when there
-        is no decoder (or neither LPIPS nor the GAN needs images)."""
+        """:returns: loss (scalar), logs (detached scalars), and the output and the target as the
+        discriminator's step reads them (B, C, H, W): images, decoded, or z0 and the target themselves
+        when there is no decoder (or neither LPIPS nor the GAN needs images, or the GAN reads latents)."""
         lpips, gan, decode = self.helpers["lpips"], self.helpers["gan"], self.helpers["decode"]
         z0 = unrolled_sample(self.denoiser, z_T, self.schedule, self.config.num_steps, cond=cond, uncond=uncond,
                              **self.sampler_options)  # Alg. 1 lines 7-12
         gan_on = gan is not None and gan.active(step)
-        image = decode(z0) if decode is not None and (lpips is not None or gan_on) else z0
+        on_latents = gan_on and gan.on_latents  # a base-feature discriminator reads z0 itself
+        image = decode(z0) if decode is not None and (lpips is not None or gan_on and not on_latents) else z0
         if image is z0:
             target_image = target
         elif target_image is None:
@@ -1071,10 +1245,13 @@ class EndToEndLoss(nn.Module):
             loss = terms["recon"].mean()
             logs = {name: value.mean().detach() for name, value in terms.items()}
         if gan_on:  # Eq. 8
-            adversarial = gan.generator_loss(image, loss, step, getattr(self.denoiser, "last_layer", None), cond)
+            adversarial = gan.generator_loss(z0 if on_latents else image, loss, step,
+                                             getattr(self.denoiser, "last_layer", None), cond)
             loss = loss + adversarial["gan_total"]
             logs.update({name: value.detach() for name, value in adversarial.items()})
         logs["loss"] = loss.detach()
+        if on_latents:
+            return loss, logs, z0, target
         return loss, logs, image, target_image
 
 
@@ -1113,7 +1290,7 @@ def train_step(
     config, schedule = inner.config, inner.schedule
     prediction_type = inner.sampler_options["prediction_type"]
     count = len(micro_batches) if accumulation is None else accumulation
-    gan_on, totals, seen = gan is not None and gan.active(step), {}, 0
+    gan_on, totals, seen, critic_batches = gan is not None and gan.active(step), {}, 0, []
     for batch in micro_batches:
         sync = seen == count - 1 or no_sync is None  # DDP all-reduces the gradients once, after the last
         target, cond = batch["target"], batch.get("cond")
@@ -1133,7 +1310,9 @@ def train_step(
             loss, logs, fake, real = loss_fn(z_T, target, step, cond, batch.get("uncond"), target_image)  # 7-13
             (loss / count).backward()
         if gan_on:  # the discriminator's own step: data (as images) vs the sampler's detached outputs
-            if batch.get("images") is not None:
+            if gan.on_latents:  # a base-feature discriminator: the data's z0 vs the sampler's z0
+                real = data
+            elif batch.get("images") is not None:
                 real = batch["images"]
             elif config.coupling == "teacher":  # the target is the teacher's sample: show the data instead
                 real = inner.as_image(data)
@@ -1141,6 +1320,8 @@ def train_step(
                 disc = gan.discriminator_loss(real, fake.detach(), step, cond)
                 (disc["disc"] / count).backward()
             logs["disc"] = disc["disc"].detach()
+            if gan.steps > 1:
+                critic_batches.append((real, fake.detach(), cond, sync))
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + float(value) / count
         seen += 1
@@ -1153,6 +1334,12 @@ def train_step(
     if gan_on:
         gan.optimizer.step()
         gan.optimizer.zero_grad(set_to_none=True)
+        for _ in range(gan.steps - 1):  # DMD2's extra critic updates, on this step's data and detached samples
+            for real, fake, cond, sync in critic_batches:
+                with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
+                    (gan.discriminator_loss(real, fake, step, cond)["disc"] / count).backward()
+            gan.optimizer.step()
+            gan.optimizer.zero_grad(set_to_none=True)
     ema.update(inner.denoiser)  # Alg. 1 line 15
     return {**totals, "grad_norm": float(grad_norm)}
 

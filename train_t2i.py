@@ -110,7 +110,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from diffusers_parts import DiffusersDenoiser, LatentCodec
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
-    Rule, check_options, check_prediction_type, check_rules, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
+    Rule, base_feature_discriminator, check_options, check_prediction_type, check_rules, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
     INCEPTION_WEIGHTS, as_flags, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
@@ -190,7 +190,7 @@ class Config:
 RULES = (
     Rule(("disc_layers", "resolution", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
          "--resolution (the PatchGAN reads decoded images)",
-         lambda c: c.e2e.gan_weight == 0 or 3 * 2**c.e2e.disc_layers <= c.resolution,
+         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch" or 3 * 2**c.e2e.disc_layers <= c.resolution,
          {"disc_layers": 5, "resolution": 64, "gan_weight": 0.1}),
     Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero terminal SNR "
          "(epsilon cannot recover x0 where alpha_T = 0)",
@@ -750,8 +750,8 @@ class Run:
             log({"event": "note", "message": f"training at {config.resolution}px = {latent_size}^2 latents; the "
                  f"transformer was trained at sample_size {transformer.config.sample_size}"})
         self.denoiser = DiffusersDenoiser(transformer, self.codec.factor)
-        self.base = None  # the frozen pretrained denoiser that the inversion and teacher couplings run
-        if config.e2e.coupling != "independent":
+        self.base = None  # the frozen pretrained denoiser that the couplings run and --disc-kind basefeat reads
+        if config.e2e.coupling != "independent" or config.e2e.gan_weight > 0 and config.e2e.disc_kind == "basefeat":
             self.base = copy.deepcopy(self.denoiser).to(frozen_dtype(config, ctx.device)).eval().requires_grad_(False)
         prompts = SAMPLE_PROMPTS
         if config.sample_prompts:
@@ -769,22 +769,31 @@ class Run:
 
     def build_loss(self) -> tuple[nn.Module, GANLoss | None]:
         """EndToEndLoss (Alg. 1 lines 7-13, Eq. 7-8), LPIPS on VAE-decoded images and, with --gan-weight > 0,
-        a PatchGAN discriminator; DDP wraps the loss (so the denoiser) and the discriminator when distributed."""
+        a PatchGAN discriminator (--disc-kind basefeat: heads on the frozen base); DDP wraps the loss (so the denoiser) and the discriminator when distributed."""
         e2e, device = self.config.e2e, self.ctx.device
 
         def wrap(module):
             return DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if self.ctx.enabled \
                 else module
         lpips = LPIPS(e2e.lpips_net, random_backbone=e2e.lpips_random_backbone).to(device) if e2e.lpips_weight else None
-        gan = GANLoss(wrap(PatchDiscriminator(3, e2e.disc_channels, e2e.disc_layers).to(device)), e2e) \
-            if e2e.gan_weight > 0 else None
+        gan = None
+        if e2e.gan_weight > 0 and e2e.disc_kind == "basefeat":  # heads on the frozen base's blocks, on latents
+            transformer = self.denoiser.transformer
+            latent_size = self.config.resolution // self.codec.factor
+            example = torch.zeros(1, transformer.config.in_channels, latent_size, latent_size, device=device)
+            with autocast(self.config, device):  # the base may be bf16
+                discriminator = base_feature_discriminator(self.base, self.schedule, e2e, example,
+                                                           tuple(c[:1] for c in self.sample_cond))
+            gan = GANLoss(wrap(discriminator.to(device)), e2e)
+        elif e2e.gan_weight > 0:
+            gan = GANLoss(wrap(PatchDiscriminator(3, e2e.disc_channels, e2e.disc_layers).to(device)), e2e)
         loss_fn = EndToEndLoss(self.denoiser, self.schedule, e2e, self.prediction_type, lpips=lpips, gan=gan,
                                decode=self.codec.decode)
         return wrap(loss_fn), gan
 
     @property
     def discriminator(self) -> nn.Module | None:
-        """The PatchGAN itself (not its DDP wrapper); None without the GAN."""
+        """The discriminator itself (not its DDP wrapper); None without the GAN."""
         return None if self.gan is None else unwrap(self.gan.discriminator)
 
     @property

@@ -67,6 +67,7 @@ Importable stages (the notebook and benchmarks/ use them): Config, build_dataset
 pretrain, distill, finetune, load_base, load_lcm, load_finetuned, generate, evaluate, train_classifier.
 """
 
+import copy
 import json
 import math
 import random
@@ -82,7 +83,7 @@ from tqdm import tqdm
 
 from e2ediff import (
     EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, PatchDiscriminator,
-    Rule, check_options, check_rules, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    Rule, base_feature_discriminator, check_options, check_rules, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import (
@@ -233,7 +234,7 @@ RULES = (
          {"original_steps": 2, "nfe": (1, 4), "base": "lcm"}),
     Rule(("disc_layers", "dataset", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
          "the side (digits 8: 1 layer; cifar10 32: up to 3)",
-         lambda c: c.e2e.gan_weight == 0 or 3 * 2**c.e2e.disc_layers <= IMAGE_SIZE[c.dataset],
+         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch" or 3 * 2**c.e2e.disc_layers <= IMAGE_SIZE[c.dataset],
          {"disc_layers": 2, "dataset": "digits", "gan_weight": 0.5}),
     Rule(("channel_mult", "dataset"), "at most log2(side) + 1 levels in --channel-mult (each halves the side)",
          lambda c: 2 ** (len(c.channel_mult) - 1) <= IMAGE_SIZE[c.dataset],
@@ -733,8 +734,13 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, pairs, 
     parts = {"model": model, "ema": ema, "optimizer": optimizer, "batches": batches}
     gan = None
     if method.gan_weight > 0:
-        discriminator = PatchDiscriminator(data.image_shape[0], method.disc_channels, method.disc_layers,
-                                           data.num_classes if method.disc_conditional else None)
+        num_classes = data.num_classes if method.disc_conditional else None
+        if method.disc_kind == "basefeat":  # heads on a copy of the frozen diffusion base (its hooks stay off `base`)
+            example_cond, _ = conditions(config, data, data.train_labels[:1].to(device))
+            discriminator = base_feature_discriminator(copy.deepcopy(base), schedule, method,
+                                                       data.train_images[:1].to(device), example_cond, num_classes)
+        else:
+            discriminator = PatchDiscriminator(data.image_shape[0], method.disc_channels, method.disc_layers, num_classes)
         gan = GANLoss(discriminator.to(device), method)
         parts.update(discriminator=gan.discriminator, disc_optimizer=gan.optimizer)
     loss_fn = EndToEndLoss(model, schedule, method, config.prediction_type, lpips=lpips, gan=gan,

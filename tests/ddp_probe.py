@@ -4,7 +4,8 @@ the script, with the script's flags.
 After every optimiser step each rank appends "<optimiser> <sha256 of that optimiser's parameters>" to
 <out-dir>/rank<RANK>.sha (optimiser 0 is the first one built, and so on), by patching
 torch.optim.AdamW in this process only; then it runs train_t2i.main. DDP keeps the replicas identical
-iff both ranks write the same lines.
+iff both ranks write the same lines. After every train_step that holds a frozen base (the couplings',
+--disc-kind basefeat's) it appends the sha256 of the base's parameters to <out-dir>/rank<RANK>.base.sha.
 
 With E2EDIFF_FIXED_BATCHES=S each micro-batch is `fixed_micro_batch`'s instead of the data's: one of the S
 shares of a global micro-batch that depends only on its number, so that S ranks and 1 process with S times
@@ -24,6 +25,25 @@ import train_t2i  # noqa: E402
 COUNTER = itertools.count()
 
 
+def parameter_digest(parameters) -> str:
+    digest = hashlib.sha256()
+    for param in parameters:
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def probed_train_step(*args, **kwargs):
+    """train_t2i's train_step, then the frozen base's digest (when the run holds one)."""
+    logs = TRAIN_STEP(*args, **kwargs)
+    if kwargs.get("base_model") is not None:
+        with open(os.path.join(ProbedAdamW.out_dir, f"rank{os.environ.get('RANK', '0')}.base.sha"), "a") as f:
+            f.write(parameter_digest(kwargs["base_model"].parameters()) + "\n")
+    return logs
+
+
+TRAIN_STEP = train_t2i.train_step
+
+
 class ProbedAdamW(torch.optim.AdamW):
     out_dir = "."
 
@@ -33,12 +53,9 @@ class ProbedAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         loss = super().step(closure)
-        digest = hashlib.sha256()
-        for group in self.param_groups:
-            for param in group["params"]:
-                digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest = parameter_digest(param for group in self.param_groups for param in group["params"])
         with open(os.path.join(self.out_dir, f"rank{os.environ.get('RANK', '0')}.sha"), "a") as f:
-            f.write(f"{self.probe_index} {digest.hexdigest()}\n")
+            f.write(f"{self.probe_index} {digest}\n")
         return loss
 
 
@@ -63,6 +80,7 @@ def fixed_micro_batch(run: train_t2i.Run, batch: dict, shares: int = 2) -> dict:
 if __name__ == "__main__":
     ProbedAdamW.out_dir = sys.argv[sys.argv.index("--out-dir") + 1]
     torch.optim.AdamW = ProbedAdamW
+    train_t2i.train_step = probed_train_step
     if os.environ.get("E2EDIFF_FIXED_BATCHES"):
         shares = int(os.environ["E2EDIFF_FIXED_BATCHES"])
         train_t2i.Run.micro_batch = functools.partialmethod(fixed_micro_batch, shares=shares)

@@ -545,6 +545,128 @@ def test_patch_discriminator_shapes_batch_independence_and_small_input_error():
 # ---------------------------------------------------------------- 7. EMA, 8. diffusion loss
 
 
+def frozen_toy_base(num_classes=None):
+    """A tiny toy UNet as the frozen base (random weights: the tests check plumbing, not judgement)."""
+    import toy_nets
+    torch.manual_seed(0)
+    return toy_nets.UNet(1, model_channels=8, channel_mult=(1, 2), num_classes=num_classes).eval().requires_grad_(False)
+
+
+def basefeat_setup(disc_steps=1, num_classes=None):
+    schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
+    config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, gan_weight=0.5, gan_adaptive=False,
+                                    grad_checkpoint=False, disc_kind="basefeat", disc_steps=disc_steps)
+    base = frozen_toy_base(num_classes)
+    cond = None if num_classes is None else torch.tensor([0])
+    discriminator = e2ediff.base_feature_discriminator(base, schedule, config, torch.zeros(1, 1, 8, 8), cond, num_classes)
+    return schedule, config, base, discriminator
+
+
+def test_base_feature_discriminator_trains_its_heads_only_and_the_base_stays_bit_identical():
+    schedule, config, base, discriminator = basefeat_setup()
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    head_ids = {id(p) for p in discriminator.heads.parameters()}
+    assert {id(p) for p in discriminator.parameters()} == head_ids and not head_ids & {id(p) for p in base.parameters()}
+    assert all(key.startswith("heads.") for key in discriminator.state_dict())  # no copy of the base in a checkpoint
+    model = TinyImageDenoiser()
+    gan = e2ediff.GANLoss(discriminator, config)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+    optimizer, ema = torch.optim.SGD(model.parameters(), lr=0.1), e2ediff.EMA(model, config.ema_decay)
+    heads = [p.detach().clone() for p in discriminator.parameters()]
+    batch = [{"target": torch.randn(2, 1, 8, 8), "z_T": torch.randn(2, 1, 8, 8)}]
+    for step in range(2):  # generator and discriminator steps
+        logs = e2ediff.train_step(loss_fn, optimizer, ema, batch, step=step, gan=gan)
+    assert math.isfinite(logs["disc"]) and math.isfinite(logs["gan"])
+    assert all(not p.requires_grad and p.grad is None for p in base.parameters())
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(not torch.equal(h, p) for h, p in zip(heads, discriminator.parameters()))  # the heads took their steps
+
+
+def test_base_feature_generator_loss_reaches_the_sample_through_the_frozen_base_and_not_the_heads():
+    schedule, config, base, discriminator = basefeat_setup()
+    gan = e2ediff.GANLoss(discriminator, config)
+    fake = torch.randn(3, 1, 8, 8, requires_grad=True)
+    gan.generator_loss(fake, torch.zeros(()), step=0)["gan_total"].backward()
+    assert fake.grad is not None and (fake.grad.flatten(1).norm(dim=1) > 0).all()  # every sample gets a gradient
+    assert all(p.grad is None for p in discriminator.parameters()) and all(p.requires_grad for p in discriminator.parameters())
+    assert all(p.grad is None for p in base.parameters())
+
+
+@pytest.mark.parametrize("disc_steps", [1, 3])
+def test_disc_steps_k_makes_k_discriminator_updates_per_generator_step(disc_steps):
+    schedule, config, base, discriminator = basefeat_setup(disc_steps)
+    model = TinyImageDenoiser()
+    gan = e2ediff.GANLoss(discriminator, config)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+    optimizer, ema = torch.optim.AdamW(model.parameters(), lr=1e-3), e2ediff.EMA(model, config.ema_decay)
+    batches = [{"target": torch.randn(2, 1, 8, 8), "z_T": torch.randn(2, 1, 8, 8)} for _ in range(2)]  # accumulation
+    for step in range(2):
+        e2ediff.train_step(loss_fn, optimizer, ema, batches, step=step, gan=gan)
+    assert {int(optimizer.state[p]["step"]) for p in model.parameters()} == {2}
+    assert {int(gan.optimizer.state[p]["step"]) for p in discriminator.parameters()} == {2 * disc_steps}
+
+
+def test_base_feature_hooks_find_the_toy_unet_blocks_and_the_projection_reads_the_label():
+    base = frozen_toy_base(num_classes=10)
+    assert e2ediff.default_feature_layers(base) == ("down.2", "middle.0", "middle.1")
+    _, _, base, discriminator = basefeat_setup(num_classes=10)
+    assert [type(head["head"]) for head in discriminator.heads] == [nn.Conv2d] * 3  # 4-D features: conv heads
+    for head in discriminator.heads:
+        nn.init.normal_(head["embed"].weight)
+    x = torch.randn(2, 1, 8, 8)
+    discriminator.generator = torch.Generator().manual_seed(0)
+    logits = discriminator(x, torch.tensor([1, 2]))
+    assert logits.shape == (2, 3 * 4 * 4)  # down.2 and the middle blocks, each at 4x4: 3 x 16 positions
+    discriminator.generator = torch.Generator().manual_seed(0)  # the same t and eps again
+    relabelled = discriminator(x, torch.tensor([3, 2]))
+    assert not torch.allclose(logits[0], relabelled[0]) and torch.equal(logits[1], relabelled[1])
+    with pytest.raises(ValueError, match="class labels"):
+        discriminator(x)
+
+
+def test_base_feature_hooks_find_the_tiny_pixart_blocks(request):
+    diffusers = pytest.importorskip("diffusers", reason="the t2i extras (requirements-t2i.txt) build PixArt")
+    from diffusers_parts import DiffusersDenoiser
+    folder = request.getfixturevalue("tiny_pipeline")("delta")  # tests/tiny_t2i.py's PixArt: 2 transformer blocks
+    transformer = diffusers.PixArtTransformer2DModel.from_pretrained(str(folder / "transformer"))
+    base = DiffusersDenoiser(transformer).eval().requires_grad_(False)
+    layers = e2ediff.default_feature_layers(base)
+    assert layers == tuple(f"transformer.transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks)))
+    schedule = e2ediff.make_schedule("linear")
+    cond = (torch.randn(2, 5, transformer.config.caption_channels), torch.ones(2, 5, dtype=torch.long))
+    latents = torch.randn(2, transformer.config.in_channels, 8, 8, requires_grad=True)
+    discriminator = e2ediff.BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, latents[:1].detach(),
+                                                     tuple(c[:1] for c in cond))
+    assert [type(head["head"]) for head in discriminator.heads] == [nn.Linear] * len(layers)  # token features
+    logits = discriminator(latents, cond)
+    assert logits.shape == (2, len(layers) * (8 // transformer.config.patch_size) ** 2)  # one logit per token
+    logits.sum().backward()
+    assert latents.grad.abs().sum() > 0 and all(p.grad is None for p in base.parameters())
+
+
+def test_base_feature_discriminator_refuses_a_trainable_base_and_the_config_a_meaningless_option():
+    schedule = e2ediff.make_schedule("linear")
+    with pytest.raises(ValueError, match="frozen base"):
+        e2ediff.BaseFeatureDiscriminator(frozen_toy_base().requires_grad_(True), schedule.alphas_cumprod, ("middle.0",),
+                                         torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="not in the base"):
+        e2ediff.BaseFeatureDiscriminator(frozen_toy_base(), schedule.alphas_cumprod, ("nowhere",), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(e2ediff.RuleError, match="disc-kind basefeat"):
+        e2ediff.EndToEndConfig(disc_feature_layers="middle.0")
+
+
+def test_logit_normal_timesteps_lean_to_high_noise_and_uniform_covers_the_grid():
+    _, _, _, discriminator = basefeat_setup()
+    discriminator.generator = torch.Generator().manual_seed(0)
+    t = discriminator.sample_timesteps(20_000, "cpu").float() / len(discriminator.alphas_cumprod)
+    expected = torch.sigmoid(1.0 + torch.randn(200_000, generator=torch.Generator().manual_seed(1))).mean()
+    assert abs(t.mean() - expected) < 0.01 and t.mean() > 0.65  # loc 1: E[sigmoid(1 + n)] = 0.70
+    discriminator.t_distribution = "uniform"
+    t = discriminator.sample_timesteps(20_000, "cpu")
+    assert t.min() == 0 and t.max() == len(discriminator.alphas_cumprod) - 1
+
+
 def test_ema_warmup_forgets_the_random_init_and_resumes_its_count():
     model = nn.Linear(1, 1, bias=False)
     nn.init.constant_(model.weight, 0.0)  # the "random init"

@@ -146,6 +146,24 @@ def test_two_ranks_hold_identical_weights_after_every_step_and_write_a_checkpoin
     assert os.path.isfile(os.path.join(out_dir, "transformer_ema", "config.json"))
 
 
+@pytest.mark.slow  # a torchrun launch of its own
+def test_two_ranks_train_base_feature_heads_while_the_frozen_base_stays_bit_identical(tiny, tmp_path):
+    """--disc-kind basefeat under 2-rank DDP: heads on the frozen base's PixArt blocks, on latents."""
+    args = tiny_args(tiny, tmp_path, max_steps=2, gan_weight=0.1, gan_adaptive=False, disc_kind="basefeat",
+                     disc_steps=2)
+    returncode, output = launch(args, nproc=2, script=PROBE)
+    assert returncode == 0, output[-4000:]
+    sums = checksums(tmp_path)
+    assert sums[0] == sums[1]  # denoiser and heads, bit for bit, after every step
+    assert [index for index, _ in sums[0]] == ["1", "0", "0"] * 2  # the denoiser (1), then 2 critic updates (0)
+    bases = {rank: (tmp_path / f"rank{rank}.base.sha").read_text().split() for rank in (0, 1)}
+    assert len(bases[0]) == 2 and len(set(bases[0] + bases[1])) == 1  # frozen: the same after each step, on each rank
+    steps = step_rows(read_log(tmp_path))
+    assert [row["step"] for row in steps] == [1, 2] and all(math.isfinite(row["disc"]) for row in steps)
+    checkpoint = train_t2i.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
+    assert checkpoint["discriminator"] and all(key.startswith("heads.") for key in checkpoint["discriminator"])
+
+
 @pytest.mark.slow  # a second torchrun launch (~25 s)
 def test_two_ranks_resume_from_the_checkpoint_and_continue(ddp_run):
     out_dir, args, rows_before = ddp_run

@@ -191,6 +191,23 @@ def test_gan_discriminator_is_conditional_on_the_labels_by_default(tmp_path, dig
     assert not train_toy.parse_config(["--no-class-conditional"]).class_conditional  # no GAN: nothing to condition
 
 
+def test_finetune_with_base_feature_discriminator_trains_heads_on_the_frozen_base(tmp_path, digits):
+    assert train_toy.parse_config(["--disc-kind", "basefeat", "--gan-weight", "0.5"]).e2e.disc_kind == "basefeat"
+    config = tiny(tmp_path, gan_weight=0.5, disc_kind="basefeat", disc_steps=2, finetune_steps=2)
+    cpu = torch.device("cpu")
+    train_toy.pretrain(config, digits, cpu)
+    base = {name: tensor.clone() for name, tensor in train_toy.load_base(config, digits, cpu).state_dict().items()}
+    checkpoint = load_checkpoint(train_toy.finetune(config, digits, cpu)[1])
+    heads = checkpoint["discriminator"]
+    assert heads and all(key.startswith("heads.") for key in heads)  # the heads alone: no copy of the base
+    assert heads["heads.0.embed.weight"].shape[0] == digits.num_classes + 1  # conditional on the labels by default
+    assert {int(state["step"]) for state in checkpoint["disc_optimizer"]["state"].values()} == {4}  # 2 steps x 2 critic steps
+    assert all(torch.equal(tensor, base[name]) for name, tensor in train_toy.load_base(config, digits, cpu).state_dict().items())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["stage"] == "finetune-nfe1"]
+    assert len(tuned) == 2 and all(math.isfinite(r["disc"]) and math.isfinite(r["gan"]) for r in tuned)
+
+
 # --- exact resume -----------------------------------------------------------------------------
 
 
