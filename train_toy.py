@@ -867,7 +867,7 @@ def evaluate(config, data, device):
         log.write({"stage": "eval", **row})
     if inception_error:
         print(f"Inception FID skipped: {inception_error}")
-    table = results_table(rows, data, inception_error)
+    table = results_table(rows, data, inception_error, config.eval_split)
     (config.out / "results.md").write_text(table + "\n")
     (config.out / "results.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=1) + "\n")
     print(table)
@@ -908,8 +908,8 @@ def verdicts(rows):
     return lines
 
 
-def results_table(rows, data, inception_error):
-    """Markdown table of the evaluation rows."""
+def results_table(rows, data, inception_error, split="test"):
+    """Markdown table of the evaluation rows; `split`: what the metrics compared against (--eval-split)."""
     with_fid = data.name == "cifar10"
     header = "| model | NFE | CFD ↓ | pixel energy ↓ | precision ↑ | recall ↑ |" + (" Inception FID ↓ |" if with_fid else "")
     lines = [header, "|---|---|---|---|---|---|" + ("---|" if with_fid else "")]
@@ -919,9 +919,9 @@ def results_table(rows, data, inception_error):
         if with_fid:
             line += f" {row['inception_fid']:.2f} |" if "inception_fid" in row else " n/a |"
         lines.append(line)
-    lines.append(f"\nCFD: Fréchet distance in a small {data.name} classifier's features against the test "
+    lines.append(f"\nCFD: Fréchet distance in a small {data.name} classifier's features against the {split} "
                  f"split ({len(data.test_images)} images); not the Inception FID. Pixel energy, precision, recall: "
-                 f"the same test split in pixel space (energy distance; k-NN precision and recall, k = 5).")
+                 f"the same {split} split in pixel space (energy distance; k-NN precision and recall, k = 5).")
     if with_fid and inception_error:
         lines.append("Inception FID n/a: weights not on disk (see the message printed by the run).")
     return "\n".join(lines)

@@ -347,6 +347,9 @@ def test_validation_split_is_carved_from_the_train_split_stratified_and_leaves_t
     assert rows(split.train_images) | rows(split.test_images) == rows(digits.train_images)
     assert set(split.test_labels.tolist()) == set(range(10))
     assert torch.equal(train_toy.build_dataset(Config()).test_images, digits.test_images)
+    row = {"model": "base, DDIM", "nfe": 4, "cfd": 9.0, "pixel_energy": 0.03, "precision": 0.9, "recall": 0.8}
+    table = train_toy.results_table([row], split, None, "validation")  # the table names what it measured against
+    assert f"against the validation split ({len(split.test_images)} images)" in table and "test split" not in table
 
 
 def test_verdict_rule_needs_distance_pixel_and_recall_together():
