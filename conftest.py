@@ -1,5 +1,5 @@
-"""Shared test setup (tests/ and related/tests/): the repository root and related/ on sys.path, no network (hub calls fail fast), and no silent
-skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or module fails, with its reason, so
+"""Shared test setup (tests/ and related/tests/): the repository root and related/ on sys.path, no network
+(hub calls fail fast), session fixtures for what is expensive to build, and no silent skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or module fails, with its reason, so
 that a missing extra (diffusers, transformers, webdataset) cannot turn the strongest tests into skips."""
 import os
 import sys

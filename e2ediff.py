@@ -60,6 +60,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -306,10 +307,6 @@ def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts():
-    return create_selective_checkpoint_contexts(selective_policy)
-
-
 def unrolled_sample(
     model: Denoiser,
     z_T: torch.Tensor,
@@ -370,7 +367,8 @@ def unrolled_sample(
     if checkpoint is not False:
         check_choice("checkpoint", checkpoint, CHECKPOINT_POLICIES)
     # "selective": the checkpoint keeps the outputs that selective_policy marks MUST_SAVE
-    policy = {"context_fn": _selective_contexts} if checkpoint == "selective" else {}
+    selective = partial(create_selective_checkpoint_contexts, selective_policy)
+    policy = {"context_fn": selective} if checkpoint == "selective" else {}
 
     timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, original_steps).tolist()
     alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
@@ -659,17 +657,18 @@ class PatchDiscriminator(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, 0.02)
 
-    def min_input_size(self) -> int:
-        """Smallest H, W for which a patch logit comes out: each strided 4x4 conv (pad 1) maps h to
-        floor(h / 2), each of the two last (stride 1) to h - 1, so floor(h / 2^n) - 2 >= 1."""
-        return 3 * 2**self.num_layers
+    @staticmethod
+    def min_side(num_layers: int) -> int:
+        """Smallest H, W for which a patch logit comes out of `num_layers` layers: each strided 4x4 conv
+        (pad 1) maps h to floor(h / 2), each of the two last (stride 1) to h - 1, so floor(h / 2^n) - 2 >= 1."""
+        return 3 * 2**num_layers
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W), and the class labels (B,) of a conditional discriminator -> (B, 1, h, w) patch logits."""
-        if x.dim() != 4 or min(x.shape[-2:]) < self.min_input_size():
+        if x.dim() != 4 or min(x.shape[-2:]) < self.min_side(self.num_layers):
             raise ValueError(
                 f"PatchDiscriminator with num_layers={self.num_layers} needs (B, C, H, W) inputs with H, W >= "
-                f"{self.min_input_size()}; got {tuple(x.shape)} (use fewer layers for small images)"
+                f"{self.min_side(self.num_layers)}; got {tuple(x.shape)} (use fewer layers for small images)"
             )
         if (cond is None) != (self.class_embed is None):
             raise ValueError("a conditional PatchDiscriminator (num_classes) needs class labels, an unconditional one takes none")
@@ -1085,6 +1084,12 @@ def _needs_reconstruction(config) -> bool:
     return max(config.loss_weights.values()) > 0 or (config.gan_weight > 0 and not config.gan_adaptive)
 
 
+# check_prediction_type (section 2) as a Rule, for the scripts' configs, which hold both fields
+PREDICTION_RULE = Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero "
+                       "terminal SNR (epsilon cannot recover x0 where alpha_T = 0)",
+                       lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
+                       {"prediction_type": "epsilon", "zero_terminal_snr": True})
+
 END_TO_END_RULES = (
     Rule(("backprop_steps", "num_steps"), "backprop_steps <= num_steps (the last K of the T sampler steps)",
          lambda c: c.backprop_steps <= c.num_steps, {"backprop_steps": 4, "num_steps": 2}),
@@ -1291,6 +1296,13 @@ def train_step(
     prediction_type = inner.sampler_options["prediction_type"]
     count = len(micro_batches) if accumulation is None else accumulation
     gan_on, totals, seen, critic_batches = gan is not None and gan.active(step), {}, 0, []
+
+    def critic_backward(real, fake, cond, sync):
+        """The discriminator's loss on one micro-batch, backpropagated (DDP syncs on the last); returns it."""
+        with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
+            disc = gan.discriminator_loss(real, fake, step, cond)["disc"]
+            (disc / count).backward()
+        return disc.detach()
     for batch in micro_batches:
         sync = seen == count - 1 or no_sync is None  # DDP all-reduces the gradients once, after the last
         target, cond = batch["target"], batch.get("cond")
@@ -1316,11 +1328,8 @@ def train_step(
                 real = batch["images"]
             elif config.coupling == "teacher":  # the target is the teacher's sample: show the data instead
                 real = inner.as_image(data)
-            with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
-                disc = gan.discriminator_loss(real, fake.detach(), step, cond)
-                (disc["disc"] / count).backward()
-            logs["disc"] = disc["disc"].detach()
-            if gan.steps > 1:
+            logs["disc"] = critic_backward(real, fake.detach(), cond, sync)
+            if gan.steps > 1:  # kept for the extra updates below
                 critic_batches.append((real, fake.detach(), cond, sync))
         for name, value in logs.items():
             totals[name] = totals.get(name, 0.0) + float(value) / count
@@ -1335,9 +1344,8 @@ def train_step(
         gan.optimizer.step()
         gan.optimizer.zero_grad(set_to_none=True)
         for _ in range(gan.steps - 1):  # DMD2's extra critic updates, on this step's data and detached samples
-            for real, fake, cond, sync in critic_batches:
-                with (contextlib.nullcontext() if sync else no_sync(gan.discriminator)), autocast():
-                    (gan.discriminator_loss(real, fake, step, cond)["disc"] / count).backward()
+            for batch in critic_batches:
+                critic_backward(*batch)
             gan.optimizer.step()
             gan.optimizer.zero_grad(set_to_none=True)
     ema.update(inner.denoiser)  # Alg. 1 line 15

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from toy_nets import CIFAR10_FOLDER
 from train_utils import load_checkpoint, save_checkpoint
 
+IMAGE_SIZE = {"digits": 8, "cifar10": 32}  # pixels per side of each dataset's images, as the loaders below return them
+
 
 @dataclass
 class ImageData:

@@ -109,8 +109,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from diffusers_parts import DiffusersDenoiser, LatentCodec
 from e2ediff import (
-    EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
-    Rule, base_feature_discriminator, check_options, check_prediction_type, check_rules, make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
+    EMA, PREDICTION_RULE, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, LPIPS, OptionError, PatchDiscriminator,
+    Rule, base_feature_discriminator, check_options, check_prediction_type, check_rules, make_schedule, option,
+    sampling_timesteps, train_step, unrolled_sample, unwrap,
 )
 from train_utils import (
     INCEPTION_WEIGHTS, as_flags, StopRequest, UsageError, check_readable_file, exit_with, flag, flat_config,
@@ -190,12 +191,10 @@ class Config:
 RULES = (
     Rule(("disc_layers", "resolution", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
          "--resolution (the PatchGAN reads decoded images)",
-         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch" or 3 * 2**c.e2e.disc_layers <= c.resolution,
+         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch"
+         or PatchDiscriminator.min_side(c.e2e.disc_layers) <= c.resolution,
          {"disc_layers": 5, "resolution": 64, "gan_weight": 0.1}),
-    Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero terminal SNR "
-         "(epsilon cannot recover x0 where alpha_T = 0)",
-         lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
-         {"prediction_type": "epsilon", "zero_terminal_snr": True}),
+    PREDICTION_RULE,
 )
 
 
@@ -337,6 +336,23 @@ def load_transformer(config: Config):
     """The denoiser: whichever diffusers class its config.json names (PixArtTransformer2DModel, a UNet, ...)."""
     from diffusers import AutoModel
     return load_part(config, "transformer", AutoModel.from_pretrained)
+
+
+def base_prediction_type(config: Config, scheduler_config: dict) -> str:
+    """--prediction-type, or the base's own (its scheduler config's; diffusers' default epsilon)."""
+    return config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+
+
+def base_sampler(config: Config, scheduler_config: dict) -> tuple[EndToEndConfig, str, object]:
+    """(the method's options on the base's grid, the prediction type, the noise schedule) the run samples with,
+    from the base's scheduler_config.json; ValueError for a combination the sampler rejects (checked here,
+    where preflight and the run both build it)."""
+    method = base_grid(config.e2e, scheduler_config)  # the LCM's grid: a RuleError if T does not fit in it
+    prediction_type = base_prediction_type(config, scheduler_config)
+    schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr)
+    check_prediction_type(prediction_type, schedule)
+    sampling_timesteps(schedule.num_train_timesteps, method.num_steps, method.spacing, method.original_steps)
+    return method, prediction_type, schedule
 
 
 def base_grid(method: EndToEndConfig, scheduler_config: dict) -> EndToEndConfig:
@@ -735,11 +751,9 @@ class Run:
     def __init__(self, config: Config, ctx: Dist, log: Log):  # Alg. 1 line 1: start from the pretrained model
         self.config, self.ctx, self.log, self.step, self.readers = config, ctx, log, 0, {}
         self.ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-        scheduler_config = load_scheduler_config(config)
-        config = self.config = dataclasses.replace(config, e2e=base_grid(config.e2e, scheduler_config))
-        self.prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-        self.schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr).to(ctx.device)
-        check_prediction_type(self.prediction_type, self.schedule)
+        method, self.prediction_type, schedule = base_sampler(config, load_scheduler_config(config))
+        config = self.config = dataclasses.replace(config, e2e=method)
+        self.schedule = schedule.to(ctx.device)
         self.text_encoder, self.tokenizer = load_text_parts(config, ctx.device, frozen_dtype(config, ctx.device))
         self.codec = LatentCodec(load_vae(config, ctx.device))
         transformer = load_transformer(config).to(ctx.device, torch.float32).train()  # fp32: 1e-6 steps vanish in bf16
@@ -769,7 +783,8 @@ class Run:
 
     def build_loss(self) -> tuple[nn.Module, GANLoss | None]:
         """EndToEndLoss (Alg. 1 lines 7-13, Eq. 7-8), LPIPS on VAE-decoded images and, with --gan-weight > 0,
-        a PatchGAN discriminator (--disc-kind basefeat: heads on the frozen base); DDP wraps the loss (so the denoiser) and the discriminator when distributed."""
+        a discriminator (a PatchGAN; --disc-kind basefeat: heads on the frozen base); DDP wraps the loss (so the
+        denoiser) and the discriminator when distributed."""
         e2e, device = self.config.e2e, self.ctx.device
 
         def wrap(module):
@@ -971,24 +986,20 @@ def check_model(name: str, value: str, file: str) -> None:
 
 
 def check_sampler(config: Config) -> None:
-    """Build now, from scheduler_config.json, the schedule, prediction type and timestep grid the run will
-    sample on: a combination of flags and base that the sampler would reject after the models have loaded
-    (epsilon under zero terminal SNR, more steps than an LCM grid holds) is a UsageError naming the flags.
-    A scheduler config that cannot be read is left to the load, which says what to download."""
+    """Build now what the run will sample with (base_sampler): a combination of flags and base that the sampler
+    would reject after the models have loaded (epsilon under zero terminal SNR, more steps than an LCM grid
+    holds) is a UsageError naming the flags. A scheduler config that cannot be read is left to the load,
+    which says what to download."""
     try:
         scheduler_config = load_scheduler_config(config)
     except MissingModelError:
         return
-    prediction_type = config.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    num_steps = config.e2e.num_steps
     try:
-        method = base_grid(config.e2e, scheduler_config)  # the LCM's grid: a RuleError if T does not fit in it
-        schedule = schedule_from_config(scheduler_config, config.zero_terminal_snr)
-        check_prediction_type(prediction_type, schedule)
-        sampling_timesteps(schedule.num_train_timesteps, method.num_steps, method.spacing, method.original_steps)
+        base_sampler(config, scheduler_config)
     except ValueError as error:
-        flags = [f"--prediction-type {prediction_type}", as_flags("zero_terminal_snr", config.zero_terminal_snr),
-                 f"--num-steps {num_steps}", f"--spacing {config.e2e.spacing}"]
+        flags = [f"--prediction-type {base_prediction_type(config, scheduler_config)}",
+                 as_flags("zero_terminal_snr", config.zero_terminal_snr), f"--num-steps {config.e2e.num_steps}",
+                 f"--spacing {config.e2e.spacing}"]
         raise UsageError(f"{', '.join(flags)} with the base's scheduler_config.json: {error}") from None
 
 

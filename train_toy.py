@@ -82,15 +82,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from e2ediff import (
-    EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss, LPIPS, PatchDiscriminator,
-    Rule, base_feature_discriminator, check_options, check_rules, consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
+    EMA, PREDICTION_RULE, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss,
+    LPIPS, PatchDiscriminator, Rule, base_feature_discriminator, check_options, check_rules, consistency_scalings, couple,
+    ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import (
     CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, inception_fid,
     precision_recall, verdict,
 )
-from toy_data import fit_classifier, load_cifar10, load_digits_data, validation_split
+from toy_data import IMAGE_SIZE, fit_classifier, load_cifar10, load_digits_data, validation_split
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
     parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
@@ -200,9 +201,6 @@ class Config:
         return Path(self.out_dir)
 
 
-IMAGE_SIZE = {"digits": 8, "cifar10": 32}  # pixels per side
-
-
 def _uses_lcm_grid(c) -> bool:
     return c.base == "lcm" or c.e2e.spacing == "lcm"
 
@@ -220,10 +218,7 @@ RULES = (
       for name, steps, value in [("base_nfe", lambda c: max(c.base_nfe), (1, 5000)),
                                  ("inversion_steps", lambda c: c.e2e.inversion_steps, 2000),
                                  ("teacher_steps", lambda c: c.e2e.teacher_steps, 2000)]),
-    Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero terminal SNR "
-         "(epsilon cannot recover x0 where alpha_T = 0)",
-         lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
-         {"prediction_type": "epsilon", "zero_terminal_snr": True}),
+    PREDICTION_RULE,
     Rule(("guidance_scale", "class_conditional"), "--guidance-scale 1 without class labels (guidance needs them)",
          lambda c: c.guidance_scale == 1 or c.class_conditional, {"guidance_scale": 2.0, "class_conditional": False}),
     Rule(("spacing",), "trailing or lcm here (auto picks a diffusers base's own grid: train_t2i.py)",
@@ -234,7 +229,8 @@ RULES = (
          {"original_steps": 2, "nfe": (1, 4), "base": "lcm"}),
     Rule(("disc_layers", "dataset", "gan_weight"), "--disc-layers small enough for the images: 3 * 2^layers <= "
          "the side (digits 8: 1 layer; cifar10 32: up to 3)",
-         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch" or 3 * 2**c.e2e.disc_layers <= IMAGE_SIZE[c.dataset],
+         lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch"
+         or PatchDiscriminator.min_side(c.e2e.disc_layers) <= IMAGE_SIZE[c.dataset],
          {"disc_layers": 2, "dataset": "digits", "gan_weight": 0.5}),
     Rule(("channel_mult", "dataset"), "at most log2(side) + 1 levels in --channel-mult (each halves the side)",
          lambda c: 2 ** (len(c.channel_mult) - 1) <= IMAGE_SIZE[c.dataset],

@@ -49,14 +49,10 @@ import torch  # noqa: E402
 
 import e2ediff  # noqa: E402
 from report import write_results  # noqa: E402
-from scale import TensorMemory  # noqa: E402
+from counters import SETUPS, TensorMemory  # noqa: E402
 from train_utils import select_device  # noqa: E402
 from toy_nets import UNet  # noqa: E402
 
-SETUPS = {  # name -> (image shape, UNet kwargs, batch)
-    "cifar": ((3, 32, 32), dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2), 32),
-    "quick": ((1, 16, 16), dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1), 16),
-}
 MODES = ("plain", "ckpt", "sel", "trunc", "floor")
 # glibc's malloc: freed blocks >= this size are unmapped at once (fixing it also stops glibc raising it).
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

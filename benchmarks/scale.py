@@ -49,7 +49,6 @@ import math
 import os
 import sys
 import time
-import weakref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,12 +56,11 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
-from torch.utils.flop_counter import flop_registry  # noqa: E402
 
 import e2ediff  # noqa: E402
 from diffusers_parts import DiffusersDenoiser, LatentCodec  # noqa: E402
+from counters import SETUPS, FlopCount, TensorMemory  # noqa: E402
 
 # PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json (PixArt-delta = this network distilled to 4 LCM steps)
 PIXART_XL_1024 = dict(
@@ -100,54 +98,6 @@ GB = 1e9
 
 # --------------------------------------------------------------------------------------------------
 # Counting: tensor lifetimes, and the GPU's casts and attention kernels on the meta device
-
-
-class TensorMemory(TorchDispatchMode):
-    """Bytes of the tensors created while it is active, followed through their storages' lifetimes.
-
-    `held`: alive when the first backward op runs (what the forward left for backward; None if no
-    backward ran). `peak`: the most alive at once. A storage that an op's input already has (a view, an
-    in-place result) is not new; a storage dies when PyTorch frees it (the Python storage object lives
-    exactly as long as the storage itself)."""
-
-    def __init__(self):
-        super().__init__()
-        self.alive, self.now, self.peak, self.held = {}, 0, 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.held is None and torch._C._current_graph_task_id() != -1:  # the backward pass has begun
-            self.held = self.now
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage._cdata
-                if key not in inputs and key not in self.alive:
-                    self.alive[key] = storage.nbytes()
-                    self.now += storage.nbytes()
-                    weakref.finalize(storage, self._free, key)
-        self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key):
-        self.now -= self.alive.pop(key)
-
-
-class FlopCount(TorchDispatchMode):
-    """FLOPs of the ops run while it is active, by torch.utils.flop_counter's formulas. (FlopCounterMode
-    itself also tracks modules, with hooks that keep activations alive into the backward pass: it would
-    inflate the memory counted alongside.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._overloadpacket in flop_registry:
-            self.flops += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
-        return out
 
 
 # CUDA autocast's op lists (aten/src/ATen/autocast_mode.cpp), for the torch.nn.functional calls these models make
@@ -475,9 +425,6 @@ def validate_unet(setup: str = "quick", modes=("plain", "step", "truncated", "se
     """The same for the toy UNet of benchmarks/cost.py (pixel space, L2): one of its SETUPS, or
     `unet` = (image shape, UNet kwargs, batch)."""
     from toy_nets import UNet
-
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from cost import SETUPS
 
     shape, kwargs, batch = unet or SETUPS[setup]
     gpu, results = GpuLike(dtype=None, attention="cpu"), {}

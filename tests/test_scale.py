@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import e2ediff  # noqa: E402
+import counters  # noqa: E402
 import scale  # noqa: E402
 
 TINY_UNET = ((1, 8, 8), dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1), 4)
@@ -60,7 +61,7 @@ def test_plain_pixart_count_equals_saved_tensors_hooks(pixart_counts):
 def test_tensor_memory_counts_what_backward_needs():
     weight = torch.randn(64, 64, requires_grad=True)
     x = torch.randn(32, 64)
-    memory = scale.TensorMemory()
+    memory = counters.TensorMemory()
     with memory:
         hidden = torch.tanh(x @ weight)  # tanh saves its output; the matmul's output dies
         loss = torch.tanh(hidden @ weight).pow(2).sum()  # saves hidden (matmul input), tanh's output (pow input)
@@ -75,7 +76,7 @@ def test_flop_count_equals_flop_counter_mode():
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     x = torch.randn(2, 3, 8, 8)
-    ours, theirs = scale.FlopCount(), FlopCounterMode(display=False)
+    ours, theirs = counters.FlopCount(), FlopCounterMode(display=False)
     with ours:
         model(x).sum().backward()
     with theirs:

@@ -33,11 +33,12 @@ NO_SKIPS = dict.fromkeys(train_t2i.SKIP_REASONS, 0)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny pipeline, an imagefolder (10 good + 1 corrupt + 1 uncaptioned), two shards, a tiny CLIP."""
+def tiny(tmp_path_factory, tiny_pipeline):
+    """Tiny pipeline, an imagefolder (10 good + 1 corrupt + 1 uncaptioned), two shards, a tiny CLIP; the
+    pipeline and the imagefolder are the session's (conftest.py), linked."""
     root = tmp_path_factory.mktemp("t2i")
-    tiny_t2i.write_tiny_pipeline(str(root / "pipeline"))
-    tiny_t2i.write_image_folder(str(root / "images"))
+    (root / "pipeline").symlink_to(tiny_pipeline("delta"), target_is_directory=True)
+    (root / "images").symlink_to(tiny_pipeline("images"), target_is_directory=True)
     os.makedirs(root / "shards")
     tiny_t2i.write_webdataset_tar(str(root / "shards" / "shard-000000.tar"), seed=1, start=0)
     tiny_t2i.write_webdataset_tar(str(root / "shards" / "shard-000001.tar"), seed=2, start=100)
