@@ -720,6 +720,9 @@ class BaseFeatureDiscriminator(nn.Module):
     holds the heads, not a copy of the base); the caller puts the base on the heads' device. Gradients do
     flow through the base to the input x, so the generator's adversarial loss reaches its sample. The hooks
     record only during this module's forward: the same base may also run the couplings.
+    With `train_backbone` (DMD2's critic sits on a diffusion network that is itself trained), the heads read
+    a trainable deep copy of the base instead, registered as `backbone`: the optimiser then updates it with
+    the heads and a checkpoint holds it; `base` itself stays frozen and untouched.
 
     :param base: the frozen denoiser (every parameter requires_grad=False), in eval mode.
     :param feature_layers: names of its submodules to read (see `default_feature_layers`).
@@ -727,23 +730,30 @@ class BaseFeatureDiscriminator(nn.Module):
         base: one probing forward finds each block's feature shape, to size its head.
     :param num_classes: class-label projection (Miyato & Koyama 2018) on every head: logit += <embed(c),
         normalised feature>; the condition `cond` then must be the labels (label num_classes: no class).
+    :param train_backbone: read a trainable copy of the base, trained with the heads (see above).
     """
 
     def __init__(self, base: nn.Module, alphas_cumprod: torch.Tensor, feature_layers: Iterable[str],
                  example: torch.Tensor, example_cond: Any = None, *, num_classes: int | None = None,
                  t_distribution: str = "logit_normal", t_loc: float = 1.0, t_scale: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, train_backbone: bool = False):
         super().__init__()
         check_choice("timestep distribution", t_distribution, FEATURE_TIME_DISTRIBUTIONS)
         if any(p.requires_grad for p in base.parameters()):
             raise ValueError("a BaseFeatureDiscriminator needs a frozen base: base.requires_grad_(False) (a copy of "
                              "the pretrained denoiser, not the model being trained)")
-        modules = dict(base.named_modules())
         self.feature_layers = tuple(feature_layers)
-        missing = [name for name in self.feature_layers if name not in modules]
+        missing = [name for name in self.feature_layers if name not in dict(base.named_modules())]
         if missing or not self.feature_layers:
             raise ValueError(f"feature layers {missing or '()'} not in the base; e.g. {default_feature_layers(base)}")
-        self.frozen = {"base": base.eval()}  # a dict: not registered, so not a parameter, buffer or state_dict entry
+        self.train_backbone = train_backbone
+        if train_backbone:  # a registered, trainable copy: parameters() and state_dict() hold it with the heads
+            self.backbone = copy.deepcopy(base).eval().requires_grad_(True)
+            network = self.backbone
+        else:
+            self.frozen = {"base": base.eval()}  # a dict: not registered, so not a parameter, buffer or state_dict entry
+            network = base
+        modules = dict(network.named_modules())
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
         self.t_distribution, self.t_loc, self.t_scale, self.generator = t_distribution, t_loc, t_scale, generator
         self.features, self.recording = {}, False
@@ -778,7 +788,7 @@ class BaseFeatureDiscriminator(nn.Module):
             t = torch.full((len(x_t),), len(self.alphas_cumprod) - 1, device=x_t.device, dtype=torch.long)
         self.features, self.recording = {}, True
         try:
-            self.frozen["base"](x_t, t, cond)
+            (self.backbone if self.train_backbone else self.frozen["base"])(x_t, t, cond)
         finally:
             self.recording = False
         features, self.features = [self.features[name] for name in self.feature_layers], {}
@@ -822,7 +832,7 @@ def base_feature_discriminator(base: nn.Module, schedule: NoiseSchedule, config:
         tuple(name.strip() for name in config.disc_feature_layers.split(","))
     return BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, example, example_cond, num_classes=num_classes,
                                     t_distribution=config.disc_t_distribution, t_loc=config.disc_t_loc,
-                                    t_scale=config.disc_t_scale)
+                                    t_scale=config.disc_t_scale, train_backbone=config.disc_train_backbone)
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
@@ -1110,6 +1120,9 @@ END_TO_END_RULES = (
     Rule(("disc_t_distribution", "disc_kind"), "--disc-t-distribution logit_normal unless --disc-kind basefeat (only it "
          "re-noises its inputs)", lambda c: c.disc_kind == "basefeat" or c.disc_t_distribution == "logit_normal",
          {"disc_t_distribution": "uniform", "disc_kind": "patch"}),
+    Rule(("disc_train_backbone", "disc_kind"), "--no-disc-train-backbone unless --disc-kind basefeat (only it has a "
+         "backbone: the base)", lambda c: c.disc_kind == "basefeat" or not c.disc_train_backbone,
+         {"disc_train_backbone": True, "disc_kind": "patch"}),
 )
 
 
@@ -1166,6 +1179,9 @@ class EndToEndConfig:
                                       FEATURE_TIME_DISTRIBUTIONS)
     disc_t_loc: float = option(1.0, "basefeat, logit_normal: location; > 0 biases t to high noise (global structure)")
     disc_t_scale: float = option(1.0, "basefeat, logit_normal: scale of the logit", valid="> 0")
+    disc_train_backbone: bool = option(False, "basefeat: also train a copy of the base under the heads (DMD2's critic "
+                                       "is a trained diffusion network; one more model and its AdamW state in memory); "
+                                       "default: the frozen base, heads only (LADD)")
     disc_steps: int = option(1, "discriminator updates per generator step (DMD2: 5), on the step's detached samples",
                              valid=">= 1")
     # the update (Alg. 1 lines 14-15)

@@ -159,6 +159,77 @@ def recipes(tuned: dict) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# The GAN study (`--study gan`): does a discriminator that sees with the frozen base's eyes (e2ediff's
+# BaseFeatureDiscriminator: LADD's and DMD2's recipe) keep pulling where the paper's PatchGAN stops? The same
+# protocol, seeds and bases; teacher pairs at the main sweep's teacher_lr, with P's weight and the PatchGAN's
+# weight as the main sweep chose them (TUNED, frozen before this study existed); 1, 2 and 4 NFE.
+
+GAN_STUDY_BASE = dict(coupling="teacher", finetune_lr=TUNED["teacher_lr"])  # the main sweep's choice
+BASEFEAT = dict(disc_kind="basefeat")  # otherwise TOY_METHOD's GAN recipe: non-saturating, fixed weight, D lr 1e-3, labels
+
+# Its sweep: the base-feature discriminator's weight, then one factor at a time at that weight, every other
+# factor at its default (the ablation of which blocks, which t, how many critic steps, frozen or trained backbone).
+# A setting that two stages share (each ablation's default) is trained once and its rows serve both.
+GAN_TUNING = {
+    "basefeat_gan_weight": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{}"}, "gan_weight",
+                            (0.03, 0.1, 0.3)),
+    "basefeat_layers": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
+                                   "disc_feature_layers": "{}"}, "disc_feature_layers",
+                        ("auto", "middle.1", "down.0,down.1,down.2,middle.0,middle.1")),  # auto: down.2 + middle
+    "basefeat_t_loc": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
+                                  "disc_t_loc": "{}"}, "disc_t_loc", (-1.0, 1.0, 3.0)),  # mean t/N 0.30, 0.70, 0.93
+    "basefeat_disc_steps": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
+                                       "disc_steps": "{}"}, "disc_steps", (1, 5)),  # DMD2: 5
+    "basefeat_train_backbone": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
+                                           "disc_train_backbone": "{}"}, "disc_train_backbone", (False, True)),
+}
+
+# Frozen from benchmarks/results/quality-gan-tune.json before the GAN study's report; None until that sweep ran
+# (a report of only the recipes that need none of it may run before: --recipes).
+GAN_TUNED = None
+
+
+def gan_recipes(gan_tuned: dict | None) -> dict:
+    """The GAN study's {dataset: {recipe: (fields, why)}}; the base-feature recipes only once gan_tuned is known."""
+    teacher, perceptual = GAN_STUDY_BASE, dict(lpips_weight=TUNED["lpips_weight"])
+    patch, lcm = dict(gan_weight=TUNED["gan_weight"]), dict(base="lcm", finetune_lr=TUNED["lcm_lr"])
+    basefeat = None if gan_tuned is None else {**BASEFEAT, **{GAN_TUNING[stage][2]: value
+                                                            for stage, value in gan_tuned.items()}}
+    digits = {
+        "teacher-L2": (teacher, "the regression alone: what the adversarial terms must beat"),
+        "teacher-L2+PatchGAN": ({**teacher, **patch}, "the paper's discriminator: a (projection) PatchGAN on "
+                                "pixels, trained from scratch"),
+        "teacher-L2+basefeat": ({**teacher, **(basefeat or {})}, "heads on the frozen base's features of re-noised "
+                                "inputs (LADD, DMD2), as the GAN sweep chose them"),
+        "teacher-L2+P": ({**teacher, **perceptual}, "the paper's L2 + LPIPS, in the toy's trained backbone"),
+        "teacher-L2+P+PatchGAN": ({**teacher, **perceptual, **patch}, "the paper's full loss (Table 2's last row)"),
+        "teacher-L2+P+basefeat": ({**teacher, **perceptual, **(basefeat or {})}, "the paper's L2 + LPIPS with the "
+                                  "base-feature discriminator in place of the PatchGAN"),
+    }
+    table1 = {  # from the distilled LCM through its own update, at the main sweep's lcm_lr, 4 NFE
+        "lcm-teacher-L2+P": ({**teacher, **lcm, **perceptual}, "the paper's Table 1 setting without a discriminator"),
+        "lcm-teacher-L2+P+PatchGAN": ({**teacher, **lcm, **perceptual, **patch}, "with the paper's PatchGAN"),
+        "lcm-teacher-L2+P+basefeat": ({**teacher, **lcm, **perceptual, **(basefeat or {})}, "with the base-feature "
+                                      "discriminator (on the diffusion base the LCM was distilled from)"),
+    }
+    if basefeat is None:  # not frozen yet: only what needs none of it
+        digits = {name: recipe for name, recipe in digits.items() if "basefeat" not in name}
+        table1 = {name: recipe for name, recipe in table1.items() if "basefeat" not in name}
+    return {"digits": digits, "table1": table1}
+
+
+# Each study: its sweep, its frozen choices, its recipes, what its bases need, its files.
+STUDIES = {
+    "main": dict(tuning=TUNING, tuned=TUNED, recipes=recipes, datasets=("digits", "ring2d"), nfe=None,
+                 couplings=("inversion", "teacher"), tune_lcm=True,
+                 files=dict(tune="quality-tune", report="quality", table1="quality-table1")),
+    "gan": dict(tuning=GAN_TUNING, tuned=GAN_TUNED, recipes=gan_recipes, datasets=("digits",), nfe=(1, 2, 4),
+                couplings=("teacher",), tune_lcm=False,  # the GAN sweep reuses the main sweep's lcm_lr
+                files=dict(tune="quality-gan-tune", report="quality-gan", table1="quality-gan-table1")),
+}
+
+
 def fill(template: dict, value, tuned: dict) -> dict:
     """A sweep recipe with "{}" -> the swept value and "{name}" -> the earlier stage's choice."""
     return {key: (value if item == "{}" else tuned[item[1:-1]]) if isinstance(item, str) and item.startswith("{")
@@ -324,9 +395,9 @@ def run_chains(pool, chains) -> list:
     return rows
 
 
-def prepare_jobs(plan, seeds, split, work, datasets, lcm):
+def prepare_jobs(plan, seeds, split, work, datasets, lcm, couplings=("inversion", "teacher")):
     return [("prepare", dataset, dict(plan=plan, seed=seed, split=split, work=work, nfes=plan["nfe"],
-                                      couplings=("inversion", "teacher"), lcm=lcm and dataset == "digits"))
+                                      couplings=couplings, lcm=lcm and dataset == "digits"))
             for dataset in datasets for seed in seeds]
 
 
@@ -387,12 +458,33 @@ def choose(rows, dataset, name, values, nfe):
     return min(eligible)[1]
 
 
-def tune(plan, pool, work):
-    """Run the sweep's stages in dependency order; returns (rows, {stage: chosen value})."""
+def setting(job) -> str:
+    """What a fine-tune job trains, whatever its name: dataset, split, seed, fields, NFE."""
+    arguments = job[2]
+    return json.dumps([job[1], arguments["split"], arguments["seed"], arguments["fields"], list(arguments["nfes"])],
+                      sort_keys=True)
+
+
+def run_once(pool, jobs, trained: dict) -> list:
+    """Run the jobs whose setting no earlier job trained; a job whose setting was trained gets that job's rows
+    under its own name (with "same_as"). `trained`: {setting: (name, rows)}, updated."""
+    new = {setting(job): job for job in jobs if setting(job) not in trained}
+    rows = run_chains(pool, [(job, ()) for job in new.values()])
+    for key, job in new.items():
+        trained[key] = (job[2]["name"], [r for r in rows if r["model"] == job[2]["name"] and r["seed"] == job[2]["seed"]])
+    result = []
+    for job in jobs:
+        name, own = trained[setting(job)]
+        result += own if name == job[2]["name"] else [{**r, "model": job[2]["name"], "same_as": name} for r in own]
+    return result
+
+
+def tune(plan, pool, work, study):
+    """Run the study's sweep stages in dependency order; returns (rows, {stage: chosen value})."""
     seeds, nfe = plan["tuning_seeds"], plan["tune_nfe"]
-    rows = run_chains(pool, [(job, ()) for job in prepare_jobs(plan, seeds, "validation", work, ("digits", "ring2d"),
-                                                               lcm=True)])
-    chosen, left = {}, dict(TUNING)
+    rows = run_chains(pool, [(job, ()) for job in prepare_jobs(plan, seeds, "validation", work, study["datasets"],
+                                                               lcm=study["tune_lcm"], couplings=study["couplings"])])
+    chosen, left, trained = {}, dict(study["tuning"]), {}
     while left:
         ready = {name: spec for name, spec in left.items()
                  if all(f"{{{other}}}" not in spec[1].values() for other in left if other != name)}
@@ -401,7 +493,7 @@ def tune(plan, pool, work):
             named = {f"{name}={value}": fill(template, value, chosen) for value in values}
             jobs += finetune_jobs(plan, seeds, "validation", work, dataset, named, (nfe,))
         print(f"sweep stage: {', '.join(ready)} ({len(jobs)} jobs)", flush=True)
-        rows += run_chains(pool, [(job, ()) for job in jobs])
+        rows += run_once(pool, jobs, trained)
         for name, (dataset, _, _, values) in ready.items():
             chosen[name] = choose(rows, dataset, name, values, nfe)
             print(f"  chose {name} = {chosen[name]}", flush=True)
@@ -409,16 +501,19 @@ def tune(plan, pool, work):
     return rows, chosen
 
 
-def report(plan, pool, work, tuned):
-    """Every recipe on the reporting seeds against the test split; returns the rows."""
-    seeds, table = plan["reporting_seeds"], recipes(tuned)
+def report(plan, pool, work, table, study, only=None):
+    """Every recipe of `table` (or those named in `only`) on the reporting seeds against the test split;
+    returns the rows."""
     chains = []
-    for seed in seeds:
-        for dataset, parts in (("digits", (("digits", plan["nfe"]), ("table1", (4,)))), ("ring2d", (("ring2d", plan["nfe"]),))):
+    for seed in plan["reporting_seeds"]:
+        for dataset in study["datasets"]:
+            parts = ((dataset, plan["nfe"]),) + ((("table1", (4,)),) if dataset == "digits" else ())
             jobs = [job for part, nfes in parts for job in finetune_jobs(
-                plan, (seed,), "test", work, dataset, {name: fields for name, (fields, _) in table[part].items()}, nfes)]
+                plan, (seed,), "test", work, dataset, {name: fields for name, (fields, _) in table[part].items()
+                                                       if only is None or name in only}, nfes)]
             jobs.sort(key=lambda job: job[2]["fields"].get("coupling") != "teacher")  # the longest jobs first
-            chains.append((prepare_jobs(plan, (seed,), "test", work, (dataset,), lcm=True)[0], jobs))
+            chains.append((prepare_jobs(plan, (seed,), "test", work, (dataset,), lcm=True,
+                                        couplings=study["couplings"])[0], jobs))
     return run_chains(pool, chains)
 
 
@@ -428,7 +523,7 @@ def headlines(rows, plan, table):
     summary = summarise(rows)
     main["digits/base50_vs_floor"] = compare(rows, "digits", "base DDIM", 50, "real data", None)["distance_ratio_mean"]
     for dataset, prefix in (("digits", "cfd"), ("ring2d", "energy")):
-        for name in table[dataset]:
+        for name in table.get(dataset, ()):
             for k in plan["nfe"]:
                 result = compare(rows, dataset, name, k, "base DDIM", 50)
                 main[f"{dataset}/{name}/nfe{k}/{prefix}_ratio"] = result["distance_ratio_mean"]
@@ -460,75 +555,96 @@ def plot(rows, plan, table, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for axis, dataset in zip(axes, ("digits", "ring2d")):
+    datasets = [dataset for dataset in ("digits", "ring2d") if dataset in table]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
         names = list(table[dataset])
+        width = 0.8 / len(plan["nfe"])
         for offset, k in enumerate(plan["nfe"]):
             results = [compare(rows, dataset, name, k, "base DDIM", 50) for name in names]
-            axis.bar([i + 0.4 * offset for i in range(len(names))], [r["distance_ratio_mean"] for r in results], 0.4,
-                     yerr=[r["distance_ratio_std"] for r in results], label=f"{k} NFE", capsize=2)
+            axis.bar([i + width * offset for i in range(len(names))], [r["distance_ratio_mean"] for r in results],
+                     width, yerr=[r["distance_ratio_std"] for r in results], label=f"{k} NFE", capsize=2)
         axis.axhline(1.0, color="black", lw=0.8)
         axis.axhline(toy_nets.BEATS_CFD_RATIO, color="green", ls="--", lw=0.8, label="verdict rule: 0.9")
-        axis.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
         axis.set(yscale="log", ylabel=f"{DISTANCE[dataset]} / base DDIM 50 steps", title=f"{dataset}, test split")
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def check_frozen(tuned):
+def check_frozen(tuned, study="main"):
     """The report runs only on choices frozen from the committed sweep."""
-    path = os.path.join(RESULTS, "quality-tune.json")
+    path = os.path.join(RESULTS, f"{STUDIES[study]['files']['tune']}.json")
+    name = "TUNED" if study == "main" else "GAN_TUNED"
     if not os.path.exists(path):
-        raise SystemExit(f"quality.py: error: no {path}: run `python benchmarks/quality.py --tune` first, then freeze "
-                         f"its choices in TUNED")
+        raise SystemExit(f"quality.py: error: no {path}: run `python benchmarks/quality.py --study {study} --tune` "
+                         f"first, then freeze its choices in {name}")
     with open(path) as f:
         chosen = json.load(f)["chosen"]
     if chosen != tuned:
-        raise SystemExit(f"quality.py: error: TUNED {tuned} differs from the sweep's choices {chosen} ({path}): "
-                         f"freeze them in TUNED before the report")
+        raise SystemExit(f"quality.py: error: {name} {tuned} differs from the sweep's choices {chosen} ({path}): "
+                         f"freeze them in {name} before the report")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", choices=tuple(STUDIES), default="main", help="main = couplings and the loss zoo "
+                        "(quality*.json); gan = the base-feature discriminator against the PatchGAN (quality-gan*.json)")
     parser.add_argument("--tune", action="store_true", help="run the sweep on the tuning seeds (validation split)")
     parser.add_argument("--quick", action="store_true", help="the sweep, then the report on its choices; 1 seed each, "
                         "tiny step counts: a smoke run")
+    parser.add_argument("--recipes", default=None, help="comma-separated: run only these recipes of the report and "
+                        "write nothing (their checkpoints stay in --work, where a later full report reuses them): to "
+                        "start the recipes that need no sweep choice while the sweep runs")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and plot")
     parser.add_argument("--work", default=None, help="folder for every checkpoint, kept (a run again in it skips "
                         "finished jobs); default a temporary one, deleted after")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="one-thread worker processes")
     args = parser.parse_args(argv)
-    start, plan_name = time.time(), ("quick" if args.quick else "full")
-    plan = PLANS[plan_name]
-    if not (args.tune or args.quick):
-        check_frozen(TUNED)
+    start, plan_name, study = time.time(), ("quick" if args.quick else "full"), STUDIES[args.study]
+    plan = {**PLANS[plan_name], **({"nfe": study["nfe"]} if study["nfe"] else {})}
+    files = {kind: name + ("-quick" if args.quick else "") for kind, name in study["files"].items()}
+    only = None if args.recipes is None else set(args.recipes.split(","))
+    if only is not None and (args.tune or args.quick):
+        parser.error("--recipes selects recipes of the report: not with --tune or --quick")
+    if only is not None:
+        known = {name for part in study["recipes"](study["tuned"]).values() for name in part}
+        if only - known:
+            parser.error(f"--recipes: {sorted(only - known)} not among the {args.study} study's recipes runnable now: "
+                         f"{sorted(known)}")
+    elif not (args.tune or args.quick):
+        check_frozen(study["tuned"], args.study)
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
     work = args.work or temporary.name
     os.makedirs(args.out, exist_ok=True)
-    suffix = "-quick" if args.quick else ""
-    print(f"quality benchmark ({plan_name}): {args.workers} one-thread workers, work folder {work}", flush=True)
-    record = {"mode": plan_name, "protocol": {**PROTOCOL, "tuning_seeds": plan["tuning_seeds"],
-                                              "reporting_seeds": plan["reporting_seeds"]},
+    print(f"quality benchmark ({args.study} study, {plan_name}): {args.workers} one-thread workers, work folder {work}",
+          flush=True)
+    record = {"mode": plan_name, "study": args.study, "protocol": {**PROTOCOL, "tuning_seeds": plan["tuning_seeds"],
+                                                                    "reporting_seeds": plan["reporting_seeds"]},
               "plan": plan, "torch": torch.__version__, "cores": os.cpu_count()}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        tuned = TUNED
+        tuned = study["tuned"]
         if args.tune or args.quick:
-            rows, tuned = tune(plan, pool, work)
+            rows, tuned = tune(plan, pool, work, study)
             record_tune = {**record, "sweep": {name: {"dataset": d, "recipe": t, "field": f, "values": v}
-                                              for name, (d, t, f, v) in TUNING.items()},
+                                              for name, (d, t, f, v) in study["tuning"].items()},
                            "rows": rows, "summary": summary_rows(summarise(rows)), "chosen": tuned}
-            write_results(args.out, f"quality-tune{suffix}", record_tune, {f"chosen/{k}": v for k, v in tuned.items()},
-                          start)
-        rows = report(plan, pool, work, tuned) if args.quick or not args.tune else None
+            write_results(args.out, files["tune"], record_tune, {f"chosen/{k}": v for k, v in tuned.items()}, start)
+        table = study["recipes"](tuned)
+        rows = report(plan, pool, work, table, study, only) if args.quick or not args.tune else None
         pool.close()
         pool.join()  # let the workers exit (the context's terminate() leaks their semaphores)
     if temporary is not None:
         temporary.cleanup()
     if rows is None:
-        print("freeze these choices in TUNED (benchmarks/quality.py), then run the report")
+        print(f"freeze these choices in {'TUNED' if args.study == 'main' else 'GAN_TUNED'} (benchmarks/quality.py), "
+              f"then run the report")
         return tuned
-    table = recipes(tuned)
+    if only is not None:
+        print(f"ran {len(rows)} rows of {sorted(only)}; nothing written (a partial report): run every recipe to write "
+              f"{files['report']}.json")
+        return {}
     main_headline, table1_headline, verdicts, summary = headlines(rows, plan, table)
     frozen = {d: {n: {"fields": f, "why": w} for n, (f, w) in r.items()} for d, r in table.items()}
     record = {**record, "protocol": {**record["protocol"], "recipes": frozen}, "tuned": tuned, "recipes": frozen,
@@ -538,12 +654,12 @@ def main(argv=None) -> dict:
     for key, result in verdicts.items():
         print(f"{key}: ratio {result['distance_ratio_mean']:.3f} ± {result['distance_ratio_std']:.3f}, recall "
               f"{result['recall_delta_mean']:+.3f} -> {'beats' if result['beats'] else 'does not beat'}")
-    plot(rows, plan, table, os.path.join(args.out, f"quality{suffix}.png"))
-    write_results(args.out, f"quality-table1{suffix}", {**record, "verdicts": {k: v for k, v in verdicts.items()
-                                                                               if k.startswith("table1/")}},
+    plot(rows, plan, table, os.path.join(args.out, f"{files['report']}.png"))
+    write_results(args.out, files["table1"], {**record, "verdicts": {k: v for k, v in verdicts.items()
+                                                                     if k.startswith("table1/")}},
                   table1_headline, start)
-    write_results(args.out, f"quality{suffix}", {**record, "verdicts": {k: v for k, v in verdicts.items()
-                                                                        if not k.startswith("table1/")}},
+    write_results(args.out, files["report"], {**record, "verdicts": {k: v for k, v in verdicts.items()
+                                                                     if not k.startswith("table1/")}},
                   main_headline, start)
     return main_headline
 

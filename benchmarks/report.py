@@ -33,8 +33,10 @@ DOCUMENTS = ("README.md", "benchmarks/README.md", "related/README.md")  # relati
 
 
 def headline_line(headline: dict) -> str:
-    """The headline as the benchmarks print it last: one JSON object, values rounded to 4 decimals."""
-    return json.dumps({key: round(value, 4) for key, value in headline.items()})
+    """The headline as the benchmarks print it last: one JSON object, numbers rounded to 4 decimals (a sweep's
+    chosen value may also be a string or a bool)."""
+    return json.dumps({key: value if isinstance(value, (str, bool)) else round(value, 4)
+                       for key, value in headline.items()})
 
 
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
@@ -397,6 +399,8 @@ def quality_tables(record: dict) -> str:
     50-step DDIM (the verdict rule in the caption)."""
     summary, parts = summary_of(record), []
     for dataset, distance in (("digits", "cfd"), ("ring2d", "energy")):
+        if dataset not in record["recipes"]:  # a study of digits only
+            continue
         pixels = distance == "cfd"
         metric_header = [f"{'CFD' if pixels else 'energy'} ↓"] + ["pixel energy ↓"] * pixels + ["precision ↑", "recall ↑"]
         ratio_header = [f"{'CFD' if pixels else 'energy'} ratio"] + ["pixel ratio"] * pixels + ["recall Δ", "verdict"]
@@ -447,7 +451,7 @@ def quality_tune(record: dict) -> str:
         base = summary[dataset, "base DDIM", 50]
         for value in spec["values"]:
             entry = summary[dataset, f"{stage}={value}", record["plan"]["tune_nfe"]]
-            rows.append([f"`{stage}`", f"{value:g}", mean_std(entry[f"{distance}_mean"], entry[f"{distance}_std"]),
+            rows.append([f"`{stage}`", f"`{value}`" if isinstance(value, (str, bool)) else f"{value:g}", mean_std(entry[f"{distance}_mean"], entry[f"{distance}_std"]),
                          mean_std(entry["recall_mean"], entry["recall_std"]), f"{base['recall_mean']:.3f}",
                          "**chosen**" if record["chosen"][stage] == value else ""])
     protocol = record["protocol"]
@@ -500,7 +504,7 @@ RENDERERS = {
 }
 # Blocks placed before their renderer exists (quality.json's schema is being rewritten): they must stay
 # empty. Adding the renderer to RENDERERS means removing the name here.
-PENDING = ()
+PENDING = ("quality-gan-tune", "quality-gan", "quality-gan-headline", "quality-gan-table1")  # quality.py --study gan
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
 BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)

@@ -44,6 +44,24 @@ def test_cost_quick_prints_finite_headline_and_writes_results(tmp_path):
 
 
 @pytest.mark.slow
+def test_quality_gan_study_quick_sweeps_then_reports_base_feature_rows_at_every_nfe(tmp_path):
+    headline = run_benchmark("quality.py", "--study", "gan", "--quick", "--out", str(tmp_path), timeout=1800)
+    record = json.loads((tmp_path / "quality-gan-quick.json").read_text())
+    tune = json.loads((tmp_path / "quality-gan-tune-quick.json").read_text())
+    assert record["study"] == "gan" and record["tuned"] == tune["chosen"] and set(tune["chosen"]) == set(tune["sweep"])
+    assert {r["split"] for r in tune["rows"]} == {"validation"} and {r["split"] for r in record["rows"]} == {"test"}
+    names = list(record["recipes"]["digits"])
+    assert sum("basefeat" in name for name in names) == 2 and set(record["recipes"]) == {"digits", "table1"}
+    assert_finite_keys(headline, ["digits/base50_vs_floor"] + [f"digits/{name}/nfe{k}/{metric}" for name in names
+                                  for k in (1, 2, 4) for metric in ("cfd_ratio", "pixel_ratio", "recall_delta")])
+    table1 = json.loads((tmp_path / "quality-gan-table1-quick.json").read_text())
+    assert "table1/lcm-teacher-L2+P+basefeat/nfe4/cfd_ratio_vs_lcm" in table1["headline"]
+    fields = record["recipes"]["digits"]["teacher-L2+basefeat"]["fields"]  # the report ran the sweep's choices
+    assert (fields["gan_weight"], fields["disc_steps"]) == (tune["chosen"]["basefeat_gan_weight"],
+                                                          tune["chosen"]["basefeat_disc_steps"])
+
+
+@pytest.mark.slow
 def test_quality_quick_runs_the_sweep_then_every_recipe_and_writes_the_protocol(tmp_path):
     headline = run_benchmark("quality.py", "--quick", "--out", str(tmp_path), timeout=1800)
     record = json.loads((tmp_path / "quality-quick.json").read_text())

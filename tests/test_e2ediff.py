@@ -552,10 +552,11 @@ def frozen_toy_base(num_classes=None):
     return toy_nets.UNet(1, model_channels=8, channel_mult=(1, 2), num_classes=num_classes).eval().requires_grad_(False)
 
 
-def basefeat_setup(disc_steps=1, num_classes=None):
+def basefeat_setup(disc_steps=1, num_classes=None, train_backbone=False):
     schedule = e2ediff.make_schedule("linear", zero_terminal_snr=True)
     config = e2ediff.EndToEndConfig(num_steps=2, update="ddim", lpips_weight=0.0, gan_weight=0.5, gan_adaptive=False,
-                                    grad_checkpoint=False, disc_kind="basefeat", disc_steps=disc_steps)
+                                    grad_checkpoint=False, disc_kind="basefeat", disc_steps=disc_steps,
+                                    disc_train_backbone=train_backbone)
     base = frozen_toy_base(num_classes)
     cond = None if num_classes is None else torch.tensor([0])
     discriminator = e2ediff.base_feature_discriminator(base, schedule, config, torch.zeros(1, 1, 8, 8), cond, num_classes)
@@ -581,6 +582,28 @@ def test_base_feature_discriminator_trains_its_heads_only_and_the_base_stays_bit
     for name, tensor in base.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert all(not torch.equal(h, p) for h, p in zip(heads, discriminator.parameters()))  # the heads took their steps
+
+
+def test_trained_backbone_is_a_copy_that_the_critic_steps_move_while_the_base_stays_bit_identical():
+    schedule, config, base, discriminator = basefeat_setup(train_backbone=True)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    assert {key.split(".")[0] for key in discriminator.state_dict()} == {"heads", "backbone"}
+    assert not {id(p) for p in discriminator.parameters()} & {id(p) for p in base.parameters()}
+    backbone = [p.detach().clone() for p in discriminator.backbone.parameters()]
+    model = TinyImageDenoiser()
+    gan = e2ediff.GANLoss(discriminator, config)
+    loss_fn = e2ediff.EndToEndLoss(model, schedule, config, gan=gan)
+    optimizer, ema = torch.optim.SGD(model.parameters(), lr=0.1), e2ediff.EMA(model, config.ema_decay)
+    fake = torch.randn(2, 1, 8, 8, requires_grad=True)
+    gan.generator_loss(fake, torch.zeros(()), step=0)["gan_total"].backward()  # the generator's pass trains nothing
+    assert fake.grad.abs().sum() > 0 and all(p.grad is None for p in discriminator.parameters())
+    batch = [{"target": torch.randn(2, 1, 8, 8), "z_T": torch.randn(2, 1, 8, 8)}]
+    for step in range(2):
+        e2ediff.train_step(loss_fn, optimizer, ema, batch, step=step, gan=gan)
+    assert any(not torch.equal(b, p) for b, p in zip(backbone, discriminator.backbone.parameters()))
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(not p.requires_grad and p.grad is None for p in base.parameters())
 
 
 def test_base_feature_generator_loss_reaches_the_sample_through_the_frozen_base_and_not_the_heads():

@@ -84,3 +84,73 @@ def test_every_recipe_says_why_and_no_headline_key_names_a_best_of_choice():
     assert "digits/base50_vs_floor" in main and "digits/teacher-L2+P+GAN/nfe4/recall_delta" in main
     assert "table1/lcm-independent-L2/nfe4/cfd_ratio_vs_lcm" in table1
     assert not any("best" in key for key in [*main, *table1, *verdicts])
+
+
+# ---------------------------------------------------------------- the GAN study (--study gan)
+
+
+def test_gan_study_runs_base_feature_recipes_only_once_its_sweep_is_frozen_and_they_carry_every_choice():
+    unfrozen = quality.gan_recipes(None)
+    assert not any("basefeat" in name for part in unfrozen.values() for name in part)  # runnable before the sweep
+    chosen = {"basefeat_gan_weight": 0.3, "basefeat_layers": "middle.1", "basefeat_t_loc": 3.0,
+              "basefeat_disc_steps": 5, "basefeat_train_backbone": True}
+    table = quality.gan_recipes(chosen)
+    basefeat = [fields for part in table.values() for name, (fields, _) in part.items() if "basefeat" in name]
+    assert len(basefeat) == 3
+    for fields in basefeat:
+        assert fields["disc_kind"] == "basefeat" and fields["coupling"] == "teacher"
+        assert (fields["gan_weight"], fields["disc_feature_layers"], fields["disc_t_loc"], fields["disc_steps"],
+                fields["disc_train_backbone"]) == (0.3, "middle.1", 3.0, 5, True)
+    assert {name: fields for part in unfrozen.values() for name, (fields, _) in part.items()} == {
+        name: fields for part in table.values() for name, (fields, _) in part.items() if "basefeat" not in name}
+    assert all(fields["finetune_lr"] == quality.TUNED["lcm_lr"] for fields, _ in table["table1"].values())
+    assert all(why for part in table.values() for _, why in part.values())
+    for stage, (_, template, field, values) in quality.GAN_TUNING.items():  # placeholders name stages
+        assert template[field] == "{}" and len(values) >= 2
+        assert {v[1:-1] for v in template.values() if isinstance(v, str) and v.startswith("{") and v != "{}"} <= \
+            set(quality.GAN_TUNING)
+
+
+def test_gan_study_headline_keys_follow_the_protocol_scheme():
+    table = quality.gan_recipes({"basefeat_gan_weight": 0.1, "basefeat_layers": "auto", "basefeat_t_loc": 1.0,
+                                 "basefeat_disc_steps": 1, "basefeat_train_backbone": False})
+    plan = {**quality.PLANS["quick"], "nfe": quality.STUDIES["gan"]["nfe"]}
+    rows = [digits_row("real data", None, 0, 4.0, split="test"), *[
+        digits_row(m, k, 0, 5.0, split="test") for m in ["base DDIM", "LCM", *table["digits"], *table["table1"]]
+        for k in (1, 2, 4, 50)]]
+    main, table1, _, _ = quality.headlines(rows, plan, table)
+    assert {f"digits/teacher-L2+P+basefeat/nfe{k}/{m}" for k in (1, 2, 4)
+            for m in ("cfd_ratio", "pixel_ratio", "recall_delta")} <= set(main)
+    assert "table1/lcm-teacher-L2+P+basefeat/nfe4/cfd_ratio_vs_lcm" in table1
+    assert not any(key.startswith("ring2d/") for key in main)
+
+
+def test_a_setting_two_sweep_stages_share_is_trained_once_and_its_rows_serve_both(monkeypatch):
+    ran = []
+
+    def fake_chains(pool, chains):
+        ran.extend(job[2]["name"] for job, _ in chains)
+        return [digits_row(job[2]["name"], 4, job[2]["seed"], 5.0 + len(ran)) for job, _ in chains]
+
+    monkeypatch.setattr(quality, "run_chains", fake_chains)
+    plan, trained = quality.PLANS["quick"], {}
+    first = quality.finetune_jobs(plan, (1,), "validation", "w", "digits", {"w=0.1": {"gan_weight": 0.1}}, (4,))
+    rows = quality.run_once(None, first, trained)
+    again = quality.finetune_jobs(plan, (1,), "validation", "w", "digits", {"steps=1": {"gan_weight": 0.1},
+                                                                            "steps=5": {"gan_weight": 0.1,
+                                                                                        "disc_steps": 5}}, (4,))
+    rows += quality.run_once(None, again, trained)
+    assert ran == ["w=0.1", "steps=5"]  # steps=1 is w=0.1's setting: not trained again
+    by_name = {r["model"]: r for r in rows}
+    assert by_name["steps=1"]["cfd"] == by_name["w=0.1"]["cfd"] and by_name["steps=1"]["same_as"] == "w=0.1"
+    assert "same_as" not in by_name["steps=5"]
+
+
+def test_gan_report_refuses_an_unfrozen_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="--study gan --tune"):
+        quality.check_frozen(None, "gan")
+    (tmp_path / "quality-gan-tune.json").write_text(json.dumps({"chosen": {"basefeat_gan_weight": 0.1}}))
+    with pytest.raises(SystemExit, match="GAN_TUNED"):
+        quality.check_frozen(None, "gan")
+    quality.check_frozen({"basefeat_gan_weight": 0.1}, "gan")
