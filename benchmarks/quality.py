@@ -33,6 +33,20 @@ table1/R/nfe4/cfd_ratio_vs_lcm, .../pixel_ratio_vs_lcm, .../recall_delta_vs_lcm 
     python benchmarks/quality.py            # the report -> quality.json, quality-table1.json (3,653 s)
     python benchmarks/quality.py --quick    # both, 1 seed each, tiny step counts: a smoke run (-quick files)
 
+Two studies share this protocol, the bases and the metric. `--study main` (the default): couplings and the
+loss zoo (the files above). `--study gan`: does a discriminator on the frozen base's features
+(e2ediff.BaseFeatureDiscriminator, --disc-kind basefeat) lift a few-step student past a strong base where the
+paper's PatchGAN stops? Teacher pairs at 1, 2 and 4 NFE: L2, L2 + PatchGAN, L2 + base-feature discriminator,
+each also with P; Table 1 from the LCM with each discriminator. Its sweep (GAN_TUNING: the weight, then which
+blocks, which t, critic steps, frozen or trained backbone) is frozen in GAN_TUNED. Files: quality-gan-tune.json,
+quality-gan.json, quality-gan-table1.json, in the same key scheme.
+
+    python benchmarks/quality.py --study gan --tune --work W    # its sweep (tuning seeds, validation split)
+    python benchmarks/quality.py --study gan --work W           # its report, once GAN_TUNED is frozen
+    python benchmarks/quality.py --study gan --work W --recipes teacher-L2,teacher-L2+P
+                                        # a partial report that writes nothing: recipes that need no sweep choice,
+                                        # started while the sweep runs (the full report reuses their checkpoints)
+
 Jobs (a seed's base, then one fine-tune each) run in a pool of one-thread processes, one per core; a
 --work folder keeps every checkpoint, so a run again in it skips what is done.
 """
@@ -58,7 +72,7 @@ import toy_data  # noqa: E402
 import toy_nets  # noqa: E402
 import train_toy  # noqa: E402
 from report import write_results  # noqa: E402
-from train_utils import changed, make_config  # noqa: E402
+from train_utils import changed, flat_config, make_config  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -185,9 +199,15 @@ GAN_TUNING = {
                                            "disc_train_backbone": "{}"}, "disc_train_backbone", (False, True)),
 }
 
-# Frozen from benchmarks/results/quality-gan-tune.json before the GAN study's report; None until that sweep ran
-# (a report of only the recipes that need none of it may run before: --recipes).
-GAN_TUNED = None
+# Frozen from benchmarks/results/quality-gan-tune.json before the GAN study's report (None until that sweep has
+# run: a report of only the recipes that need none of it may run before, --recipes).
+GAN_TUNED = dict(  # python benchmarks/quality.py --study gan --tune (1,402 s on 2 cores): every value within 0.02 CFD
+    basefeat_gan_weight=0.03,  # of every other (seed std 0.6), i.e. the discriminator barely moves the student
+    basefeat_layers="middle.1",  # the deepest block alone
+    basefeat_t_loc=-1.0,  # biased to low noise (mean t/N 0.30)
+    basefeat_disc_steps=1,
+    basefeat_train_backbone=True,  # DMD2's trained critic network
+)
 
 
 def gan_recipes(gan_tuned: dict | None) -> dict:
@@ -459,10 +479,11 @@ def choose(rows, dataset, name, values, nfe):
 
 
 def setting(job) -> str:
-    """What a fine-tune job trains, whatever its name: dataset, split, seed, fields, NFE."""
-    arguments = job[2]
-    return json.dumps([job[1], arguments["split"], arguments["seed"], arguments["fields"], list(arguments["nfes"])],
-                      sort_keys=True)
+    """What a fine-tune job trains, whatever its name: dataset, split, seed, NFE, and the fields that differ
+    from train_toy's defaults (a field set to its default names the same run as one left out)."""
+    arguments, defaults = job[2], flat_config(train_toy.Config())
+    fields = {key: value for key, value in arguments["fields"].items() if defaults.get(key, object()) != value}
+    return json.dumps([job[1], arguments["split"], arguments["seed"], fields, list(arguments["nfes"])], sort_keys=True)
 
 
 def run_once(pool, jobs, trained: dict) -> list:
