@@ -461,6 +461,29 @@ def quality_tune(record: dict) -> str:
                      ""], rows))
 
 
+GAN_GOALS = {1: 1.5, 2: 1.0, 4: 0.9}  # issue 22: the CFD ratio to the base's 50 steps each NFE must reach
+
+
+def quality_gan_goals(record: dict) -> str:
+    """Every recipe of the GAN study at every NFE against its goal: CFD ratio <= GAN_GOALS[nfe], pixel ratio
+    <= 1.0 and recall >= the base's - 0.05 (the verdict rule's other two checks), on the seed means."""
+    rule, rows = record["verdict_rule"], []
+    for recipe in record["recipes"]["digits"]:
+        cells = []
+        for nfe in record["plan"]["nfe"]:
+            result = record["verdicts"][f"digits/{recipe}/nfe{nfe} vs base DDIM 50"]
+            met = (result["distance_ratio_mean"] <= GAN_GOALS[nfe] and result["pixel_ratio_mean"] <= rule["pixel_ratio_at_most"]
+                   and result["recall_delta_mean"] >= -rule["recall_drop_at_most"])
+            cells.append(f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
+                         f"{result['recall_delta_mean']:+.3f}: {'met' if met else '**missed**'}")
+        rows.append([f"`{recipe}`", *cells])
+    goals = ", ".join(f"{nfe} NFE ≤ {GAN_GOALS[nfe]}×" for nfe in record["plan"]["nfe"])
+    return (f"Goals: CFD ratio to the same seed's base at 50 DDIM steps {goals}, each with pixel ratio ≤ "
+            f"{rule['pixel_ratio_at_most']} and recall Δ ≥ −{rule['recall_drop_at_most']} (seed means). Cells: CFD "
+            f"ratio / pixel ratio / recall Δ.\n\n"
+            + table(["recipe", *[f"{nfe} NFE" for nfe in record["plan"]["nfe"]]], rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # toy2d.json (python toy2d.py): the README's "Which coupling" table on the ring.
 
@@ -501,10 +524,15 @@ RENDERERS = {
     "quality-headline": ("quality.json", headline_block),
     "quality-table1": ("quality-table1.json", quality_table1),
     "quality-tune": ("quality-tune.json", quality_tune),
+    "quality-gan-tune": ("quality-gan-tune.json", quality_tune),
+    "quality-gan": ("quality-gan.json", quality_tables),
+    "quality-gan-headline": ("quality-gan.json", headline_block),
+    "quality-gan-goals": ("quality-gan.json", quality_gan_goals),
+    "quality-gan-table1": ("quality-gan-table1.json", quality_table1),
 }
 # Blocks placed before their renderer exists (quality.json's schema is being rewritten): they must stay
 # empty. Adding the renderer to RENDERERS means removing the name here.
-PENDING = ("quality-gan-tune", "quality-gan", "quality-gan-headline", "quality-gan-table1")  # quality.py --study gan
+PENDING = ()
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
 BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)

@@ -98,3 +98,16 @@ def test_mean_std_formatting(mean, std, expected):
                                              (None, "–"), (float("nan"), "–")])
 def test_number_formatting(value, expected):
     assert report.number(value) == expected
+
+
+def test_gan_goals_need_each_nfe_s_cfd_ratio_and_the_pixel_and_recall_checks():
+    def verdict(ratio, pixel=0.9, recall=0.0):
+        return {"distance_ratio_mean": ratio, "pixel_ratio_mean": pixel, "recall_delta_mean": recall}
+    record = {"verdict_rule": {"cfd_ratio_at_most": 0.9, "pixel_ratio_at_most": 1.0, "recall_drop_at_most": 0.05},
+              "plan": {"nfe": [1, 2, 4]}, "recipes": {"digits": {"R": {}}},
+              "verdicts": {"digits/R/nfe1 vs base DDIM 50": verdict(1.4),  # <= 1.5: met
+                           "digits/R/nfe2 vs base DDIM 50": verdict(0.95, recall=-0.06),  # recall dropped: missed
+                           "digits/R/nfe4 vs base DDIM 50": verdict(0.91)}}  # > 0.9: missed
+    row = report.quality_gan_goals(record).splitlines()[-1]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1].endswith(": met") and cells[2].endswith("**missed**") and cells[3].endswith("**missed**")
