@@ -41,8 +41,10 @@ each also with P; Table 1 from the LCM with each discriminator. Its sweep (GAN_T
 blocks, which t, critic steps, frozen or trained backbone) is frozen in GAN_TUNED. Files: quality-gan-tune.json,
 quality-gan.json, quality-gan-table1.json, in the same key scheme.
 
-    python benchmarks/quality.py --study gan --tune --work W    # its sweep (tuning seeds, validation split)
-    python benchmarks/quality.py --study gan --work W           # its report, once GAN_TUNED is frozen
+    python benchmarks/quality.py --study gan --tune --work W    # its sweep (tuning seeds, validation split):
+                                                                # 1,402 s with its two bases already in W
+    python benchmarks/quality.py --study gan --work W           # its report, once GAN_TUNED is frozen:
+                                                                # 2,487 s with two of its three bases in W
     python benchmarks/quality.py --study gan --work W --recipes teacher-L2,teacher-L2+P
                                         # a partial report that writes nothing: recipes that need no sweep choice,
                                         # started while the sweep runs (the full report reuses their checkpoints)
