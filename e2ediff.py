@@ -743,17 +743,16 @@ class BaseFeatureDiscriminator(nn.Module):
             raise ValueError("a BaseFeatureDiscriminator needs a frozen base: base.requires_grad_(False) (a copy of "
                              "the pretrained denoiser, not the model being trained)")
         self.feature_layers = tuple(feature_layers)
-        missing = [name for name in self.feature_layers if name not in dict(base.named_modules())]
+        network = copy.deepcopy(base).requires_grad_(True) if train_backbone else base
+        modules = dict(network.eval().named_modules())
+        missing = [name for name in self.feature_layers if name not in modules]
         if missing or not self.feature_layers:
             raise ValueError(f"feature layers {missing or '()'} not in the base; e.g. {default_feature_layers(base)}")
         self.train_backbone = train_backbone
-        if train_backbone:  # a registered, trainable copy: parameters() and state_dict() hold it with the heads
-            self.backbone = copy.deepcopy(base).eval().requires_grad_(True)
-            network = self.backbone
+        if train_backbone:  # registered: parameters() and state_dict() hold the trainable copy with the heads
+            self.backbone = network
         else:
-            self.frozen = {"base": base.eval()}  # a dict: not registered, so not a parameter, buffer or state_dict entry
-            network = base
-        modules = dict(network.named_modules())
+            self.frozen = {"base": network}  # a dict: not registered, so not a parameter, buffer or state_dict entry
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
         self.t_distribution, self.t_loc, self.t_scale, self.generator = t_distribution, t_loc, t_scale, generator
         self.features, self.recording = {}, False

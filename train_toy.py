@@ -43,8 +43,8 @@ Losses that see the data. --gan-weight adds the adversarial term: a PatchGAN tha
 (a projection discriminator) and whose real samples are training digits with every coupling, trained
 with the non-saturating loss at its own lr (TOY_METHOD holds the recipe; the GAN ablation behind it is
 in benchmarks/results/quality.json as of commit 83b4aaa). --disc-kind basefeat judges with the frozen
-base's eyes instead: trainable heads on its blocks, fed re-noised samples (LADD, DMD2; measured against the
-PatchGAN in benchmarks/results/quality-gan.json: python benchmarks/quality.py --study gan). --coupling teacher regresses onto the frozen
+base's eyes instead: trainable heads on its blocks, fed re-noised samples (LADD, DMD2; measured against
+the PatchGAN by python benchmarks/quality.py --study gan). --coupling teacher regresses onto the frozen
 base's own samples, made once before fine-tuning (--teacher-pool per training image). --lpips-weight
 adds a perceptual term; offline it is LPIPS's distance in a small network this script trains on the
 train split (--perceptual-net trained: toy_nets.PerceptualNet, cached

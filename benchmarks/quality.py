@@ -187,18 +187,18 @@ BASEFEAT = dict(disc_kind="basefeat")  # otherwise TOY_METHOD's GAN recipe: non-
 # Its sweep: the base-feature discriminator's weight, then one factor at a time at that weight, every other
 # factor at its default (the ablation of which blocks, which t, how many critic steps, frozen or trained backbone).
 # A setting that two stages share (each ablation's default) is trained once and its rows serve both.
+def basefeat_stage(field: str, values: tuple, weight="{basefeat_gan_weight}") -> tuple:
+    """A GAN_TUNING stage: teacher pairs + the base-feature discriminator at `weight`, `field` swept over `values`."""
+    return ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": weight, field: "{}"}, field, values)
+
+
 GAN_TUNING = {
-    "basefeat_gan_weight": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{}"}, "gan_weight",
-                            (0.03, 0.1, 0.3)),
-    "basefeat_layers": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
-                                   "disc_feature_layers": "{}"}, "disc_feature_layers",
-                        ("auto", "middle.1", "down.0,down.1,down.2,middle.0,middle.1")),  # auto: down.2 + middle
-    "basefeat_t_loc": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
-                                  "disc_t_loc": "{}"}, "disc_t_loc", (-1.0, 1.0, 3.0)),  # mean t/N 0.30, 0.70, 0.93
-    "basefeat_disc_steps": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
-                                       "disc_steps": "{}"}, "disc_steps", (1, 5)),  # DMD2: 5
-    "basefeat_train_backbone": ("digits", {**GAN_STUDY_BASE, **BASEFEAT, "gan_weight": "{basefeat_gan_weight}",
-                                           "disc_train_backbone": "{}"}, "disc_train_backbone", (False, True)),
+    "basefeat_gan_weight": basefeat_stage("gan_weight", (0.03, 0.1, 0.3), weight="{}"),
+    "basefeat_layers": basefeat_stage("disc_feature_layers", ("auto", "middle.1",  # auto: down.2 + middle
+                                                              "down.0,down.1,down.2,middle.0,middle.1")),
+    "basefeat_t_loc": basefeat_stage("disc_t_loc", (-1.0, 1.0, 3.0)),  # mean t/N 0.30, 0.70, 0.93
+    "basefeat_disc_steps": basefeat_stage("disc_steps", (1, 5)),  # DMD2: 5
+    "basefeat_train_backbone": basefeat_stage("disc_train_backbone", (False, True)),
 }
 
 # Frozen from benchmarks/results/quality-gan-tune.json before the GAN study's report (None until that sweep has
@@ -216,26 +216,26 @@ def gan_recipes(gan_tuned: dict | None) -> dict:
     """The GAN study's {dataset: {recipe: (fields, why)}}; the base-feature recipes only once gan_tuned is known."""
     teacher, perceptual = GAN_STUDY_BASE, dict(lpips_weight=TUNED["lpips_weight"])
     patch, lcm = dict(gan_weight=TUNED["gan_weight"]), dict(base="lcm", finetune_lr=TUNED["lcm_lr"])
-    basefeat = None if gan_tuned is None else {**BASEFEAT, **{GAN_TUNING[stage][2]: value
-                                                            for stage, value in gan_tuned.items()}}
+    # before the sweep is frozen the base-feature recipes are left out (below); their fields are then a placeholder
+    basefeat = {**BASEFEAT, **{GAN_TUNING[stage][2]: value for stage, value in (gan_tuned or {}).items()}}
     digits = {
         "teacher-L2": (teacher, "the regression alone: what the adversarial terms must beat"),
         "teacher-L2+PatchGAN": ({**teacher, **patch}, "the paper's discriminator: a (projection) PatchGAN on "
                                 "pixels, trained from scratch"),
-        "teacher-L2+basefeat": ({**teacher, **(basefeat or {})}, "heads on the frozen base's features of re-noised "
+        "teacher-L2+basefeat": ({**teacher, **basefeat}, "heads on the frozen base's features of re-noised "
                                 "inputs (LADD, DMD2), as the GAN sweep chose them"),
         "teacher-L2+P": ({**teacher, **perceptual}, "the paper's L2 + LPIPS, in the toy's trained backbone"),
         "teacher-L2+P+PatchGAN": ({**teacher, **perceptual, **patch}, "the paper's full loss (Table 2's last row)"),
-        "teacher-L2+P+basefeat": ({**teacher, **perceptual, **(basefeat or {})}, "the paper's L2 + LPIPS with the "
+        "teacher-L2+P+basefeat": ({**teacher, **perceptual, **basefeat}, "the paper's L2 + LPIPS with the "
                                   "base-feature discriminator in place of the PatchGAN"),
     }
     table1 = {  # from the distilled LCM through its own update, at the main sweep's lcm_lr, 4 NFE
         "lcm-teacher-L2+P": ({**teacher, **lcm, **perceptual}, "the paper's Table 1 setting without a discriminator"),
         "lcm-teacher-L2+P+PatchGAN": ({**teacher, **lcm, **perceptual, **patch}, "with the paper's PatchGAN"),
-        "lcm-teacher-L2+P+basefeat": ({**teacher, **lcm, **perceptual, **(basefeat or {})}, "with the base-feature "
+        "lcm-teacher-L2+P+basefeat": ({**teacher, **lcm, **perceptual, **basefeat}, "with the base-feature "
                                       "discriminator (on the diffusion base the LCM was distilled from)"),
     }
-    if basefeat is None:  # not frozen yet: only what needs none of it
+    if gan_tuned is None:  # not frozen yet: only what needs none of it
         digits = {name: recipe for name, recipe in digits.items() if "basefeat" not in name}
         table1 = {name: recipe for name, recipe in table1.items() if "basefeat" not in name}
     return {"digits": digits, "table1": table1}
@@ -243,10 +243,10 @@ def gan_recipes(gan_tuned: dict | None) -> dict:
 
 # Each study: its sweep, its frozen choices, its recipes, what its bases need, its files.
 STUDIES = {
-    "main": dict(tuning=TUNING, tuned=TUNED, recipes=recipes, datasets=("digits", "ring2d"), nfe=None,
+    "main": dict(tuning=TUNING, tuned=TUNED, tuned_name="TUNED", recipes=recipes, datasets=("digits", "ring2d"), nfe=None,
                  couplings=("inversion", "teacher"), tune_lcm=True,
                  files=dict(tune="quality-tune", report="quality", table1="quality-table1")),
-    "gan": dict(tuning=GAN_TUNING, tuned=GAN_TUNED, recipes=gan_recipes, datasets=("digits",), nfe=(1, 2, 4),
+    "gan": dict(tuning=GAN_TUNING, tuned=GAN_TUNED, tuned_name="GAN_TUNED", recipes=gan_recipes, datasets=("digits",), nfe=(1, 2, 4),
                 couplings=("teacher",), tune_lcm=False,  # the GAN sweep reuses the main sweep's lcm_lr
                 files=dict(tune="quality-gan-tune", report="quality-gan", table1="quality-gan-table1")),
 }
@@ -480,10 +480,10 @@ def choose(rows, dataset, name, values, nfe):
     return min(eligible)[1]
 
 
-def setting(job) -> str:
+def setting(job, defaults: dict) -> str:
     """What a fine-tune job trains, whatever its name: dataset, split, seed, NFE, and the fields that differ
-    from train_toy's defaults (a field set to its default names the same run as one left out)."""
-    arguments, defaults = job[2], flat_config(train_toy.Config())
+    from `defaults` (train_toy's: a field set to its default names the same run as one left out)."""
+    arguments = job[2]
     fields = {key: value for key, value in arguments["fields"].items() if defaults.get(key, object()) != value}
     return json.dumps([job[1], arguments["split"], arguments["seed"], fields, list(arguments["nfes"])], sort_keys=True)
 
@@ -491,13 +491,16 @@ def setting(job) -> str:
 def run_once(pool, jobs, trained: dict) -> list:
     """Run the jobs whose setting no earlier job trained; a job whose setting was trained gets that job's rows
     under its own name (with "same_as"). `trained`: {setting: (name, rows)}, updated."""
-    new = {setting(job): job for job in jobs if setting(job) not in trained}
+    defaults = flat_config(train_toy.Config())
+    settings = [setting(job, defaults) for job in jobs]
+    new = {key: job for key, job in zip(settings, jobs) if key not in trained}
     rows = run_chains(pool, [(job, ()) for job in new.values()])
     for key, job in new.items():
-        trained[key] = (job[2]["name"], [r for r in rows if r["model"] == job[2]["name"] and r["seed"] == job[2]["seed"]])
+        name, seed = job[2]["name"], job[2]["seed"]
+        trained[key] = (name, [r for r in rows if r["model"] == name and r["seed"] == seed])
     result = []
-    for job in jobs:
-        name, own = trained[setting(job)]
+    for key, job in zip(settings, jobs):
+        name, own = trained[key]
         result += own if name == job[2]["name"] else [{**r, "model": job[2]["name"], "same_as": name} for r in own]
     return result
 
@@ -599,7 +602,7 @@ def plot(rows, plan, table, path):
 def check_frozen(tuned, study="main"):
     """The report runs only on choices frozen from the committed sweep."""
     path = os.path.join(RESULTS, f"{STUDIES[study]['files']['tune']}.json")
-    name = "TUNED" if study == "main" else "GAN_TUNED"
+    name = STUDIES[study]["tuned_name"]
     if not os.path.exists(path):
         raise SystemExit(f"quality.py: error: no {path}: run `python benchmarks/quality.py --study {study} --tune` "
                          f"first, then freeze its choices in {name}")
@@ -629,14 +632,13 @@ def main(argv=None) -> dict:
     plan = {**PLANS[plan_name], **({"nfe": study["nfe"]} if study["nfe"] else {})}
     files = {kind: name + ("-quick" if args.quick else "") for kind, name in study["files"].items()}
     only = None if args.recipes is None else set(args.recipes.split(","))
+    known = {name for part in study["recipes"](study["tuned"]).values() for name in part}
     if only is not None and (args.tune or args.quick):
         parser.error("--recipes selects recipes of the report: not with --tune or --quick")
-    if only is not None:
-        known = {name for part in study["recipes"](study["tuned"]).values() for name in part}
-        if only - known:
-            parser.error(f"--recipes: {sorted(only - known)} not among the {args.study} study's recipes runnable now: "
-                         f"{sorted(known)}")
-    elif not (args.tune or args.quick):
+    elif only is not None and only - known:
+        parser.error(f"--recipes: {sorted(only - known)} not among the {args.study} study's recipes runnable now: "
+                     f"{sorted(known)}")
+    elif only is None and not (args.tune or args.quick):
         check_frozen(study["tuned"], args.study)
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
     work = args.work or temporary.name
@@ -661,13 +663,17 @@ def main(argv=None) -> dict:
     if temporary is not None:
         temporary.cleanup()
     if rows is None:
-        print(f"freeze these choices in {'TUNED' if args.study == 'main' else 'GAN_TUNED'} (benchmarks/quality.py), "
-              f"then run the report")
+        print(f"freeze these choices in {study['tuned_name']} (benchmarks/quality.py), then run the report")
         return tuned
     if only is not None:
         print(f"ran {len(rows)} rows of {sorted(only)}; nothing written (a partial report): run every recipe to write "
               f"{files['report']}.json")
         return {}
+    return write_report(args.out, files, record, rows, plan, table, tuned, start)
+
+
+def write_report(out, files, record, rows, plan, table, tuned, start) -> dict:
+    """The report's verdicts, plot and two JSON files (main and Table 1); returns the main headline."""
     main_headline, table1_headline, verdicts, summary = headlines(rows, plan, table)
     frozen = {d: {n: {"fields": f, "why": w} for n, (f, w) in r.items()} for d, r in table.items()}
     record = {**record, "protocol": {**record["protocol"], "recipes": frozen}, "tuned": tuned, "recipes": frozen,
@@ -677,11 +683,11 @@ def main(argv=None) -> dict:
     for key, result in verdicts.items():
         print(f"{key}: ratio {result['distance_ratio_mean']:.3f} ± {result['distance_ratio_std']:.3f}, recall "
               f"{result['recall_delta_mean']:+.3f} -> {'beats' if result['beats'] else 'does not beat'}")
-    plot(rows, plan, table, os.path.join(args.out, f"{files['report']}.png"))
-    write_results(args.out, files["table1"], {**record, "verdicts": {k: v for k, v in verdicts.items()
+    plot(rows, plan, table, os.path.join(out, f"{files['report']}.png"))
+    write_results(out, files["table1"], {**record, "verdicts": {k: v for k, v in verdicts.items()
                                                                      if k.startswith("table1/")}},
                   table1_headline, start)
-    write_results(args.out, files["report"], {**record, "verdicts": {k: v for k, v in verdicts.items()
+    write_results(out, files["report"], {**record, "verdicts": {k: v for k, v in verdicts.items()
                                                                      if not k.startswith("table1/")}},
                   main_headline, start)
     return main_headline

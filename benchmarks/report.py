@@ -451,7 +451,8 @@ def quality_tune(record: dict) -> str:
         base = summary[dataset, "base DDIM", 50]
         for value in spec["values"]:
             entry = summary[dataset, f"{stage}={value}", record["plan"]["tune_nfe"]]
-            rows.append([f"`{stage}`", f"`{value}`" if isinstance(value, (str, bool)) else f"{value:g}", mean_std(entry[f"{distance}_mean"], entry[f"{distance}_std"]),
+            shown = f"`{value}`" if isinstance(value, (str, bool)) else f"{value:g}"  # layer names, flags, numbers
+            rows.append([f"`{stage}`", shown, mean_std(entry[f"{distance}_mean"], entry[f"{distance}_std"]),
                          mean_std(entry["recall_mean"], entry["recall_std"]), f"{base['recall_mean']:.3f}",
                          "**chosen**" if record["chosen"][stage] == value else ""])
     protocol = record["protocol"]
@@ -472,7 +473,8 @@ def quality_gan_goals(record: dict) -> str:
         cells = []
         for nfe in record["plan"]["nfe"]:
             result = record["verdicts"][f"digits/{recipe}/nfe{nfe} vs base DDIM 50"]
-            met = (result["distance_ratio_mean"] <= GAN_GOALS[nfe] and result["pixel_ratio_mean"] <= rule["pixel_ratio_at_most"]
+            met = (result["distance_ratio_mean"] <= GAN_GOALS[nfe]
+                   and result["pixel_ratio_mean"] <= rule["pixel_ratio_at_most"]
                    and result["recall_delta_mean"] >= -rule["recall_drop_at_most"])
             cells.append(f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
                          f"{result['recall_delta_mean']:+.3f}: {'met' if met else '**missed**'}")
