@@ -4,9 +4,18 @@
 Both datasets become the same tensors in [-1, 1], (N, C, H, W), with class labels: scikit-learn's bundled
 8x8 digits (offline) and CIFAR-10 (the python-pickle release). `fit_classifier` trains the small
 classifier whose features the toy's metric (toy_nets.ClassifierFrechetDistance) compares, cached on disk.
+
+On digits that classifier is a fixed instrument, as the Inception network is for FID: trained once, its
+weights committed in metrics/digits-classifier.pt, checked against METRIC_CLASSIFIER_SHA256 before each
+use (`load_metric_classifier`). Retrained on each machine, it would move every CFD by ~1 % from one CPU to
+the next (floating-point differences grow through its 30 epochs). Rebuild it (a new instrument: every
+committed CFD changes) with
+
+    python toy_data.py --rebuild-metric-classifier
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 import shutil
 import sys
@@ -18,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from toy_nets import CIFAR10_FOLDER
-from train_utils import load_checkpoint, save_checkpoint
+from toy_nets import CIFAR10_FOLDER, Classifier
+from train_utils import UsageError, load_checkpoint, save_checkpoint
 
 IMAGE_SIZE = {"digits": 8, "cifar10": 32}  # pixels per side of each dataset's images, as the loaders below return them
+CHANNELS = {"digits": 1, "cifar10": 3}
 
 
 @dataclass
@@ -132,3 +142,93 @@ def fit_classifier(classifier, path, data, device, seed, epochs, eval_batch_size
     print(f"{path.stem}: test accuracy {accuracy:.3f}")
     save_checkpoint({"model": classifier.state_dict(), "key": key, "test_accuracy": accuracy}, path)
     return classifier
+
+
+# The digits metric's fixed instrument: what it is, how it was made, how to make it again.
+ROOT = Path(__file__).resolve().parent
+METRIC_CLASSIFIER = ROOT / "metrics" / "digits-classifier.pt"
+METRIC_CLASSIFIER_SHA256 = "5147815c27aaf2c01033458266394f37526460549dda87e092c36de144ba9735"
+METRIC_CLASSIFIER_SEED = 0  # train_toy's default --seed: the classifier the quickstart trained before it was fixed
+METRIC_CLASSIFIER_EPOCHS = 30  # train_toy's --classifier-epochs default
+REBUILD_METRIC_CLASSIFIER = "python toy_data.py --rebuild-metric-classifier"
+
+
+SPREAD = ROOT / "benchmarks" / "results" / "spread.json"  # python benchmarks/spread.py: the instrument across CPUs
+
+
+def cross_cpu_tolerance(column: str = "cfd") -> float:
+    """The largest relative spread of a quickstart table `column` (cfd, pixel_energy, precision, recall) across
+    the CPU settings benchmarks/spread.py measured (its evaluation of one set of models): the tightest tolerance
+    with which a number computed now may be compared with a committed one."""
+    import json
+    evaluation = json.loads(SPREAD.read_text())["evaluation"]
+    return max(row[column]["relative"] for row in evaluation.values())
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_metric_classifier(path=None, device=torch.device("cpu"), in_channels=1, num_classes=10):
+    """The metric's classifier, frozen, and what it is: (Classifier, {"path", "sha256", "test_accuracy"}).
+    path None: the committed instrument METRIC_CLASSIFIER, checked against METRIC_CLASSIFIER_SHA256; a path:
+    a file `fit_classifier` wrote (python toy_data.py --rebuild-metric-classifier --out PATH). A missing,
+    truncated or foreign file, a digest mismatch or weights of another shape raise UsageError: one line
+    naming the file and the command that rebuilds it."""
+    committed = path is None
+    path = Path(METRIC_CLASSIFIER if committed else path)
+    rebuild = REBUILD_METRIC_CLASSIFIER + ("" if committed else f" --out {path}")
+
+    def fail(problem):
+        raise UsageError(f"metric classifier {path}: {problem}; rebuild it with `{rebuild}`")
+    if not path.is_file():
+        fail("no such file")
+    if committed and sha256(path) != METRIC_CLASSIFIER_SHA256:
+        fail(f"sha256 {sha256(path)[:12]}... is not the committed instrument's {METRIC_CLASSIFIER_SHA256[:12]}... "
+             "(git checkout metrics/ restores it)")
+    try:
+        checkpoint = load_checkpoint(path)
+    except UsageError:
+        fail("unreadable (truncated, or not a torch.save file)")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        fail("not a classifier file (no 'model' state dict)")
+    classifier = Classifier(in_channels, num_classes)
+    try:
+        classifier.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        fail(f"weights of another shape ({str(error).splitlines()[-1].strip()[:120]})")
+    record = {"path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "sha256": sha256(path),
+              "test_accuracy": checkpoint.get("test_accuracy")}
+    return classifier.to(device).eval().requires_grad_(False), record
+
+
+def classifier_accuracy(classifier, images, labels, batch_size=500) -> float:
+    """Share of `images` the classifier labels as `labels`."""
+    device = next(classifier.parameters()).device
+    with torch.no_grad():
+        predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu() for chunk in images.split(batch_size)])
+    return (predictions == labels).float().mean().item()
+
+
+def rebuild_metric_classifier(out):
+    """Train the digits metric's classifier as the committed one was made (seed, epochs, full train split, CPU)."""
+    out = Path(out)
+    out.unlink(missing_ok=True)  # fit_classifier would load a file with the same training key
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(METRIC_CLASSIFIER_SEED)  # the initialisation, as train_toy.train_classifier seeded it
+    fit_classifier(Classifier(1, 10), out, load_digits_data(), torch.device("cpu"), METRIC_CLASSIFIER_SEED,
+                   METRIC_CLASSIFIER_EPOCHS)
+    print(f"{out}: sha256 {sha256(out)}")
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Rebuild the digits metric's classifier (a new instrument: "
+                                     "every committed CFD changes, and METRIC_CLASSIFIER_SHA256 must be updated).")
+    parser.add_argument("--rebuild-metric-classifier", action="store_true", required=True)
+    parser.add_argument("--out", default=str(METRIC_CLASSIFIER), help="where to write it (default: the committed file)")
+    rebuild_metric_classifier(parser.parse_args().out)

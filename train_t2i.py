@@ -194,6 +194,8 @@ RULES = (
          lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch"
          or PatchDiscriminator.min_side(c.e2e.disc_layers) <= c.resolution,
          {"disc_layers": 5, "resolution": 64, "gan_weight": 0.1}),
+    Rule(("critic_warmup_steps", "max_steps"), "--critic-warmup-steps below --max-steps (the generator trains after it)",
+         lambda c: c.e2e.critic_warmup_steps < c.max_steps, {"critic_warmup_steps": 5, "max_steps": 5, "gan_weight": 0.1}),
     PREDICTION_RULE,
 )
 
@@ -886,7 +888,9 @@ class Run:
         means = all_reduce(sums) / (len(window) * self.ctx.world_size)
         row = {"step": self.step, **dict(zip(names, means.tolist()))}
         row.update(skipped=count_skipped(self.readers), images_per_sec=self.global_batch / row["sec_per_step"])
-        self.log(row, f"step {self.step} | loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g} | "
+        generator = (f"loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g}" if "loss" in row
+                     else f"critic warm-up | disc {row['disc']:.5f}")  # the generator frozen: no loss of its own
+        self.log(row, f"step {self.step} | {generator} | "
                       f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | "
                       f"skipped {row['skipped']}")
 

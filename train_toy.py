@@ -51,8 +51,11 @@ train split (--perceptual-net trained: toy_nets.PerceptualNet, cached
 as perceptual.pt, another architecture and seed than the metric's classifier).
 
 Metric. The offline metric is the *classifier Fréchet distance* (CFD): the Fréchet distance between
-Gaussians fitted to the penultimate features of a small classifier trained on the same dataset
-(cached as classifier.pt), generated samples against the held-out test split; lower is better. It is
+Gaussians fitted to the penultimate features of a small classifier trained on the dataset's train split,
+generated samples against the held-out test split; lower is better. On digits that classifier is a fixed
+instrument, as Inception is for FID: metrics/digits-classifier.pt, committed and checked by its sha256
+(toy_data.load_metric_classifier; --metric-classifier PATH for another file, retrain to train one per run,
+cached as classifier.pt, as on CIFAR-10), so the same samples score the same on every CPU. It is
 not the Inception FID and its numbers are not comparable with published FIDs. Beside it, metrics that no
 trained network shapes, in pixel space against the same split: the energy distance, and k-NN precision
 (fidelity) and recall (diversity). The evaluation's verdict lines use the project's rule
@@ -66,7 +69,7 @@ torch-fidelity's Inception weights are on disk.
 The method itself is e2ediff.py (each fine-tuning step is `e2ediff.train_step`, Alg. 1 lines 6-15);
 the networks and the metric are toy_nets.py; checkpoints, flags and signals are train_utils.py.
 Importable stages (the notebook and benchmarks/ use them): Config, build_dataset, build_model,
-pretrain, distill, finetune, load_base, load_lcm, load_finetuned, generate, evaluate, train_classifier.
+pretrain, distill, finetune, load_base, load_lcm, load_finetuned, generate, evaluate, metric_classifier.
 """
 
 import copy
@@ -86,14 +89,18 @@ from tqdm import tqdm
 from e2ediff import (
     EMA, PREDICTION_RULE, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, FeatureDistance, GANLoss,
     LPIPS, PatchDiscriminator, Rule, base_feature_discriminator, check_options, check_rules, consistency_scalings, couple,
+    critic_auc,
     ddim_invert, diffusion_loss, guided_output, make_schedule, option,
     sampling_timesteps, split_prediction, train_step, unrolled_sample,
 )
 from toy_nets import (
-    CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, inception_fid,
-    precision_recall, verdict,
+    CIFAR10_FOLDER, Classifier, ClassifierFrechetDistance, PerceptualNet, UNet, energy_distance, high_frequency_ratio,
+    inception_fid, precision_recall, verdict,
 )
-from toy_data import IMAGE_SIZE, fit_classifier, load_cifar10, load_digits_data, validation_split
+from toy_data import (
+    CHANNELS, IMAGE_SIZE, classifier_accuracy, fit_classifier, load_cifar10, load_digits_data,
+    load_metric_classifier, validation_split,
+)
 from train_utils import (
     INCEPTION_WEIGHTS, StopRequest, UsageError, atomic_write, check_readable_file, exit_with, flag, load_checkpoint,
     parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state,
@@ -187,7 +194,13 @@ class Config:
                                        valid=">= 1")
     eval_samples: int = option(1000, "samples per table row", valid=">= 1")
     eval_batch_size: int = option(500, "batch size for sampling, inversion and metrics", valid=">= 1")
-    classifier_epochs: int = option(30, "epochs of the metric's classifier (seconds on digits)", valid=">= 1")
+    metric_classifier: str = option("auto", "the CFD's classifier: auto = on digits the fixed instrument "
+                                    "metrics/digits-classifier.pt (sha256-checked: the same CFD on every CPU), on "
+                                    "CIFAR-10 (which has none) retrain; retrain = trained per run with --seed, for a "
+                                    "user's own data; or a file toy_data.py --rebuild-metric-classifier --out wrote",
+                                    valid="non-empty")
+    classifier_epochs: int = option(30, "epochs of the perceptual backbone, and of the metric's classifier with "
+                                    "--metric-classifier retrain (seconds on digits)", valid=">= 1")
     inception_weights: str = option("", f"torch-fidelity's Inception weights, the file {INCEPTION_WEIGHTS}; "
                                            f"empty = <torch hub dir>/checkpoints/{INCEPTION_WEIGHTS}")
     # logging and checkpoints
@@ -234,6 +247,9 @@ RULES = (
          lambda c: c.e2e.gan_weight == 0 or c.e2e.disc_kind != "patch"
          or PatchDiscriminator.min_side(c.e2e.disc_layers) <= IMAGE_SIZE[c.dataset],
          {"disc_layers": 2, "dataset": "digits", "gan_weight": 0.5}),
+    Rule(("critic_warmup_steps", "finetune_steps"), "--critic-warmup-steps below --finetune-steps (the generator "
+         "trains after it)", lambda c: c.e2e.critic_warmup_steps < c.finetune_steps,
+         {"critic_warmup_steps": 600, "finetune_steps": 600, "gan_weight": 0.5}),
     Rule(("channel_mult", "dataset"), "at most log2(side) + 1 levels in --channel-mult (each halves the side)",
          lambda c: 2 ** (len(c.channel_mult) - 1) <= IMAGE_SIZE[c.dataset],
          {"channel_mult": (1, 1, 1, 1, 1), "dataset": "digits"}),
@@ -440,7 +456,7 @@ def train_loop(name, path, parts, config, one_step, start_step, steps, log, extr
                 raise FloatingPointError(f"{name}: non-finite {', '.join(bad)} at step {step}; stopped without "
                                          f"saving, {kept}. Try a lower learning rate.")
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix({key: f"{metrics[key]:.4f}" for key in ("loss", "disc") if key in metrics})
             if step % config.log_every == 0 or step == steps:
                 elapsed = time.time() - started
                 log.write({"stage": name, "step": step, **metrics, "seconds": round(elapsed, 2),
@@ -743,7 +759,12 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, pairs, 
         parts.update(discriminator=gan.discriminator, disc_optimizer=gan.optimizer)
     loss_fn = EndToEndLoss(model, schedule, method, config.prediction_type, lpips=lpips, gan=gan,
                            guidance_scale=guidance_scale)
+    health = None if gan is None else CriticHealth(config, data, device, loss_fn, gan)
+    if health is not None:
+        parts["critic_health"] = health
     start_step = resume_parts(checkpoint, parts)
+    if health is not None and start_step == 0 and method.critic_warmup_steps == 0:
+        health.values["warmup"] = health()  # no warm-up: the critic as it starts
     print(f"{name}: coupling {method.coupling}, loss {method.loss_weights}, gan {method.gan_weight}, "
           f"steps {start_step} -> {config.finetune_steps} on {device}")
 
@@ -756,12 +777,59 @@ def finetune_one(config, data, device, base, start, schedule, num_steps, pairs, 
             z_T, paired_target = pairs
             batch["z_T"] = z_T[pair_indices].to(device)
             batch["paired_target"] = None if paired_target is None else paired_target[pair_indices].to(device)
-        return train_step(loss_fn, optimizer, ema, [batch], step, base_model=base, gan=gan,
-                          autocast=partial(autocast, device))  # Alg. 1 lines 6-15
+        logs = train_step(loss_fn, optimizer, ema, [batch], step - 1, base_model=base, gan=gan,
+                          autocast=partial(autocast, device))  # Alg. 1 lines 6-15; step - 1 steps done before
+        if health is not None and (step % config.log_every == 0 or step in (method.critic_warmup_steps,
+                                                                           config.finetune_steps)):
+            logs["critic_auc"] = health()
+            for moment, at in (("warmup", method.critic_warmup_steps), ("final", config.finetune_steps)):
+                if step == at:
+                    health.values[moment] = logs["critic_auc"]
+        return logs
 
     train_loop(name, path, parts, config, one_step, start_step, config.finetune_steps,
                Log(config.out / "metrics.jsonl"), extra={"nfe": num_steps})
     return path
+
+
+CRITIC_AUC_SAMPLES = 256  # held-out reals, and as many fakes: the AUC's standard error is then ~0.02 near 0.9
+CRITIC_AUC_SEED_OFFSET = 2000  # the fakes' fixed noise is seeded by config.seed + this
+
+
+class CriticHealth:
+    """The discriminator's held-out AUC (e2ediff.critic_auc): real = the first CRITIC_AUC_SAMPLES images of the
+    split the run is measured against (never trained on), fake = the current student's samples from fixed noise
+    for the same labels. A part of the fine-tune's checkpoint: its value at the end of the critic's warm-up (or
+    at the start, without one) and at the end of the run. The random state of training is left untouched."""
+
+    def __init__(self, config, data, device, loss_fn, gan):
+        count = min(CRITIC_AUC_SAMPLES, len(data.test_images))
+        self.real, labels = data.test_images[:count].to(device), data.test_labels[:count].to(device)
+        self.cond, self.uncond = conditions(config, data, labels)
+        self.z_T = torch.randn(self.real.shape, generator=torch.Generator().manual_seed(
+            config.seed + CRITIC_AUC_SEED_OFFSET)).to(device)
+        self.loss_fn, self.gan, self.seed = loss_fn, gan, config.seed + CRITIC_AUC_SEED_OFFSET
+        self.values = {"warmup": None, "final": None}
+
+    def __call__(self) -> float:
+        with torch.random.fork_rng():  # an LCM's sampler draws fresh noise: from a fixed seed, not training's stream
+            torch.manual_seed(self.seed)
+            fake = self.loss_fn.critic_sample(self.z_T, self.cond, self.uncond)
+        labels = self.gan.labels(self.cond)  # () or (labels,): for the real batch, then for the fake one
+        return critic_auc(self.gan.discriminator, self.real, fake, *labels, *labels, seed=self.seed)
+
+    def state_dict(self):
+        return dict(self.values)
+
+    def load_state_dict(self, state):
+        self.values = dict(state)
+
+
+def finetuned_critic_auc(config, num_steps) -> dict:
+    """{"critic_auc_warmup", "critic_auc"} of a finished fine-tune with a GAN term; {} without one."""
+    checkpoint = load_checkpoint(config.out / f"{finetune_name(config, num_steps)}.pt")
+    values = checkpoint.get("critic_health")
+    return {} if values is None else {"critic_auc_warmup": values["warmup"], "critic_auc": values["final"]}
 
 
 def load_finetuned(config, data, device, num_steps):
@@ -781,12 +849,29 @@ def load_finetuned(config, data, device, num_steps):
 PERCEPTUAL_SEED_OFFSET = 1000  # the perceptual backbone's seed is config.seed + this: never the metric classifier's
 
 
-def train_classifier(config, data, device):
-    """The metric's classifier, trained on the train split; cached in <out>/classifier.pt. Its
-    initialisation is seeded too, so the metric is a function of --seed alone."""
-    torch.manual_seed(config.seed)
-    return fit_classifier(Classifier(data.image_shape[0], data.num_classes), config.out / "classifier.pt",
-                          data, device, config.seed, config.classifier_epochs, config.eval_batch_size)
+def metric_classifier(config, data, device):
+    """The metric's classifier and what it is: (Classifier, record: path, sha256, accuracy on the eval split).
+    auto on digits: the fixed instrument metrics/digits-classifier.pt; a path: that file; retrain (and auto on
+    CIFAR-10): trained on the train split, cached in <out>/classifier.pt, its initialisation seeded too, so that
+    metric is a function of --seed alone (on one machine)."""
+    path = metric_classifier_path(config)
+    if path == "retrain":
+        torch.manual_seed(config.seed)
+        classifier = fit_classifier(Classifier(data.image_shape[0], data.num_classes), config.out / "classifier.pt",
+                                    data, device, config.seed, config.classifier_epochs, config.eval_batch_size)
+        record = {"path": "retrain", "sha256": None}
+    else:
+        classifier, record = load_metric_classifier(path, device, data.image_shape[0], data.num_classes)
+        record = {key: record[key] for key in ("path", "sha256")}
+    accuracy = classifier_accuracy(classifier, data.test_images, data.test_labels, config.eval_batch_size)
+    return classifier, {**record, f"{config.eval_split}_accuracy": accuracy}
+
+
+def metric_classifier_path(config):
+    """"retrain", None for the committed instrument (toy_data.load_metric_classifier checks its sha256), or a file."""
+    if config.metric_classifier == "auto":
+        return None if config.dataset == "digits" else "retrain"
+    return config.metric_classifier
 
 
 def train_perceptual(config, data, device):
@@ -831,12 +916,16 @@ def save_grid(images, path, num_classes):
     torchvision.utils.save_image((grid + 1) / 2, path, nrow=num_classes, padding=2, pad_value=1.0)
 
 
-def evaluate(config, data, device):
-    """Base DDIM at config.base_nfe vs each fine-tuned model at its NFE: grids, results.md/.json."""
+def evaluate(config, data, device, started=None):
+    """Base DDIM at config.base_nfe vs each fine-tuned model at its NFE: grids, results.md/.json. `started`:
+    when the run began (time.time()), for the run's wall time in results.json."""
     schedule = build_schedule(config, device)
     base = load_base(config, data, device)
     finetuned = {steps: load_finetuned(config, data, device, steps) for steps in config.nfe}
-    cfd = ClassifierFrechetDistance(train_classifier(config, data, device), data.test_images, config.eval_batch_size)
+    classifier, metric = metric_classifier(config, data, device)
+    print(f"metric classifier {metric['path']}: {config.eval_split}-split accuracy "
+          f"{metric[config.eval_split + '_accuracy']:.3f}")
+    cfd = ClassifierFrechetDistance(classifier, data.test_images, config.eval_batch_size)
     inception_error = None
     candidates = [("real data (train split)", None, "data", data.train_images[:config.eval_samples])]
     for steps in config.base_nfe:
@@ -855,6 +944,8 @@ def evaluate(config, data, device):
     log.forget("eval")  # an evaluation run again replaces the last one's rows
     for label, steps, name, images in tqdm(candidates, desc="eval", dynamic_ncols=True):
         row = {"model": label, "nfe": steps, "cfd": cfd(images), **pixel_metrics(images, data.test_images)}
+        if name.startswith("e2e-"):  # the discriminator's held-out AUC, when it had one
+            row.update(finetuned_critic_auc(config, steps))
         if data.name == "cifar10" and inception_error is None:
             try:
                 row["inception_fid"] = inception_fid(images, config.data_dir, config.inception_weights, device)
@@ -867,7 +958,9 @@ def evaluate(config, data, device):
         print(f"Inception FID skipped: {inception_error}")
     table = results_table(rows, data, inception_error, config.eval_split)
     (config.out / "results.md").write_text(table + "\n")
-    (config.out / "results.json").write_text(json.dumps({"config": asdict(config), "rows": rows}, indent=1) + "\n")
+    (config.out / "results.json").write_text(json.dumps({
+        "config": asdict(config), "metric_classifier": metric, "threads": torch.get_num_threads(),
+        "wall_s": None if started is None else round(time.time() - started, 1), "rows": rows}, indent=1) + "\n")
     print(table)
     for line in verdicts(rows):
         print(line)
@@ -879,11 +972,12 @@ PIXEL_METRIC_SAMPLES = 2000  # pairwise distances: O(n^2) memory, so CIFAR-10's 
 
 def pixel_metrics(images, reference):
     """The metrics no trained network shapes, against the test split in pixel space: energy distance,
-    and k-NN precision (fidelity) and recall (diversity); on at most PIXEL_METRIC_SAMPLES of each."""
+    k-NN precision (fidelity) and recall (diversity), and the high-frequency ratio (Laplacian power over the
+    split's: detail); on at most PIXEL_METRIC_SAMPLES of each."""
     images, reference = images[:PIXEL_METRIC_SAMPLES], reference[:PIXEL_METRIC_SAMPLES]
     scores = precision_recall(reference, images)
     return {"pixel_energy": energy_distance(images, reference), "precision": scores["precision"],
-            "recall": scores["recall"]}
+            "recall": scores["recall"], "hf_ratio": high_frequency_ratio(images, reference)}
 
 
 def verdicts(rows):
@@ -943,6 +1037,11 @@ def preflight(config):
                          f"into {config.data_dir}/, or allow --download")
     if config.inception_weights:
         check_readable_file(config.inception_weights, "inception_weights", f"the file {INCEPTION_WEIGHTS}")
+    if metric_classifier_path(config) != "retrain" and config.stage in ("all", "eval"):  # the instrument, before any work
+        try:
+            load_metric_classifier(metric_classifier_path(config), in_channels=CHANNELS[config.dataset])
+        except UsageError as error:
+            raise UsageError(f"--metric-classifier: {error}") from None
     lcm = config.base == "lcm"
     if config.stage == "distill" and not lcm:
         raise UsageError("--stage distill: the LCM is distilled for --base lcm; pass it (or another --stage)")
@@ -1002,7 +1101,7 @@ def main(argv=None):
         if config.stage in ("all", "finetune"):
             finetune(config, data, device)
         if config.stage == "eval" or config.stage == "all" and not (nothing_to_train and results_up_to_date(config)):
-            evaluate(config, data, device)
+            evaluate(config, data, device, started)
         elif config.stage == "all":
             print(f"eval: {config.out / 'results.json'} is up to date (nothing trained since), skipping; "
                   f"--stage eval evaluates again")

@@ -17,8 +17,9 @@ The protocol (PROTOCOL, recorded in every JSON):
 The base (per seed): train_toy's model with the EMA warm-up, --pretrain-steps from PLANS; its 50-step DDIM
 CFD is reported against the real-data floor measured in the same run (headline digits/base50_vs_floor).
 
-Metrics (toy_nets): digits — CFD (Fréchet distance in the metric classifier's features, the classifier
-seeded by the run's seed), and in pixel space, which no trained network shapes: energy distance, k-NN
+Metrics (toy_nets): digits — CFD (Fréchet distance in the features of the metric's fixed instrument,
+toy_data.METRIC_CLASSIFIER; the committed quality.json and quality-gan*.json predate it and used a classifier
+retrained per seed), and in pixel space, which no trained network shapes: energy distance, k-NN
 precision and recall; ring2d — energy distance, precision and recall of the 2D points. The verdict rule
 (toy_nets.verdict): a student *beats* a reference only if its CFD (ring: energy) ratio is <= 0.9, its
 pixel-energy ratio <= 1.0 and its recall >= the reference's - 0.05, on the same samples.
@@ -48,6 +49,18 @@ quality-gan.json, quality-gan-table1.json, in the same key scheme.
     python benchmarks/quality.py --study gan --work W --recipes teacher-L2,teacher-L2+P
                                         # a partial report that writes nothing: recipes that need no sweep choice,
                                         # started while the sweep runs (the full report reuses their checkpoints)
+
+`--study critic`: the adversarial term with critics that measurably learn (issue 32). Each GAN recipe first
+trains its critic alone (CRITIC_WARMUP_STEPS, then CRITIC_DISC_STEPS critic updates per generator step) and
+records its held-out AUC after the warm-up and at the end; fine-tunes of CRITIC_TUNED's length (>= 1,000
+steps, chosen on validation by its sweep) at 4 NFE. Table 2's shape from the diffusion base (L2, L2 + P,
++ PatchGAN, + base-feature critic), and Table 1 from the LCM through its own update and through DDIM, with a
+GAN-only row. Extra headline keys: .../hf_ratio (Laplacian power of samples / real: detail), and for every GAN
+recipe .../critic_auc_warmup and .../critic_auc. Files: quality-critic-tune.json, quality-critic.json,
+quality-critic-table1.json.
+
+    python benchmarks/quality.py --study critic --tune --work W     # its sweep: the fine-tune's length
+    python benchmarks/quality.py --study critic --work W            # its report, once CRITIC_TUNED is frozen
 
 Jobs (a seed's base, then one fine-tune each) run in a pool of one-thread processes, one per core; a
 --work folder keeps every checkpoint, so a run again in it skips what is done.
@@ -97,7 +110,7 @@ PLANS = {
         digits_pretrain_steps=3000,  # the quickstart's base: 1,000 steps left it at 1.82x the floor (validation, quality-tune-pretrain1000.json)
         digits_finetune_steps=200,  # a third of the quickstart's 600: the budget of 2 cores
         digits_eval_samples=1000,  # the quickstart's
-        classifier_epochs=30,  # train_toy's default (the metric's classifier and the perceptual backbone)
+        classifier_epochs=30,  # train_toy's default (the perceptual backbone)
         teacher_steps=25, teacher_pool=4,  # teacher pairs made once per base: 4 x 1,437 samples of 25 DDIM steps
         distill_steps=500,  # train_toy's default LCD
         nfe=(1, 4),  # the report's sampler lengths (2 left out for the budget)
@@ -107,6 +120,7 @@ PLANS = {
     "quick": dict(
         tuning_seeds=(100,), reporting_seeds=(200,), digits_pretrain_steps=60, digits_finetune_steps=3,
         digits_eval_samples=100, classifier_epochs=1, teacher_steps=4, teacher_pool=1, distill_steps=3, nfe=(1, 4),
+        max_finetune_steps=4,  # a recipe that sets its own length (the critic study) is capped here, its warm-up at half
         tune_nfe=4, ring_pretrain_steps=200, ring_finetune_steps=20, ring_eval_samples=500,
     ),
 }
@@ -241,6 +255,55 @@ def gan_recipes(gan_tuned: dict | None) -> dict:
     return {"digits": digits, "table1": table1}
 
 
+# ----------------------------------------------------------------------------------------------
+# The critic study (`--study critic`): the adversarial term with critics that measurably learn, and fine-tunes
+# long enough for it to act. Every GAN recipe warms its critic up alone first (CRITIC_WARMUP_STEPS, then
+# CRITIC_DISC_STEPS critic updates per generator step) and logs its held-out AUC (train_toy.CriticHealth) at the
+# end of the warm-up and of the run; the base-feature critic is e2ediff's, with conv heads at low t. 4 NFE, the
+# paper's setting. Table 2's shape from the diffusion base; Table 1 from the LCM, through its own update and
+# through deterministic DDIM (--lcm-update ddim, where an L2 target is well posed), with a GAN-only row.
+
+CRITIC_WARMUP_STEPS = 200  # critic-only steps: the issue's probes put a PatchGAN at AUC 0.96 after 100 steps at batch 32
+CRITIC_DISC_STEPS = 2  # critic updates per generator step (DMD2: 5; 2 keeps the critic ahead at twice its cost)
+CRITIC_STUDY_BASE = dict(coupling="teacher", finetune_lr=TUNED["teacher_lr"], finetune_steps="{critic_finetune_steps}")
+CRITIC_TERM = dict(gan_weight=TUNED["gan_weight"], critic_warmup_steps=CRITIC_WARMUP_STEPS, disc_steps=CRITIC_DISC_STEPS)
+
+# Its sweep: only the length (every other value is the main sweep's, or declared above), on the paper's full loss.
+CRITIC_TUNING = {
+    "critic_finetune_steps": ("digits", {**CRITIC_STUDY_BASE, **CRITIC_TERM, "lpips_weight": TUNED["lpips_weight"],
+                                         "finetune_steps": "{}"}, "finetune_steps", (1000, 2000)),
+}
+
+# Frozen from benchmarks/results/quality-critic-tune.json before the critic study's report (None: not run yet).
+CRITIC_TUNED = dict(critic_finetune_steps=None)
+
+
+def critic_recipes(tuned: dict) -> dict:
+    """The critic study's {part: {recipe: (fields, why)}}: Table 2's shape (digits) and Table 1's (table1)."""
+    base = {**CRITIC_STUDY_BASE, "finetune_steps": tuned["critic_finetune_steps"]}
+    perceptual = dict(lpips_weight=TUNED["lpips_weight"])
+    patch, basefeat = CRITIC_TERM, {**CRITIC_TERM, **BASEFEAT}
+    gan_only = {**CRITIC_TERM, "coupling": "independent", "l2_weight": 0.0}  # no regression term: Alg. 1's pairs
+    digits = {
+        "teacher-L2": (base, "the regression alone (Table 2: L2)"),
+        "teacher-L2+P": ({**base, **perceptual}, "Table 2's best: L2 + LPIPS (the toy's trained backbone)"),
+        "teacher-L2+P+PatchGAN": ({**base, **perceptual, **patch}, "Table 2's last row, with a warmed-up PatchGAN"),
+        "teacher-L2+P+basefeat": ({**base, **perceptual, **basefeat}, "the same with the base-feature critic"),
+    }
+    table1 = {}
+    for update, tag in (("lcm", ""), ("ddim", "-ddim")):
+        lcm = dict(base="lcm", finetune_lr=TUNED["lcm_lr"], lcm_update=update)
+        through = "its own update (fresh noise)" if update == "lcm" else "deterministic DDIM on its grid"
+        table1 |= {
+            f"lcm{tag}-teacher-L2+P": ({**base, **lcm, **perceptual}, f"Table 1's loss, through {through}"),
+            f"lcm{tag}-teacher-L2+P+PatchGAN": ({**base, **lcm, **perceptual, **patch}, f"+ PatchGAN, {through}"),
+            f"lcm{tag}-teacher-L2+P+basefeat": ({**base, **lcm, **perceptual, **basefeat},
+                                                f"+ the base-feature critic, {through}"),
+            f"lcm{tag}-GAN": ({**base, **lcm, **gan_only}, f"the PatchGAN alone, no regression target, {through}"),
+        }
+    return {"digits": digits, "table1": table1}
+
+
 # Each study: its sweep, its frozen choices, its recipes, what its bases need, its files.
 STUDIES = {
     "main": dict(tuning=TUNING, tuned=TUNED, tuned_name="TUNED", recipes=recipes, datasets=("digits", "ring2d"), nfe=None,
@@ -249,6 +312,9 @@ STUDIES = {
     "gan": dict(tuning=GAN_TUNING, tuned=GAN_TUNED, tuned_name="GAN_TUNED", recipes=gan_recipes, datasets=("digits",), nfe=(1, 2, 4),
                 couplings=("teacher",), tune_lcm=False,  # the GAN sweep reuses the main sweep's lcm_lr
                 files=dict(tune="quality-gan-tune", report="quality-gan", table1="quality-gan-table1")),
+    "critic": dict(tuning=CRITIC_TUNING, tuned=CRITIC_TUNED, tuned_name="CRITIC_TUNED", recipes=critic_recipes,
+                   datasets=("digits",), nfe=(4,), couplings=("teacher",), tune_lcm=False,  # the main sweep's lcm_lr
+                   files=dict(tune="quality-critic-tune", report="quality-critic", table1="quality-critic-table1")),
 }
 
 
@@ -259,7 +325,7 @@ def fill(template: dict, value, tuned: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Jobs: a seed's base (digits: base, metric classifier, perceptual backbone, coupling pairs, LCM), then
+# Jobs: a seed's base (digits: base, perceptual backbone, coupling pairs, LCM), then
 # one fine-tune per recipe; each returns its rows. They run in worker processes (one thread each).
 
 
@@ -268,9 +334,14 @@ def row(dataset, split, seed, model, nfe, metrics):
 
 
 def digits_config(plan, seed, split, folder, **fields):
+    if "finetune_steps" in fields:  # a recipe's own length (the critic study's); --quick caps it, and its warm-up
+        fields["finetune_steps"] = min(fields["finetune_steps"], plan.get("max_finetune_steps", fields["finetune_steps"]))
+        if "critic_warmup_steps" in fields:
+            fields["critic_warmup_steps"] = min(fields["critic_warmup_steps"], fields["finetune_steps"] // 2)
+    fields = {"finetune_steps": plan["digits_finetune_steps"], **fields}
     return make_config(
         train_toy.Config, dataset="digits", out_dir=folder, seed=seed, device="cpu", eval_split=split,
-        pretrain_steps=plan["digits_pretrain_steps"], finetune_steps=plan["digits_finetune_steps"],
+        pretrain_steps=plan["digits_pretrain_steps"],
         eval_samples=plan["digits_eval_samples"], classifier_epochs=plan["classifier_epochs"],
         teacher_steps=plan["teacher_steps"], teacher_pool=plan["teacher_pool"], distill_steps=plan["distill_steps"],
         log_every=10**9, save_every=10**9, resume=True, **fields)
@@ -281,10 +352,11 @@ def seed_folder(work, dataset, split, seed):
 
 
 class DigitsMeter:
-    """A seed's metric: CFD in its classifier, pixel energy, precision and recall against the split."""
+    """The metric: CFD in the fixed instrument's features (toy_data.METRIC_CLASSIFIER), pixel energy,
+    precision and recall against the split."""
 
     def __init__(self, config, data):
-        classifier = train_toy.train_classifier(config, data, torch.device("cpu"))
+        classifier, _ = toy_data.load_metric_classifier()
         self.cfd = toy_nets.ClassifierFrechetDistance(classifier, data.test_images, config.eval_batch_size)
         self.data = data
 
@@ -294,13 +366,11 @@ class DigitsMeter:
         return self.images(images)
 
     def images(self, images):
-        pixel = train_toy.pixel_metrics(images, self.data.test_images)
-        return {"cfd": self.cfd(images), "pixel_energy": pixel["pixel_energy"], "precision": pixel["precision"],
-                "recall": pixel["recall"]}
+        return {"cfd": self.cfd(images), **train_toy.pixel_metrics(images, self.data.test_images)}
 
 
 def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
-    """Pretrain the seed's base (and distil its LCM); make the classifier, backbone and coupling pairs that
+    """Pretrain the seed's base (and distil its LCM); make the backbone and coupling pairs that
     every fine-tune shares. Rows: the real-data floor, base DDIM at BASE_NFE, the LCM at `nfes`."""
     folder = os.path.join(seed_folder(work, "digits", split, seed), "base")
     config = digits_config(plan, seed, split, folder)
@@ -327,7 +397,7 @@ def finetune_digits(plan, seed, split, work, name, fields, nfes):
     root = seed_folder(work, "digits", split, seed)
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
-    for file in os.listdir(os.path.join(root, "base")):  # base, LCM, classifier, backbone, pairs: shared
+    for file in os.listdir(os.path.join(root, "base")):  # base, LCM, backbone, pairs: shared
         if file.endswith(".pt") and not file.startswith("finetune") and not os.path.exists(os.path.join(folder, file)):
             os.link(os.path.join(root, "base", file), os.path.join(folder, file))
     config = digits_config(plan, seed, split, folder, nfe=tuple(nfes), **fields)
@@ -335,8 +405,8 @@ def finetune_digits(plan, seed, split, work, name, fields, nfes):
     train_toy.finetune(config, data, device)
     meter = DigitsMeter(config, data)
     lcm = config.base == "lcm"
-    return [row("digits", split, seed, name, k, meter(config, train_toy.load_finetuned(config, data, device, k), k, lcm))
-            for k in nfes]
+    return [row("digits", split, seed, name, k, {**meter(config, train_toy.load_finetuned(config, data, device, k), k, lcm),
+                                                  **train_toy.finetuned_critic_auc(config, k)}) for k in nfes]
 
 
 def ring_reference_seed(split, seed):
@@ -445,7 +515,7 @@ def summarise(rows):
     groups = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["model"], r["nfe"]), []).append(r)
-    metrics = ("cfd", "energy", "pixel_energy", "precision", "recall")
+    metrics = ("cfd", "energy", "pixel_energy", "precision", "recall", "hf_ratio", "critic_auc_warmup", "critic_auc")
     return {key: {m: mean_std(r[m] for r in members) for m in metrics if m in members[0]} | {"n": len(members)}
             for key, members in groups.items()}
 
@@ -556,16 +626,26 @@ def headlines(rows, plan, table):
                 if dataset == "digits":
                     main[f"{dataset}/{name}/nfe{k}/pixel_ratio"] = result["pixel_ratio_mean"]
                 main[f"{dataset}/{name}/nfe{k}/recall_delta"] = result["recall_delta_mean"]
+                main.update(extras(summary, dataset, name, k, f"{dataset}/{name}/nfe{k}"))
                 verdicts[f"{dataset}/{name}/nfe{k} vs base DDIM 50"] = result
     for name in table["table1"]:
         result = compare(rows, "digits", name, 4, "LCM", 4)
         table1[f"table1/{name}/nfe4/cfd_ratio_vs_lcm"] = result["distance_ratio_mean"]
         table1[f"table1/{name}/nfe4/pixel_ratio_vs_lcm"] = result["pixel_ratio_mean"]
         table1[f"table1/{name}/nfe4/recall_delta_vs_lcm"] = result["recall_delta_mean"]
+        table1.update(extras(summary, "digits", name, 4, f"table1/{name}/nfe4"))
         verdicts[f"table1/{name}/nfe4 vs LCM 4"] = {**result, "goal_cfd_ratio": 0.85,
                                                     "meets_goal": result["beats"] and result["distance_ratio_mean"] <= 0.85}
         verdicts[f"table1/{name}/nfe4 vs base DDIM 50"] = compare(rows, "digits", name, 4, "base DDIM", 50)
     return main, table1, verdicts, summary
+
+
+def extras(summary, dataset, model, nfe, prefix) -> dict:
+    """Headline means over seeds of what a row has beyond the verdict's metrics: the high-frequency ratio
+    (samples / real, digits) and, with a GAN term, the critic's held-out AUC after its warm-up and at the end."""
+    entry = summary[dataset, model, nfe]
+    return {f"{prefix}/{metric}": entry[metric][0] for metric in ("hf_ratio", "critic_auc_warmup", "critic_auc")
+            if metric in entry}
 
 
 def summary_rows(summary):

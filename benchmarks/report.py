@@ -122,16 +122,42 @@ def quickstart_table(record: dict) -> str:
             f"({e2e['coupling']} coupling, {loss}), {config['eval_samples']:,} samples per row, seed {config['seed']}.")
 
 
-def quickstart_threads(record: dict) -> str:
-    """The same quickstart with two torch threads against the committed one-thread run: CFD per row."""
-    one = {(row["model"], row["nfe"]): row for row in json.loads((RESULTS / "quickstart.json").read_text())["rows"]}
-    body, gaps = [], []
-    for row in record["rows"]:
-        other = one[row["model"], row["nfe"]]
-        gaps.append(abs(row["cfd"] - other["cfd"]))  # absolute
-        body.append([row["model"], number(row["nfe"]), number(other["cfd"]), number(row["cfd"]), number(gaps[-1])])
-    return (table(["model", "NFE", "CFD, 1 thread", "CFD, 2 threads", "difference"], body)
-            + f"\n\nLargest difference: {number(max(gaps))} CFD.")
+# spread.json (benchmarks/spread.py): the quickstart's columns under each CPU setting, and their spread.
+
+SPREAD_COLUMNS = {"cfd": "CFD", "pixel_energy": "pixel energy", "precision": "precision", "recall": "recall"}
+
+
+def spread_table(record: dict) -> str:
+    """Per phase (evaluation of the same models; the whole quickstart trained again at a reduced budget) and
+    row: the largest relative spread of each column across the CPU settings, and the goal's verdict."""
+    parts = []
+    for phase, title in (("evaluation", "the quickstart's models, evaluated under each setting"),
+                         ("training", "the quickstart trained again under each setting, at a reduced budget ("
+                          + " ".join(record["training_budget"]) + ")")):
+        rows = [[row.replace("@-", "").replace("@", ", NFE "),
+                 *(f"{columns[column]['relative']:.1e}" for column in SPREAD_COLUMNS)]
+                for row, columns in record[phase].items()]
+        parts.append(f"**{phase}**: {title}; (max − min) / max over the settings:\n\n"
+                     + table(["row", *SPREAD_COLUMNS.values()], rows))
+    largest = record["headline"]["evaluation/cfd_max_relative"]
+    verdict = "met" if largest <= record["goal_relative_cfd"] else "**missed**"
+    machine = record["machine"]
+    return ("Settings: " + "; ".join(f"{name}" + (f" (`{' '.join(f'{k}={v}' for k, v in env.items())}`)" if env else "")
+                                      for name, env in record["settings"].items())
+            + f". Machine: {machine['cpu']}, torch {machine['torch']}.\n\n" + "\n\n".join(parts)
+            + f"\n\nGoal: every CFD of the evaluation within {record['goal_relative_cfd']:.1%} across the settings: "
+              f"largest {largest:.1e}, {verdict}. `python benchmarks/spread.py`: {record['wall_seconds']:.0f} s.")
+
+
+def spread_summary(record: dict) -> str:
+    """README's lines: per column, the largest relative spread across the CPU settings, per phase, and the goal."""
+    rows = [[name, *(f"{record['headline'][f'{phase}/{column}_max_relative']:.1e}" for phase in ("evaluation", "training"))]
+            for column, name in SPREAD_COLUMNS.items()]
+    largest = record["headline"]["evaluation/cfd_max_relative"]
+    return (table(["column", "evaluation of the same models", "training again (reduced budget)"], rows)
+            + f"\n\nLargest relative spread over {len(record['settings'])} CPU settings (threads, ATEN_CPU_CAPABILITY, "
+              f"DNNL_MAX_CPU_ISA, MKL_CBWR, all capped at AVX2). Goal: every CFD of the evaluation within "
+              f"{record['goal_relative_cfd']:.1%}: {'met' if largest <= record['goal_relative_cfd'] else '**missed**'}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,6 +512,66 @@ def quality_gan_goals(record: dict) -> str:
             + table(["recipe", *[f"{nfe} NFE" for nfe in record["plan"]["nfe"]]], rows))
 
 
+CRITIC_AUC_GOAL = 0.8  # issue 32: every critic's held-out AUC at the end of its warm-up
+
+
+def critic_goal_cells(record: dict, key: str, prefix: str, goal_met: bool, anchor: str | None) -> list[str]:
+    """hf ratio (and whether it is nearer 1 than the regression anchor's), the critic's AUC after its warm-up and at
+    the end (and whether the first reaches CRITIC_AUC_GOAL), and the CFD goal's verdict."""
+    headline, cells = record["headline"], []
+    hf = headline[f"{prefix}/hf_ratio"]
+    if anchor is None:
+        cells.append(number(hf))
+    else:
+        closer = abs(hf - 1) < abs(headline[f"{anchor}/hf_ratio"] - 1)
+        cells.append(f"{number(hf)} ({'nearer 1' if closer else '**not nearer 1**'})")
+    if f"{prefix}/critic_auc_warmup" in headline:
+        warm, end = headline[f"{prefix}/critic_auc_warmup"], headline[f"{prefix}/critic_auc"]
+        cells.append(f"{warm:.3f}{'' if warm >= CRITIC_AUC_GOAL else ' (**< 0.8**)'} → {end:.3f}")
+    else:
+        cells.append("–")
+    return cells + ["met" if goal_met else "**missed**"]
+
+
+def quality_critic_goals(record: dict) -> str:
+    """The critic study's goals, per recipe: Table 2's shape against the base's 50 steps (CFD ratio <= 0.9, pixel
+    <= 1.0, recall >= -0.05), Table 1's against the LCM's 4 steps (<= 0.85 under the same checks); the GAN rows'
+    hf ratio against their regression anchor's; the critics' AUC."""
+    rule, rows = record["verdict_rule"], []
+    for recipe in record["recipes"]["digits"]:
+        result = record["verdicts"][f"digits/{recipe}/nfe4 vs base DDIM 50"]
+        anchor = "digits/teacher-L2/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
+        rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
+                                    f"{result['recall_delta_mean']:+.3f}",
+                     *critic_goal_cells(record, recipe, f"digits/{recipe}/nfe4", result["beats"], anchor)])
+    return (f"4 NFE, test split, means over reporting seeds {', '.join(map(str, record['protocol']['reporting_seeds']))}. "
+            f"Goal: CFD ratio to the same seed's base at 50 DDIM steps ≤ {rule['cfd_ratio_at_most']} with pixel ratio "
+            f"≤ {rule['pixel_ratio_at_most']} and recall Δ ≥ −{rule['recall_drop_at_most']}; a GAN row's hf ratio "
+            f"(Laplacian power of samples / real) nearer 1 than `teacher-L2`'s; every critic's held-out AUC ≥ "
+            f"{CRITIC_AUC_GOAL} after its warm-up.\n\n"
+            + table(["recipe", "CFD ratio / pixel ratio / recall Δ", "hf ratio", "critic AUC: warm-up → end", "goal"],
+                    rows))
+
+
+def quality_critic_table1(record: dict) -> str:
+    """Table 1 of the critic study: each recipe from the LCM against the LCM's own 4 steps (goal <= 0.85 with the
+    pixel and recall checks), its hf ratio against its update's L2 + P row, its critic's AUC."""
+    rows = []
+    for recipe in record["recipes"]["table1"]:
+        result = record["verdicts"][f"table1/{recipe}/nfe4 vs LCM 4"]
+        arm = recipe.split("-teacher")[0].split("-GAN")[0]  # lcm or lcm-ddim: the update it trains through
+        anchor = f"table1/{arm}-teacher-L2+P/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
+        rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
+                                    f"{result['recall_delta_mean']:+.3f}",
+                     *critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor)])
+    return ("From each seed's LCM at 4 NFE (`lcm-`: through its own update, fresh noise between steps; `lcm-ddim-`: "
+            "through deterministic DDIM on its grid), against the same seed's LCM at its own 4 steps. Goal: CFD ratio "
+            "≤ 0.85 with pixel ratio ≤ 1.0 and recall Δ ≥ −0.05; hf ratio nearer 1 than the same update's "
+            "`teacher-L2+P`.\n\n"
+            + table(["recipe", "CFD ratio / pixel ratio / recall Δ vs the LCM", "hf ratio", "critic AUC: warm-up → end",
+                     "goal"], rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # toy2d.json (python toy2d.py): the README's "Which coupling" table on the ring.
 
@@ -505,7 +591,7 @@ def toy2d_table(record: dict) -> str:
 
 RENDERERS = {
     "quickstart": ("quickstart.json", quickstart_table),
-    "quickstart-threads": ("quickstart-2threads.json", quickstart_threads),
+
     "cost": ("cost.json", cost_table),
     "cost-headline": ("cost.json", headline_block),
     "cost-frontier": ("cost.json", cost_frontier),
@@ -532,9 +618,17 @@ RENDERERS = {
     "quality-gan-goals": ("quality-gan.json", quality_gan_goals),
     "quality-gan-table1": ("quality-gan-table1.json", quality_table1),
 }
-# Blocks placed before their renderer exists (quality.json's schema is being rewritten): they must stay
+# the critic study's blocks, registered in RENDERERS as their JSON lands (until then PENDING):
+CRITIC_RENDERERS = {
+    "quality-critic-tune": ("quality-critic-tune.json", quality_tune),
+    "quality-critic": ("quality-critic.json", quality_tables),
+    "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
+    "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
+}
+# Blocks whose JSON is not measured yet (or whose renderer does not exist yet): they must stay
 # empty. Adding the renderer to RENDERERS means removing the name here.
-PENDING = ()
+PENDING = ("spread", "spread-summary", "quality-critic-tune", "quality-critic", "quality-critic-goals",
+           "quality-critic-table1")
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
 BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)

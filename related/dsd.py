@@ -62,7 +62,7 @@ import e2ediff  # noqa: E402
 import toy2d  # noqa: E402
 import toy_data  # noqa: E402
 from e2ediff import option  # noqa: E402
-from toy_nets import Classifier, ClassifierFrechetDistance, timestep_embedding  # noqa: E402
+from toy_nets import ClassifierFrechetDistance, timestep_embedding  # noqa: E402
 from train_utils import UsageError, exit_with, parse_config  # noqa: E402
 
 ROLES = ("encode", "decode", "denoise")
@@ -72,7 +72,7 @@ PREDICTION_TYPE = "v_prediction"  # what the denoiser role outputs (zero termina
 
 @dataclass
 class Config:
-    seed: int = option(0, "seeds initialisation, data order, training noise, sampling noise, the metric's classifier")
+    seed: int = option(0, "seeds initialisation, data order, training noise, sampling noise")
     # the network
     latent_dim: int = option(8, "8 numbers per 64-pixel digit: small enough that collapse shows, large enough to reconstruct")
     hidden: int = option(256, "MLP width: ~0.17M parameters, ~15 ms per joint step on one CPU thread")
@@ -93,8 +93,6 @@ class Config:
     # evaluation
     nfe: tuple[int, ...] = option((1, 2, 4, 50), "DDIM steps to sample with; 50 is the many-step reference")
     eval_samples: int = option(1000, "samples per (model, NFE) cell")
-    classifier_epochs: int = option(30, "epochs of the CFD's classifier (train_toy's default)")
-    work_dir: str = option("runs/dsd", "where the metric's classifier is cached (runs/ is git-ignored)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,11 +306,7 @@ class Judge:
     distance of the raw pixels (toy2d.energy_distance); lower is better for both."""
 
     def __init__(self, config: Config, data):
-        path = os.path.join(config.work_dir, f"classifier-seed{config.seed}", "classifier.pt")
-        with torch.random.fork_rng():  # fit_classifier seeds its data order; the initialisation is seeded here
-            torch.manual_seed(config.seed)
-            classifier = toy_data.fit_classifier(Classifier(1, data.num_classes), path, data, torch.device("cpu"),
-                                                 config.seed, config.classifier_epochs)
+        classifier, _ = toy_data.load_metric_classifier()  # the fixed instrument: the same CFD on every CPU
         self.cfd = ClassifierFrechetDistance(classifier, data.test_images)
         self.test_pixels = data.test_images.flatten(1)
 

@@ -93,6 +93,7 @@ TOY_PATHS = {
     "data_dir": [("--dataset", "cifar10", "--no-download", MISSING)],
     "device": [("tpu",), ("cuda:99",)],
     "inception_weights": [(MISSING,), (".",)],
+    "metric_classifier": [(MISSING,), ("{run}/bad-classifier.pt",)],  # the second: setup truncated_classifier
 }
 T2I_PATHS = {
     name: [(MISSING,)] for name in ("pretrained", "transformer", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -140,6 +141,10 @@ CASES = [
     Case("train_toy.py", ["--stage", "finetune"], "stopped at step 5 of 3000", setup="unfinished_pretrain"),
     Case("train_toy.py", ["--stage", "eval", "--nfe", "1"], "--stage finetune --nfe 1", setup="finished_pretrain"),
     Case("train_toy.py", ["--stage", "distill"], "--stage distill: the LCM is distilled for --base lcm"),
+    Case("train_toy.py", ["--metric-classifier", "{run}/bad-classifier.pt"],
+         ("--metric-classifier", "truncated", "toy_data.py --rebuild-metric-classifier"), setup="truncated_classifier"),
+    Case("train_toy.py", [], ("--metric-classifier", "digits-classifier.pt", "sha256",
+                              "toy_data.py --rebuild-metric-classifier"), setup="changed_instrument"),
     Case("train_toy.py", ["--stage", "finetune", "--base", "lcm"], "run --stage distill --base lcm first",
          setup="finished_pretrain"),
     Case("train_toy.py", ["--distill-batch-size", "5000", "--base", "lcm"], "--distill-batch-size",
@@ -186,6 +191,9 @@ SETUPS = {
     "finetune_as_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "finetune", 600),
     "lcm_scheduler": lambda run, monkeypatch: lcm_scheduler(run.parent / "pipeline", original_inference_steps=50),
     "lcm_scheduler_grid_of_2": lambda run, monkeypatch: lcm_scheduler(run.parent / "pipeline", original_inference_steps=2),
+    "truncated_classifier": lambda run, monkeypatch: (run / "bad-classifier.pt").write_bytes(
+        toy_data.METRIC_CLASSIFIER.read_bytes()[:5000]),
+    "changed_instrument": lambda run, monkeypatch: monkeypatch.setattr(toy_data, "METRIC_CLASSIFIER_SHA256", "0" * 64),
     "corrupt_ckpt": lambda run, monkeypatch: (run / "ckpt.pt").write_bytes(b"truncated"),
     "t2i_ckpt": lambda run, monkeypatch: torch.save({"step": 3}, run / "ckpt.pt"),
     "missing_extra": lambda run, monkeypatch: monkeypatch.setattr(

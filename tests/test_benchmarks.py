@@ -91,3 +91,29 @@ def test_quality_quick_runs_the_sweep_then_every_recipe_and_writes_the_protocol(
     name = next(iter(record["recipes"]["digits"]))
     assert math.isclose(record["headline"][f"digits/{name}/nfe4/cfd_ratio"],
                         digits[name, 4]["cfd"] / digits["base DDIM", 50]["cfd"], rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_quality_critic_study_quick_logs_every_critics_auc_and_every_rows_detail(tmp_path):
+    headline = run_benchmark("quality.py", "--study", "critic", "--quick", "--out", str(tmp_path), timeout=1800)
+    record = json.loads((tmp_path / "quality-critic-quick.json").read_text())
+    table1 = json.loads((tmp_path / "quality-critic-table1-quick.json").read_text())
+    gan = [name for name in record["recipes"]["digits"] if "GAN" in name or "basefeat" in name]
+    assert_finite_keys(headline, [f"digits/{name}/nfe4/{key}" for name in gan for key in ("critic_auc_warmup", "critic_auc")]
+                       + [f"digits/{name}/nfe4/hf_ratio" for name in record["recipes"]["digits"]])
+    assert {"lcm-ddim-GAN", "lcm-GAN"} <= set(record["recipes"]["table1"])
+    # every critic logged a held-out AUC in [0, 1] that is no coin flip after its (quick) warm-up
+    aucs = [value for key, value in {**headline, **table1["headline"]}.items() if key.endswith("critic_auc_warmup")]
+    assert len(aucs) == len(gan) + 6 and all(0.5 < value <= 1.0 for value in aucs), aucs
+
+
+@pytest.mark.slow
+def test_spread_quick_measures_every_column_under_two_cpu_settings(tmp_path):
+    headline = run_benchmark("spread.py", "--quick", "--out", str(tmp_path), timeout=900)
+    record = json.loads((tmp_path / "spread-quick.json").read_text())
+    assert len(record["settings"]) == 2 and record["machine"]["torch"]
+    for phase in ("evaluation", "training"):
+        for row in record[phase].values():
+            assert set(row) == {"cfd", "pixel_energy", "precision", "recall"}
+            assert all(len(entry["values"]) == 2 and 0 <= entry["relative"] <= 1 for entry in row.values())
+    assert_finite_keys(headline, [key for key in headline if key.endswith("_max_relative")])

@@ -632,15 +632,15 @@ def test_disc_steps_k_makes_k_discriminator_updates_per_generator_step(disc_step
 
 def test_base_feature_hooks_find_the_toy_unet_blocks_and_the_projection_reads_the_label():
     base = frozen_toy_base(num_classes=10)
-    assert e2ediff.default_feature_layers(base) == ("down.2", "middle.0", "middle.1")
+    assert e2ediff.default_feature_layers(base) == ("down.0", "down.1", "down.2", "middle.0", "middle.1")
     _, _, base, discriminator = basefeat_setup(num_classes=10)
-    assert [type(head["head"]) for head in discriminator.heads] == [nn.Conv2d] * 3  # 4-D features: conv heads
+    assert [type(head["logit"]) for head in discriminator.heads] == [nn.Conv2d] * 5  # spatial conv heads
     for head in discriminator.heads:
         nn.init.normal_(head["embed"].weight)
     x = torch.randn(2, 1, 8, 8)
     discriminator.generator = torch.Generator().manual_seed(0)
     logits = discriminator(x, torch.tensor([1, 2]))
-    assert logits.shape == (2, 3 * 4 * 4)  # down.2 and the middle blocks, each at 4x4: 3 x 16 positions
+    assert logits.shape == (2, 8 * 8 + 4 * 4 * 4)  # one logit per position: down.0 at 8x8, the other four at 4x4
     discriminator.generator = torch.Generator().manual_seed(0)  # the same t and eps again
     relabelled = discriminator(x, torch.tensor([3, 2]))
     assert not torch.allclose(logits[0], relabelled[0]) and torch.equal(logits[1], relabelled[1])
@@ -661,7 +661,7 @@ def test_base_feature_hooks_find_the_tiny_pixart_blocks(request):
     latents = torch.randn(2, transformer.config.in_channels, 8, 8, requires_grad=True)
     discriminator = e2ediff.BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, latents[:1].detach(),
                                                      tuple(c[:1] for c in cond))
-    assert [type(head["head"]) for head in discriminator.heads] == [nn.Linear] * len(layers)  # token features
+    assert [type(head["logit"]) for head in discriminator.heads] == [nn.Conv2d] * len(layers)  # tokens on their grid
     logits = discriminator(latents, cond)
     assert logits.shape == (2, len(layers) * (8 // transformer.config.patch_size) ** 2)  # one logit per token
     logits.sum().backward()
@@ -679,12 +679,12 @@ def test_base_feature_discriminator_refuses_a_trainable_base_and_the_config_a_me
         e2ediff.EndToEndConfig(disc_feature_layers="middle.0")
 
 
-def test_logit_normal_timesteps_lean_to_high_noise_and_uniform_covers_the_grid():
+def test_logit_normal_timesteps_lean_to_low_noise_by_default_and_uniform_covers_the_grid():
     _, _, _, discriminator = basefeat_setup()
     discriminator.generator = torch.Generator().manual_seed(0)
     t = discriminator.sample_timesteps(20_000, "cpu").float() / len(discriminator.alphas_cumprod)
-    expected = torch.sigmoid(1.0 + torch.randn(200_000, generator=torch.Generator().manual_seed(1))).mean()
-    assert abs(t.mean() - expected) < 0.01 and t.mean() > 0.65  # loc 1: E[sigmoid(1 + n)] = 0.70
+    expected = torch.sigmoid(-3.0 + torch.randn(200_000, generator=torch.Generator().manual_seed(1))).mean()
+    assert abs(t.mean() - expected) < 0.01 and t.median() < 0.06  # loc -3: median sigmoid(-3) = 0.047
     discriminator.t_distribution = "uniform"
     t = discriminator.sample_timesteps(20_000, "cpu")
     assert t.min() == 0 and t.max() == len(discriminator.alphas_cumprod) - 1

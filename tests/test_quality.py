@@ -154,3 +154,46 @@ def test_gan_report_refuses_an_unfrozen_sweep(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="GAN_TUNED"):
         quality.check_frozen(None, "gan")
     quality.check_frozen({"basefeat_gan_weight": 0.1}, "gan")
+
+
+# ---------------------------------------------------------------- the critic study (--study critic)
+
+
+def test_critic_study_recipes_carry_the_frozen_length_and_every_gan_recipe_warms_its_critic_up():
+    table = quality.critic_recipes({"critic_finetune_steps": 1500})
+    recipes = {name: fields for part in table.values() for name, (fields, _) in part.items()}
+    assert all(fields["finetune_steps"] == 1500 for fields in recipes.values())
+    gan = {name: fields for name, fields in recipes.items() if fields.get("gan_weight", 0) > 0}
+    assert set(gan) == {name for name in recipes if "GAN" in name or "basefeat" in name} and len(gan) == 8
+    for fields in gan.values():
+        assert fields["critic_warmup_steps"] == quality.CRITIC_WARMUP_STEPS < 1000 <= fields["finetune_steps"]
+        assert fields["disc_steps"] == quality.CRITIC_DISC_STEPS
+    assert {fields["lcm_update"] for fields, _ in table["table1"].values()} == {"lcm", "ddim"}  # both update arms
+    assert all(fields["finetune_lr"] == quality.TUNED["lcm_lr"] for fields, _ in table["table1"].values())
+    for name in ("lcm-GAN", "lcm-ddim-GAN"):  # no regression term at all
+        assert (recipes[name]["l2_weight"], recipes[name].get("lpips_weight", 0.0)) == (0.0, 0.0)
+    assert min(quality.CRITIC_TUNING["critic_finetune_steps"][3]) >= 1000  # the floor at 4 NFE
+
+
+def test_critic_study_headline_has_hf_ratio_for_every_recipe_and_auc_for_every_gan_recipe():
+    table = quality.critic_recipes({"critic_finetune_steps": 1000})
+    plan = {**quality.PLANS["quick"], "nfe": quality.STUDIES["critic"]["nfe"]}
+    extra = {"hf_ratio": 0.8}
+    rows = [digits_row("real data", None, 0, 4.0, split="test"),
+            *[{**digits_row(m, k, 0, 5.0, split="test"), **extra} for m in ("base DDIM", "LCM") for k in (4, 50)]]
+    for name, (fields, _) in [*table["digits"].items(), *table["table1"].items()]:
+        auc = {"critic_auc_warmup": 0.85, "critic_auc": 0.9} if fields.get("gan_weight", 0) > 0 else {}
+        rows.append({**digits_row(name, 4, 0, 5.0, split="test"), **extra, **auc})
+    main, table1, _, _ = quality.headlines(rows, plan, table)
+    for prefix, names in (("digits", table["digits"]), ("table1", table["table1"])):
+        for name in names:
+            keys = set(main if prefix == "digits" else table1)
+            assert f"{prefix}/{name}/nfe4/hf_ratio" in keys
+            has_critic = "GAN" in name or "basefeat" in name
+            assert ({f"{prefix}/{name}/nfe4/critic_auc_warmup", f"{prefix}/{name}/nfe4/critic_auc"} <= keys) == has_critic
+
+
+def test_critic_report_refuses_an_unfrozen_sweep(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="--study critic --tune"):
+        quality.check_frozen(quality.CRITIC_TUNED, "critic")

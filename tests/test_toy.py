@@ -304,9 +304,8 @@ def test_batches_cover_every_example_once_per_epoch():
 
 
 @pytest.fixture(scope="module")
-def classifier(digits, tmp_path_factory):
-    config = Config(out_dir=str(tmp_path_factory.mktemp("classifier")), classifier_epochs=3)
-    return train_toy.train_classifier(config, digits, torch.device("cpu"))
+def classifier():
+    return toy_data.load_metric_classifier()[0]  # the committed instrument
 
 
 def test_cfd_of_data_against_itself_is_zero(classifier, digits):
@@ -323,19 +322,54 @@ def test_cfd_of_noise_is_far_above_the_train_test_floor_and_symmetric(classifier
     assert data_to_noise == pytest.approx(noise_to_data, rel=1e-4)
 
 
-def test_classifier_for_the_metric_is_cached_in_the_run_dir(classifier, digits, tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "classifier0"
-    again = train_toy.train_classifier(Config(out_dir=str(out), classifier_epochs=3), digits, torch.device("cpu"))
-    for name, tensor in classifier.state_dict().items():
-        assert torch.equal(tensor, again.state_dict()[name])
+def test_a_retrained_metric_classifier_is_read_back_from_its_cache(digits, tmp_path):
+    config = Config(out_dir=str(tmp_path), classifier_epochs=1, metric_classifier="retrain")
+    train_toy.metric_classifier(config, digits, torch.device("cpu"))
+    cached = torch.load(tmp_path / "classifier.pt", weights_only=True)
+    cached["model"]["head.bias"] += 100.0  # a mark that no training could have made
+    torch.save(cached, tmp_path / "classifier.pt")
+    again, _ = train_toy.metric_classifier(config, digits, torch.device("cpu"))
+    assert torch.equal(again.head.bias, cached["model"]["head.bias"])
 
 
-def test_metric_classifier_is_a_function_of_the_seed_not_of_the_global_random_state(digits, tmp_path):
+def test_committed_metric_classifier_is_the_pinned_file_and_classifies_digits(digits):
+    classifier, record = toy_data.load_metric_classifier()
+    assert record["sha256"] == toy_data.METRIC_CLASSIFIER_SHA256 == toy_data.sha256(toy_data.METRIC_CLASSIFIER)
+    accuracy = toy_data.classifier_accuracy(classifier, digits.test_images, digits.test_labels)
+    assert accuracy > 0.9
+    # the accuracy recorded when it was trained; one image more or less is the most a CPU's arithmetic can flip here
+    assert abs(accuracy - record["test_accuracy"]) <= 1 / len(digits.test_labels)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "other_shape", "not_a_classifier"])
+def test_a_bad_metric_classifier_file_fails_in_one_line_naming_it_and_the_rebuild(tmp_path, damage):
+    path = tmp_path / "classifier.pt"
+    if damage == "truncated":
+        path.write_bytes(toy_data.METRIC_CLASSIFIER.read_bytes()[:5000])
+    elif damage == "other_shape":
+        torch.save({"model": toy_nets.Classifier(1, 10, width=8).state_dict()}, path)
+    elif damage == "not_a_classifier":
+        torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(UsageError) as error:
+        toy_data.load_metric_classifier(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and f"--rebuild-metric-classifier --out {path}" in message
+
+
+def test_a_changed_committed_instrument_is_refused(monkeypatch, tmp_path):
+    copy = tmp_path / "digits-classifier.pt"
+    copy.write_bytes(toy_data.METRIC_CLASSIFIER.read_bytes() + b"\0")  # loads fine, but is not the pinned file
+    monkeypatch.setattr(toy_data, "METRIC_CLASSIFIER", copy)
+    with pytest.raises(UsageError, match="sha256 .* is not the committed instrument's"):
+        toy_data.load_metric_classifier()
+
+
+def test_a_retrained_metric_classifier_is_a_function_of_the_seed_not_of_the_global_random_state(digits, tmp_path):
     weights = []
     for run, global_seed in enumerate((123, 456)):
         torch.manual_seed(global_seed)  # whatever ran before the metric
-        config = Config(out_dir=str(tmp_path / str(run)), classifier_epochs=1, seed=7)
-        weights.append(train_toy.train_classifier(config, digits, torch.device("cpu")).state_dict())
+        config = Config(out_dir=str(tmp_path / str(run)), classifier_epochs=1, seed=7, metric_classifier="retrain")
+        weights.append(train_toy.metric_classifier(config, digits, torch.device("cpu"))[0].state_dict())
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 

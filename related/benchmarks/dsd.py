@@ -30,7 +30,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +43,7 @@ from report import write_results  # noqa: E402
 PLANS = {
     "full": dict(seeds=(0, 1, 2), config={}),  # dsd.Config's defaults
     "quick": dict(seeds=(0,), config=dict(steps=30, log_every=10, finetune_steps=5, eval_samples=100,
-                                          classifier_epochs=1, inversion_steps=5, nfe=(1, 4))),
+                                          inversion_steps=5, nfe=(1, 4))),
 }
 MODELS = ("naive", "dsd", "two_stage", "dsd_no_latent_norm", "dsd_equal_updates", "dsd+e2e")
 INDICATORS = ("latent_std", "effective_rank", "recon_mse")
@@ -142,10 +141,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)  # a small MLP: one thread is fastest, and leaves a core to whatever runs beside
     start, mode = time.time(), "quick" if args.quick else "full"
     plan = PLANS[mode]
-    with tempfile.TemporaryDirectory(prefix="dsd-") as work:  # the metric's classifiers, deleted after
-        configs = [dsd.Config(seed=seed, work_dir=work, **plan["config"]) for seed in plan["seeds"]]
-        results = [dsd.run(config, log=lambda line: print(f"[{time.time() - start:.0f}s] {line}", flush=True))
-                   for config in configs]
+    configs = [dsd.Config(seed=seed, **plan["config"]) for seed in plan["seeds"]]
+    results = [dsd.run(config, log=lambda line: print(f"[{time.time() - start:.0f}s] {line}", flush=True))
+               for config in configs]
     summary = summarise(results)
     nfes = list(configs[0].nfe)
     print(tables(summary, nfes))
@@ -156,7 +154,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     name = "dsd-quick" if args.quick else "dsd"
     plot(summary, nfes, os.path.join(args.out, f"{name}.png"))
-    record = {"mode": mode, "seeds": plan["seeds"], "config": dataclasses.asdict(configs[0]) | {"seed": None, "work_dir": None},
+    record = {"mode": mode, "seeds": plan["seeds"], "config": dataclasses.asdict(configs[0]) | {"seed": None},
               "torch": torch.__version__, "threads": torch.get_num_threads(), "results": results, "summary": summary,
               "goals": GOALS}
     write_results(args.out, name, record, headline, start)

@@ -1,0 +1,154 @@
+"""benchmarks/spread.py — how far the quickstart's numbers move from one CPU to another, measured on one machine.
+
+A CPU changes the numbers through the kernels that PyTorch, oneDNN and MKL pick for it, and through the
+thread count. Each can be switched on one machine (SETTINGS): ATEN_CPU_CAPABILITY (PyTorch's own
+vectorised kernels: default = no SIMD, avx2, avx512), DNNL_MAX_CPU_ISA (oneDNN's convolutions),
+MKL_ENABLE_INSTRUCTIONS and MKL_CBWR (MKL's matrix products), OMP_NUM_THREADS. Two measurements, each a
+subprocess per setting:
+
+- evaluation: the quickstart's own evaluation (`train_toy.py --stage eval`) of one set of trained models,
+  the quickstart's (runs/toy-digits, trained first with plain `python train_toy.py` when it is missing):
+  how far the table moves when only the evaluation runs on another CPU — what the fixed metric
+  instrument (toy_data.METRIC_CLASSIFIER) is for;
+- training: the whole quickstart at a reduced budget (REDUCED) under each setting: how far training drifts.
+
+Every table column's spread is (max - min) / max |value| over the settings, per row (0 when all are 0). The goal (issue 31):
+every CFD of the evaluation within GOAL (0.1 %).
+
+    python benchmarks/spread.py            # ~15 min on 2 cores, plus the quickstart when runs/toy-digits lacks it
+    python benchmarks/spread.py --quick    # smoke: tiny budgets, two settings -> benchmarks/results/spread-quick.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from report import write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ("cfd", "pixel_energy", "precision", "recall")
+GOAL = 1e-3  # relative spread of every CFD of the evaluation across SETTINGS
+
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+SETTINGS = {  # name -> environment on top of the machine's own (native kernels, 2 threads)
+    "native, 2 threads": {},
+    "native, 1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
+    "DNNL_MAX_CPU_ISA=AVX2": {"DNNL_MAX_CPU_ISA": "AVX2"},
+    "MKL_CBWR=COMPATIBLE": {"MKL_CBWR": "COMPATIBLE"},
+    "an AVX2-only CPU (all three capped)": AVX2,
+}
+REDUCED = ["--pretrain-steps", "400", "--finetune-steps", "60"]  # the training measurement's budget (~1 min a run)
+QUICK = ["--pretrain-steps", "20", "--finetune-steps", "3", "--nfe", "1", "--base-nfe", "1,2", "--eval-samples", "200"]
+
+
+def environment(setting: dict) -> dict:
+    """The machine's environment with 2 threads (CI's), hub offline, then the setting's variables."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}
+    return {**env, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **setting}
+
+
+def train_toy(args: list[str], env: dict, log: Path) -> None:
+    """Run train_toy.py with `args`; its output goes to `log`; a failure ends the benchmark with the log's tail."""
+    with open(log, "a") as out:
+        completed = subprocess.run([sys.executable, str(ROOT / "train_toy.py"), *args], cwd=ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        sys.exit(f"train_toy.py {' '.join(args)} failed ({completed.returncode}):\n{log.read_text()[-3000:]}")
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def spread(runs: dict[str, dict]) -> dict:
+    """Per row "model@nfe" and column: the values under each setting, and (max - min) / max |value|."""
+    table = {}
+    for setting, record in runs.items():
+        for row in record["rows"]:
+            for column in COLUMNS:
+                table.setdefault(f"{row['model']}@{row['nfe'] or '-'}", {}).setdefault(column, {})[setting] = row[column]
+    return {row: {column: {"values": values,
+                           "relative": relative_spread(list(values.values()))}
+                  for column, values in columns.items()}
+            for row, columns in table.items()}
+
+
+def relative_spread(values: list[float]) -> float:
+    largest_value = max(abs(value) for value in values)
+    return (max(values) - min(values)) / largest_value if largest_value else 0.0
+
+
+def largest(spreads: dict, column: str) -> float:
+    return max(entry[column]["relative"] for entry in spreads.values())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budgets and two settings (a smoke test)")
+    parser.add_argument("--run", default=str(ROOT / "runs" / "toy-digits"),
+                        help="the quickstart's run folder to evaluate (trained there first when unfinished)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON")
+    args = parser.parse_args(argv)
+    start = time.time()
+    settings = dict(list(SETTINGS.items())[::len(SETTINGS) - 1]) if args.quick else SETTINGS
+    budget = QUICK if args.quick else []
+    with tempfile.TemporaryDirectory(prefix="spread-") as work:
+        work, log = Path(work), Path(work) / "train_toy.log"
+        run = work / "quick-run" if args.quick else Path(args.run)
+        print(f"[{time.time() - start:.0f}s] the models to evaluate: {run} (the quickstart, trained if unfinished)")
+        train_toy(["--out-dir", str(run), "--resume", *budget], environment({}), log)
+        evaluation, training = {}, {}
+        for name, setting in settings.items():
+            folder = work / f"eval-{len(evaluation)}"
+            folder.mkdir()
+            for checkpoint in run.glob("*.pt"):
+                shutil.copy(checkpoint, folder / checkpoint.name)
+            train_toy(["--stage", "eval", "--out-dir", str(folder), *budget], environment(setting), log)
+            evaluation[name] = results(folder)
+            print(f"[{time.time() - start:.0f}s] evaluation under {name}: CFD "
+                  + ", ".join(f"{row['cfd']:.6g}" for row in evaluation[name]["rows"]), flush=True)
+        for name, setting in settings.items():
+            folder = work / f"train-{len(training)}"
+            train_toy(["--out-dir", str(folder), *(budget or REDUCED)], environment(setting), log)
+            training[name] = results(folder)
+            print(f"[{time.time() - start:.0f}s] training under {name}: CFD "
+                  + ", ".join(f"{row['cfd']:.6g}" for row in training[name]["rows"]), flush=True)
+    measured = {"evaluation": spread(evaluation), "training": spread(training)}
+    record = {
+        "mode": "quick" if args.quick else "full", "settings": settings, "goal_relative_cfd": GOAL,
+        "evaluated_run": {"config": evaluation[next(iter(settings))]["config"],
+                          "metric_classifier": evaluation[next(iter(settings))]["metric_classifier"]},
+        "training_budget": budget or REDUCED, "machine": {"cpu": cpu_name(), "python": platform.python_version(),
+                                                          "torch": torch_version()},
+        **measured,
+    }
+    headline = {f"{phase}/{column}_max_relative": largest(measured[phase], column)
+                for phase in measured for column in COLUMNS}
+    headline["evaluation/cfd_goal_met"] = headline["evaluation/cfd_max_relative"] <= GOAL
+    write_results(args.out, "spread-quick" if args.quick else "spread", record, headline, start)
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def torch_version() -> str:
+    import torch
+    return f"{torch.__version__}, native kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
+if __name__ == "__main__":
+    main()
