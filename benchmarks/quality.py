@@ -277,6 +277,10 @@ CRITIC_TUNING = {
 # Frozen from benchmarks/results/quality-critic-tune.json before the critic study's report (None: not run yet).
 CRITIC_TUNED = dict(critic_finetune_steps=None)
 
+# `--study critic --pilot`: every recipe of the report on the first tuning seed against the validation split, at
+# the issue's floor length: what the acting critic does, measured where choices may be made, before any report.
+CRITIC_PILOT = dict(critic_finetune_steps=1000)
+
 
 def critic_recipes(tuned: dict) -> dict:
     """The critic study's {part: {recipe: (fields, why)}}: Table 2's shape (digits) and Table 1's (table1)."""
@@ -597,18 +601,18 @@ def tune(plan, pool, work, study):
     return rows, chosen
 
 
-def report(plan, pool, work, table, study, only=None):
-    """Every recipe of `table` (or those named in `only`) on the reporting seeds against the test split;
-    returns the rows."""
+def report(plan, pool, work, table, study, only=None, split="test"):
+    """Every recipe of `table` (or those named in `only`) on the reporting seeds against the test split (a pilot:
+    on plan["reporting_seeds"] = tuning seeds, against the validation split); returns the rows."""
     chains = []
     for seed in plan["reporting_seeds"]:
         for dataset in study["datasets"]:
             parts = ((dataset, plan["nfe"]),) + ((("table1", (4,)),) if dataset == "digits" else ())
             jobs = [job for part, nfes in parts for job in finetune_jobs(
-                plan, (seed,), "test", work, dataset, {name: fields for name, (fields, _) in table[part].items()
+                plan, (seed,), split, work, dataset, {name: fields for name, (fields, _) in table[part].items()
                                                        if only is None or name in only}, nfes)]
             jobs.sort(key=lambda job: job[2]["fields"].get("coupling") != "teacher")  # the longest jobs first
-            chains.append((prepare_jobs(plan, (seed,), "test", work, (dataset,), lcm=True,
+            chains.append((prepare_jobs(plan, (seed,), split, work, (dataset,), lcm=True,
                                         couplings=study["couplings"])[0], jobs))
     return run_chains(pool, chains)
 
@@ -703,6 +707,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--recipes", default=None, help="comma-separated: run only these recipes of the report and "
                         "write nothing (their checkpoints stay in --work, where a later full report reuses them): to "
                         "start the recipes that need no sweep choice while the sweep runs")
+    parser.add_argument("--pilot", action="store_true", help="critic study: every recipe on the first tuning seed "
+                        "against the validation split (CRITIC_PILOT's length) -> quality-critic-pilot*.json; no report")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and plot")
     parser.add_argument("--work", default=None, help="folder for every checkpoint, kept (a run again in it skips "
                         "finished jobs); default a temporary one, deleted after")
@@ -718,6 +724,12 @@ def main(argv=None) -> dict:
     elif only is not None and only - known:
         parser.error(f"--recipes: {sorted(only - known)} not among the {args.study} study's recipes runnable now: "
                      f"{sorted(known)}")
+    if args.pilot and (args.study != "critic" or args.tune or only is not None):
+        parser.error("--pilot: the critic study's validation pilot, alone (not with --tune or --recipes)")
+    if args.pilot:  # the report's recipes, on a tuning seed, against validation: files of their own
+        plan = {**plan, "reporting_seeds": plan["tuning_seeds"][:1]}
+        study = {**study, "tuned": CRITIC_PILOT}
+        files = {kind: name.replace("quality-critic", "quality-critic-pilot") for kind, name in files.items()}
     elif only is None and not (args.tune or args.quick):
         check_frozen(study["tuned"], args.study)
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
@@ -725,19 +737,22 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     print(f"quality benchmark ({args.study} study, {plan_name}): {args.workers} one-thread workers, work folder {work}",
           flush=True)
-    record = {"mode": plan_name, "study": args.study, "protocol": {**PROTOCOL, "tuning_seeds": plan["tuning_seeds"],
-                                                                    "reporting_seeds": plan["reporting_seeds"]},
+    record = {"mode": plan_name, "study": args.study, **({"pilot": "not a report: the report's recipes on tuning seed "
+                                                                 f"{plan['reporting_seeds'][0]}, against the validation "
+                                                                 "split"} if args.pilot else {}),
+              "protocol": {**PROTOCOL, "tuning_seeds": plan["tuning_seeds"], "reporting_seeds": plan["reporting_seeds"]},
               "plan": plan, "torch": torch.__version__, "cores": os.cpu_count()}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         tuned = study["tuned"]
-        if args.tune or args.quick:
+        if (args.tune or args.quick) and not args.pilot:
             rows, tuned = tune(plan, pool, work, study)
             record_tune = {**record, "sweep": {name: {"dataset": d, "recipe": t, "field": f, "values": v}
                                               for name, (d, t, f, v) in study["tuning"].items()},
                            "rows": rows, "summary": summary_rows(summarise(rows)), "chosen": tuned}
             write_results(args.out, files["tune"], record_tune, {f"chosen/{k}": v for k, v in tuned.items()}, start)
         table = study["recipes"](tuned)
-        rows = report(plan, pool, work, table, study, only) if args.quick or not args.tune else None
+        split = "validation" if args.pilot else "test"
+        rows = report(plan, pool, work, table, study, only, split) if args.quick or not args.tune else None
         pool.close()
         pool.join()  # let the workers exit (the context's terminate() leaks their semaphores)
     if temporary is not None:

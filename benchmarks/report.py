@@ -127,6 +127,11 @@ def quickstart_table(record: dict) -> str:
 SPREAD_COLUMNS = {"cfd": "CFD", "pixel_energy": "pixel energy", "precision": "precision", "recall": "recall"}
 
 
+def relative(value: float) -> str:
+    """A relative spread: 0 exactly as 0, else two significant digits in scientific notation."""
+    return "0" if value == 0 else f"{value:.1e}"
+
+
 def spread_table(record: dict) -> str:
     """Per phase (evaluation of the same models; the whole quickstart trained again at a reduced budget) and
     row: the largest relative spread of each column across the CPU settings, and the goal's verdict."""
@@ -135,15 +140,18 @@ def spread_table(record: dict) -> str:
                          ("training", "the quickstart trained again under each setting, at a reduced budget ("
                           + " ".join(record["training_budget"]) + ")")):
         rows = [[row.replace("@-", "").replace("@", ", NFE "),
-                 *(f"{columns[column]['relative']:.1e}" for column in SPREAD_COLUMNS)]
+                 *(relative(columns[column]["relative"]) for column in SPREAD_COLUMNS)]
                 for row, columns in record[phase].items()]
         parts.append(f"**{phase}**: {title}; (max − min) / max over the settings:\n\n"
                      + table(["row", *SPREAD_COLUMNS.values()], rows))
     largest = record["headline"]["evaluation/cfd_max_relative"]
     verdict = "met" if largest <= record["goal_relative_cfd"] else "**missed**"
     machine = record["machine"]
-    return ("Settings: " + "; ".join(f"{name}" + (f" (`{' '.join(f'{k}={v}' for k, v in env.items())}`)" if env else "")
-                                      for name, env in record["settings"].items())
+    def setting(name, env):
+        variables = " ".join(f"{key}={value}" for key, value in env.items())
+        return name if not env or variables in name else f"{name} (`{variables}`)"
+
+    return ("Settings: " + "; ".join(setting(name, env) for name, env in record["settings"].items())
             + f". Machine: {machine['cpu']}, torch {machine['torch']}.\n\n" + "\n\n".join(parts)
             + f"\n\nGoal: every CFD of the evaluation within {record['goal_relative_cfd']:.1%} across the settings: "
               f"largest {largest:.1e}, {verdict}. `python benchmarks/spread.py`: {record['wall_seconds']:.0f} s.")
@@ -151,7 +159,7 @@ def spread_table(record: dict) -> str:
 
 def spread_summary(record: dict) -> str:
     """README's lines: per column, the largest relative spread across the CPU settings, per phase, and the goal."""
-    rows = [[name, *(f"{record['headline'][f'{phase}/{column}_max_relative']:.1e}" for phase in ("evaluation", "training"))]
+    rows = [[name, *(relative(record["headline"][f"{phase}/{column}_max_relative"]) for phase in ("evaluation", "training"))]
             for column, name in SPREAD_COLUMNS.items()]
     largest = record["headline"]["evaluation/cfd_max_relative"]
     return (table(["column", "evaluation of the same models", "training again (reduced budget)"], rows)
@@ -521,16 +529,24 @@ def critic_goal_cells(record: dict, key: str, prefix: str, goal_met: bool, ancho
     headline, cells = record["headline"], []
     hf = headline[f"{prefix}/hf_ratio"]
     if anchor is None:
-        cells.append(number(hf))
+        cells.append(f"{hf:.4f}")
     else:
         closer = abs(hf - 1) < abs(headline[f"{anchor}/hf_ratio"] - 1)
-        cells.append(f"{number(hf)} ({'nearer 1' if closer else '**not nearer 1**'})")
+        cells.append(f"{hf:.4f} ({'nearer 1' if closer else '**not nearer 1**'})")
     if f"{prefix}/critic_auc_warmup" in headline:
         warm, end = headline[f"{prefix}/critic_auc_warmup"], headline[f"{prefix}/critic_auc"]
         cells.append(f"{warm:.3f}{'' if warm >= CRITIC_AUC_GOAL else ' (**< 0.8**)'} → {end:.3f}")
     else:
         cells.append("–")
     return cells + ["met" if goal_met else "**missed**"]
+
+
+def where(record: dict) -> str:
+    """What a critic-study record measured against: the report's test split, or a pilot's validation split."""
+    seeds = ", ".join(map(str, record["protocol"]["reporting_seeds"]))
+    if record.get("pilot"):
+        return f"validation split, tuning seed {seeds} (a pilot, not a report)"
+    return f"test split, means over reporting seeds {seeds}"
 
 
 def quality_critic_goals(record: dict) -> str:
@@ -544,7 +560,7 @@ def quality_critic_goals(record: dict) -> str:
         rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
                                     f"{result['recall_delta_mean']:+.3f}",
                      *critic_goal_cells(record, recipe, f"digits/{recipe}/nfe4", result["beats"], anchor)])
-    return (f"4 NFE, test split, means over reporting seeds {', '.join(map(str, record['protocol']['reporting_seeds']))}. "
+    return (f"4 NFE, {where(record)}. "
             f"Goal: CFD ratio to the same seed's base at 50 DDIM steps ≤ {rule['cfd_ratio_at_most']} with pixel ratio "
             f"≤ {rule['pixel_ratio_at_most']} and recall Δ ≥ −{rule['recall_drop_at_most']}; a GAN row's hf ratio "
             f"(Laplacian power of samples / real) nearer 1 than `teacher-L2`'s; every critic's held-out AUC ≥ "
@@ -564,7 +580,8 @@ def quality_critic_table1(record: dict) -> str:
         rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
                                     f"{result['recall_delta_mean']:+.3f}",
                      *critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor)])
-    return ("From each seed's LCM at 4 NFE (`lcm-`: through its own update, fresh noise between steps; `lcm-ddim-`: "
+    return (f"{where(record)[0].upper()}{where(record)[1:]}. From each seed's LCM at 4 NFE (`lcm-`: through its own "
+            "update, fresh noise between steps; `lcm-ddim-`: "
             "through deterministic DDIM on its grid), against the same seed's LCM at its own 4 steps. Goal: CFD ratio "
             "≤ 0.85 with pixel ratio ≤ 1.0 and recall Δ ≥ −0.05; hf ratio nearer 1 than the same update's "
             "`teacher-L2+P`.\n\n"
@@ -608,6 +625,8 @@ RENDERERS = {
     "destruction-goals": ("destruction.json", destruction_goals),
     "destruction-headline": ("destruction.json", headline_block),
     "toy2d": ("toy2d.json", toy2d_table),
+    "spread": ("spread.json", spread_table),
+    "spread-summary": ("spread.json", spread_summary),
     "quality": ("quality.json", quality_tables),
     "quality-headline": ("quality.json", headline_block),
     "quality-table1": ("quality-table1.json", quality_table1),
@@ -624,10 +643,12 @@ CRITIC_RENDERERS = {
     "quality-critic": ("quality-critic.json", quality_tables),
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
+    "quality-critic-pilot": ("quality-critic-pilot.json", quality_critic_goals),
+    "quality-critic-pilot-table1": ("quality-critic-pilot-table1.json", quality_critic_table1),
 }
 # Blocks whose JSON is not measured yet (or whose renderer does not exist yet): they must stay
 # empty. Adding the renderer to RENDERERS means removing the name here.
-PENDING = ("spread", "spread-summary", "quality-critic-tune", "quality-critic", "quality-critic-goals",
+PENDING = ("quality-critic-tune", "quality-critic", "quality-critic-goals",
            "quality-critic-table1")
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
