@@ -914,8 +914,8 @@ class GANLoss:
     unrolled graph is not held for it: the steps before it are a warm-up on the reconstruction loss
     alone. The steps before `config.critic_warmup_steps` are the other warm-up: the critic's alone
     (train_step updates only the discriminator, on the frozen student's samples), so that L_GAN reaches
-    the generator from a critic that already tells its samples from data. `discriminator` is a PatchDiscriminator on images, or a BaseFeatureDiscriminator on the
-    denoiser's own inputs (latents: EndToEndLoss then hands it the sampler's output z0, not the decoded
+    the generator from a critic that already tells its samples from data. `discriminator` is a
+    PatchDiscriminator on images, or a BaseFeatureDiscriminator on the denoiser's own inputs (latents: EndToEndLoss then hands it the sampler's output z0, not the decoded
     image, and train_step the data's z0), which gets the condition `cond` for its base; train_step
     updates it `config.disc_steps` times per generator step. `discriminator` may be DDP-wrapped: the
     generator pass uses the bare module (no

@@ -24,9 +24,28 @@ def digits_row(model, nfe, seed, cfd, pixel=0.02, recall=0.9, split="validation"
 def test_protocol_seeds_are_disjoint_and_the_full_plan_uses_them():
     assert not set(quality.PROTOCOL["tuning_seeds"]) & set(quality.PROTOCOL["reporting_seeds"])
     assert len(quality.PROTOCOL["reporting_seeds"]) >= 3
+
+
+def test_the_sweep_trains_only_tuning_seeds_on_validation_and_the_report_only_reporting_seeds_on_test(monkeypatch):
+    seen = []
+
+    def fake_chains(pool, chains):  # every job the sweep or the report would run, and a row for each
+        rows, metrics = [], {"cfd": 5.0, "energy": 0.1, "pixel_energy": 0.02, "precision": 0.9, "recall": 0.9}
+        for first, then in chains:
+            for kind, dataset, arguments in (first, *then):
+                seen.append((kind, arguments["seed"], arguments["split"]))
+                models = [("base DDIM", 50)] if kind == "prepare" else [(arguments["name"], k) for k in arguments["nfes"]]
+                rows += [quality.row(dataset, arguments["split"], arguments["seed"], model, k, metrics)
+                         for model, k in models]
+        return rows
+
+    monkeypatch.setattr(quality, "run_chains", fake_chains)
     full = quality.PLANS["full"]
-    assert (full["tuning_seeds"], full["reporting_seeds"]) == (quality.PROTOCOL["tuning_seeds"],
-                                                              quality.PROTOCOL["reporting_seeds"])
+    quality.tune(full, None, "w", quality.STUDIES["main"])
+    assert seen and {(seed, split) for _, seed, split in seen} == {(s, "validation") for s in quality.PROTOCOL["tuning_seeds"]}
+    seen.clear()
+    quality.report(full, None, "w", quality.recipes(quality.TUNED), quality.STUDIES["main"])
+    assert seen and {(seed, split) for _, seed, split in seen} == {(s, "test") for s in quality.PROTOCOL["reporting_seeds"]}
 
 
 def test_selection_rule_never_picks_a_value_that_drops_modes():

@@ -68,7 +68,8 @@ def test_tensor_memory_counts_what_backward_needs():
         del hidden
         loss.backward()
     assert 0 <= memory.held - 2 * 32 * 64 * 4 <= 16  # two (32, 64) fp32 tensors, and scalars (the loss)
-    assert memory.now == 0 or memory.now < memory.held  # all activations freed after backward
+    # all activations freed after backward: what is left is the weight's gradient and scalars (the loss)
+    assert 0 <= memory.now - weight.grad.untyped_storage().nbytes() <= 16
 
 
 def test_flop_count_equals_flop_counter_mode():
@@ -92,11 +93,12 @@ def test_gpu_like_takes_fused_attention_and_bf16_on_meta():
                                                                   attn_mask=torch.zeros(1, 1, 1, 16, device="meta"))
     assert plain.dtype == torch.bfloat16 and "Flash" in type(plain.grad_fn).__name__
     assert "Efficient" in type(masked.grad_fn).__name__
-    linear = nn.Linear(8, 8, device="meta")
+    linear, original = nn.Linear(8, 8, device="meta"), torch.nn.functional.linear
     with scale.GpuLike():
         assert linear(torch.empty(2, 8, device="meta")).dtype == torch.bfloat16
         assert nn.LayerNorm(8, device="meta")(torch.empty(2, 8, device="meta", dtype=torch.bfloat16)).dtype == torch.float32
-    assert torch.nn.functional.linear is scale.GpuLike().originals.get("linear", torch.nn.functional.linear)
+        assert torch.nn.functional.linear is not original  # swapped while active ...
+    assert torch.nn.functional.linear is original  # ... and restored on exit
 
 
 def test_selective_checkpointing_of_a_conv_net_matches_plain_gradients():
