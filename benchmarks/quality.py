@@ -52,15 +52,15 @@ quality-gan.json, quality-gan-table1.json, in the same key scheme.
 
 `--study critic`: the adversarial term with critics that measurably learn (issue 32). Each GAN recipe first
 trains its critic alone (CRITIC_WARMUP_STEPS, then CRITIC_DISC_STEPS critic updates per generator step) and
-records its held-out AUC after the warm-up and at the end; fine-tunes of CRITIC_TUNED's length (>= 1,000
-steps, chosen on validation by its sweep) at 4 NFE. Table 2's shape from the diffusion base (L2, L2 + P,
+records its held-out AUC after the warm-up and at the end; fine-tunes of CRITIC_TUNED's length (1,000 steps,
+declared: nothing is swept) at 4 NFE, on CRITIC_REPORTING_SEEDS. Table 2's shape from the diffusion base (L2, L2 + P,
 + PatchGAN, + base-feature critic), and Table 1 from the LCM through its own update and through DDIM, with a
 GAN-only row. Extra headline keys: .../hf_ratio (Laplacian power of samples / real: detail), and for every GAN
-recipe .../critic_auc_warmup and .../critic_auc. Files: quality-critic-tune.json, quality-critic.json,
-quality-critic-table1.json.
+recipe .../critic_auc_warmup and .../critic_auc. Files: quality-critic.json, quality-critic-table1.json;
+quality-critic-pilot*.json for its validation pilot.
 
-    python benchmarks/quality.py --study critic --tune --work W     # its sweep: the fine-tune's length
-    python benchmarks/quality.py --study critic --work W            # its report, once CRITIC_TUNED is frozen
+    python benchmarks/quality.py --study critic --pilot --work W    # every recipe on tuning seed 100, validation
+    python benchmarks/quality.py --study critic --work W            # its report (reporting seeds, test split)
 
 Jobs (a seed's base, then one fine-tune each) run in a pool of one-thread processes, one per core; a
 --work folder keeps every checkpoint, so a run again in it skips what is done.
@@ -268,18 +268,12 @@ CRITIC_DISC_STEPS = 2  # critic updates per generator step (DMD2: 5; 2 keeps the
 CRITIC_STUDY_BASE = dict(coupling="teacher", finetune_lr=TUNED["teacher_lr"], finetune_steps="{critic_finetune_steps}")
 CRITIC_TERM = dict(gan_weight=TUNED["gan_weight"], critic_warmup_steps=CRITIC_WARMUP_STEPS, disc_steps=CRITIC_DISC_STEPS)
 
-# Its sweep: only the length (every other value is the main sweep's, or declared above), on the paper's full loss.
-CRITIC_TUNING = {
-    "critic_finetune_steps": ("digits", {**CRITIC_STUDY_BASE, **CRITIC_TERM, "lpips_weight": TUNED["lpips_weight"],
-                                         "finetune_steps": "{}"}, "finetune_steps", (1000, 2000)),
-}
-
-# Frozen from benchmarks/results/quality-critic-tune.json before the critic study's report (None: not run yet).
-CRITIC_TUNED = dict(critic_finetune_steps=None)
-
-# `--study critic --pilot`: every recipe of the report on the first tuning seed against the validation split, at
-# the issue's floor length: what the acting critic does, measured where choices may be made, before any report.
-CRITIC_PILOT = dict(critic_finetune_steps=1000)
+# Nothing swept: the length is declared. 1,000 steps is the issue's floor at 4 NFE and the length the validation
+# pilot (--pilot, tuning seed 100) ran at; 2,000 would double the report, ~45 min a seed on 2 cores at 1,000 steps,
+# past this round's budget. Two reporting seeds, not PROTOCOL's three, for the same reason (declared before the run).
+CRITIC_TUNING = {}
+CRITIC_TUNED = dict(critic_finetune_steps=1000)
+CRITIC_REPORTING_SEEDS = PROTOCOL["reporting_seeds"][:2]
 
 
 def critic_recipes(tuned: dict) -> dict:
@@ -317,6 +311,7 @@ STUDIES = {
                 couplings=("teacher",), tune_lcm=False,  # the GAN sweep reuses the main sweep's lcm_lr
                 files=dict(tune="quality-gan-tune", report="quality-gan", table1="quality-gan-table1")),
     "critic": dict(tuning=CRITIC_TUNING, tuned=CRITIC_TUNED, tuned_name="CRITIC_TUNED", recipes=critic_recipes,
+                   reporting_seeds=CRITIC_REPORTING_SEEDS,
                    datasets=("digits",), nfe=(4,), couplings=("teacher",), tune_lcm=False,  # the main sweep's lcm_lr
                    files=dict(tune="quality-critic-tune", report="quality-critic", table1="quality-critic-table1")),
 }
@@ -684,7 +679,9 @@ def plot(rows, plan, table, path):
 
 
 def check_frozen(tuned, study="main"):
-    """The report runs only on choices frozen from the committed sweep."""
+    """The report runs only on choices frozen from the committed sweep (a study that sweeps nothing declares them)."""
+    if not STUDIES[study]["tuning"]:
+        return
     path = os.path.join(RESULTS, f"{STUDIES[study]['files']['tune']}.json")
     name = STUDIES[study]["tuned_name"]
     if not os.path.exists(path):
@@ -708,7 +705,7 @@ def main(argv=None) -> dict:
                         "write nothing (their checkpoints stay in --work, where a later full report reuses them): to "
                         "start the recipes that need no sweep choice while the sweep runs")
     parser.add_argument("--pilot", action="store_true", help="critic study: every recipe on the first tuning seed "
-                        "against the validation split (CRITIC_PILOT's length) -> quality-critic-pilot*.json; no report")
+                        "against the validation split (CRITIC_TUNED's length) -> quality-critic-pilot*.json; no report")
     parser.add_argument("--out", default=RESULTS, help="folder for the JSON and plot")
     parser.add_argument("--work", default=None, help="folder for every checkpoint, kept (a run again in it skips "
                         "finished jobs); default a temporary one, deleted after")
@@ -724,14 +721,17 @@ def main(argv=None) -> dict:
     elif only is not None and only - known:
         parser.error(f"--recipes: {sorted(only - known)} not among the {args.study} study's recipes runnable now: "
                      f"{sorted(known)}")
+    if args.tune and not study["tuning"]:
+        parser.error(f"--tune: the {args.study} study sweeps nothing; its choices are declared in {study['tuned_name']}")
     if args.pilot and (args.study != "critic" or args.tune or only is not None):
         parser.error("--pilot: the critic study's validation pilot, alone (not with --tune or --recipes)")
     if args.pilot:  # the report's recipes, on a tuning seed, against validation: files of their own
         plan = {**plan, "reporting_seeds": plan["tuning_seeds"][:1]}
-        study = {**study, "tuned": CRITIC_PILOT}
         files = {kind: name.replace("quality-critic", "quality-critic-pilot") for kind, name in files.items()}
-    elif only is None and not (args.tune or args.quick):
-        check_frozen(study["tuned"], args.study)
+    elif not args.quick:
+        plan = {**plan, "reporting_seeds": study.get("reporting_seeds", plan["reporting_seeds"])}
+        if only is None and not args.tune:
+            check_frozen(study["tuned"], args.study)
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
     work = args.work or temporary.name
     os.makedirs(args.out, exist_ok=True)
@@ -745,11 +745,12 @@ def main(argv=None) -> dict:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         tuned = study["tuned"]
         if (args.tune or args.quick) and not args.pilot:
-            rows, tuned = tune(plan, pool, work, study)
+            rows, chosen = tune(plan, pool, work, study)
+            tuned = {**tuned, **chosen}  # a study that sweeps nothing keeps its declared choices
             record_tune = {**record, "sweep": {name: {"dataset": d, "recipe": t, "field": f, "values": v}
                                               for name, (d, t, f, v) in study["tuning"].items()},
-                           "rows": rows, "summary": summary_rows(summarise(rows)), "chosen": tuned}
-            write_results(args.out, files["tune"], record_tune, {f"chosen/{k}": v for k, v in tuned.items()}, start)
+                           "rows": rows, "summary": summary_rows(summarise(rows)), "chosen": chosen}
+            write_results(args.out, files["tune"], record_tune, {f"chosen/{k}": v for k, v in chosen.items()}, start)
         table = study["recipes"](tuned)
         split = "validation" if args.pilot else "test"
         rows = report(plan, pool, work, table, study, only, split) if args.quick or not args.tune else None

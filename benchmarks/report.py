@@ -636,20 +636,15 @@ RENDERERS = {
     "quality-gan-headline": ("quality-gan.json", headline_block),
     "quality-gan-goals": ("quality-gan.json", quality_gan_goals),
     "quality-gan-table1": ("quality-gan-table1.json", quality_table1),
-}
-# the critic study's blocks, registered in RENDERERS as their JSON lands (until then PENDING):
-CRITIC_RENDERERS = {
-    "quality-critic-tune": ("quality-critic-tune.json", quality_tune),
-    "quality-critic": ("quality-critic.json", quality_tables),
-    "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
-    "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
     "quality-critic-pilot": ("quality-critic-pilot.json", quality_critic_goals),
     "quality-critic-pilot-table1": ("quality-critic-pilot-table1.json", quality_critic_table1),
 }
-# Blocks whose JSON is not measured yet (or whose renderer does not exist yet): they must stay
-# empty. Adding the renderer to RENDERERS means removing the name here.
-PENDING = ("quality-critic-tune", "quality-critic", "quality-critic-goals",
-           "quality-critic-table1")
+# Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
+PENDING = {
+    "quality-critic": ("quality-critic.json", quality_tables),
+    "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
+    "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
+}
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
 BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)

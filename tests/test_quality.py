@@ -191,7 +191,7 @@ def test_critic_study_recipes_carry_the_frozen_length_and_every_gan_recipe_warms
     assert all(fields["finetune_lr"] == quality.TUNED["lcm_lr"] for fields, _ in table["table1"].values())
     for name in ("lcm-GAN", "lcm-ddim-GAN"):  # no regression term at all
         assert (recipes[name]["l2_weight"], recipes[name].get("lpips_weight", 0.0)) == (0.0, 0.0)
-    assert min(quality.CRITIC_TUNING["critic_finetune_steps"][3]) >= 1000  # the floor at 4 NFE
+    assert quality.CRITIC_TUNED["critic_finetune_steps"] >= 1000  # the floor at 4 NFE
 
 
 def test_critic_study_headline_has_hf_ratio_for_every_recipe_and_auc_for_every_gan_recipe():
@@ -212,7 +212,14 @@ def test_critic_study_headline_has_hf_ratio_for_every_recipe_and_auc_for_every_g
             assert ({f"{prefix}/{name}/nfe4/critic_auc_warmup", f"{prefix}/{name}/nfe4/critic_auc"} <= keys) == has_critic
 
 
-def test_critic_report_refuses_an_unfrozen_sweep(tmp_path, monkeypatch):
+def test_critic_study_declares_its_choices_and_reports_on_fresh_seeds(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "RESULTS", str(tmp_path))
-    with pytest.raises(SystemExit, match="--study critic --tune"):
-        quality.check_frozen(quality.CRITIC_TUNED, "critic")
+    quality.check_frozen(quality.CRITIC_TUNED, "critic")  # nothing swept, no sweep file needed
+    with pytest.raises(SystemExit, match="--study gan --tune"):  # a study that sweeps still needs its file
+        quality.check_frozen(quality.GAN_TUNED, "gan")
+    seeds = quality.STUDIES["critic"]["reporting_seeds"]
+    assert seeds and set(seeds) <= set(quality.PROTOCOL["reporting_seeds"])
+    assert not set(seeds) & set(quality.PROTOCOL["tuning_seeds"])
+    with pytest.raises(SystemExit):
+        quality.main(["--study", "critic", "--tune", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()  # refused before anything is created
