@@ -21,45 +21,29 @@ Read it top to bottom, in the paper's order:
 
     1. noise schedule          (VP schedules, zero terminal SNR, sampler spacings, "leakage" of x_T)
     2. parameterisations       (epsilon / x0 / v and the conversions between them)
-    3. unrolled sampler        (Alg. 1 lines 7-12)
+    3. unrolled sampler        (Alg. 1 lines 7-12: one step function per update rule, and the loop)
     4. couplings               (Alg. 1 line 6: which noise z_T is paired with which target z0)
-    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS — or LPIPS's distance in any backbone — and their hybrid)
-    6. adversarial loss        (Eq. 8: PatchGAN, or heads on the frozen base's features (LADD), projection
-                                on class labels, hinge / non-saturating, adaptive or fixed weight, R1, start
-                                step, critic steps; its real samples are data)
+    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS and their hybrid; the distances live in perceptual.py)
+    6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1, critic
+                                warm-up and steps; the base-feature critic lives in critics.py)
     7. EMA                     (Alg. 1 line 15)
     8. standard diffusion loss (to pretrain the base model the method starts from)
     9. Algorithm 1             (EndToEndConfig, EndToEndLoss, train_step)
 
-Which coupling is the paper's, and which to use
-    Algorithm 1 draws z_T ~ N(0, I) independently of the data sample z0 and regresses the sampler's
-    output onto z0 — the `independent` coupling. Under an L1/L2 loss this regression is ill-posed:
-    the loss-optimal sampler ignores z_T and outputs the (conditional) mean of the data, so samples
-    collapse (measured in the tests and in benchmarks/quality.py). The paper escapes this only by
-    starting from a strong few-step model and training with a tiny learning rate (1e-6), i.e. by
-    barely moving. Use `inversion` (z_T is the frozen base model's deterministic DDIM inversion of
-    z0, so every target has its own noise: a well-posed regression) or `teacher` (the target is the
-    base model's many-step sample from z_T). A distribution-level loss (the GAN term) also works
-    with `independent` pairs, and it is the only term that can take the student past its base: L1/L2
-    targets from inversion or a teacher are the base's own ODE, so the discriminator's real samples are
-    always data, whatever the coupling makes the regression target.
-
-Reading of Alg. 1 line 9
-    The noise term of line 9 is ambiguous. We read it as the update of the paper's base model
-    (PixArt-delta, an LCM): predict x0, then re-noise it to the next timestep with fresh noise —
-    `update="lcm"`. Deterministic DDIM (`update="ddim"`, eta = 0) and stochastic DDIM (eta > 0)
-    are the standard alternatives.
-
-Demo (the module's own smoke run):  python e2ediff.py
+Two readings the paper leaves open (README.md says why, with the measurements):
+    - Alg. 1 line 6 draws z_T independently of z0 (`coupling="independent"`); under L1/L2 that regression
+      is ill-posed (its optimum ignores z_T and outputs the mean: samples collapse). `inversion` (z_T is
+      the frozen base's DDIM inversion of z0) and `teacher` (the target is the base's many-step sample
+      from z_T) make it well posed. The GAN term's real samples are data under every coupling.
+    - Alg. 1 line 9's noise term: we read it as the base's (an LCM's) update, predict x0 and re-noise it
+      with fresh noise (`update="lcm"`); deterministic DDIM (`update="ddim"`) is the alternative.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
-import os
-import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable
 
@@ -289,6 +273,26 @@ def guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Ten
     return output
 
 
+def ddim_step(z, x0, eps, t, abar_t, abar_prev, *, eta=0.0, last=False, generator=None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12 and 16): z_prev = alpha_prev x0 + direction eps, plus fresh noise when
+    eta > 0 (not on the last step); eta = 0 is the deterministic ODE step."""
+    direction, noise_scale = _ddim_split(float(abar_t), float(abar_prev), eta)
+    z_prev = abar_prev.sqrt() * x0 + direction * eps
+    return z_prev + noise_scale * _randn_like(z, generator) if eta > 0 and not last else z_prev
+
+
+def lcm_step(z, x0, eps, t, abar_t, abar_prev, *, eta=0.0, last=False, generator=None) -> torch.Tensor:
+    """LCM multistep (Luo et al. 2023, Alg. 3; diffusers' LCMScheduler.step): f = c_skip z + c_out x0_hat, the
+    consistency boundary condition, then z_prev = alpha_prev f + sigma_prev xi with fresh noise xi (none on
+    the last step). Our reading of Alg. 1 line 9."""
+    c_skip, c_out = consistency_scalings(t)
+    f = c_skip * z + c_out * x0
+    return abar_prev.sqrt() * f + ((1 - abar_prev).sqrt() * _randn_like(z, generator) if not last else 0)
+
+
+UPDATE_STEPS = {"ddim": ddim_step, "lcm": lcm_step}  # one function per update rule; unrolled_sample loops
+
+
 CHECKPOINT_POLICIES = ("full", "selective")
 _ATEN = torch.ops.aten
 # What selective checkpointing keeps: the outputs of the ops that cost FLOPs (matmuls, convolutions,
@@ -362,48 +366,38 @@ def unrolled_sample(
         raise ValueError(f"backprop_steps must be in [1, num_steps={num_steps}] or None, got {backprop_steps}")
     if guidance_scale != 1.0 and uncond is None:
         raise ValueError("guidance_scale != 1 needs `uncond` (the null conditioning)")
-    if checkpoint is True:
-        checkpoint = "full"
+    checkpoint = "full" if checkpoint is True else checkpoint
     if checkpoint is not False:
         check_choice("checkpoint", checkpoint, CHECKPOINT_POLICIES)
     # "selective": the checkpoint keeps the outputs that selective_policy marks MUST_SAVE
-    selective = partial(create_selective_checkpoint_contexts, selective_policy)
-    policy = {"context_fn": selective} if checkpoint == "selective" else {}
+    policy = {"context_fn": partial(create_selective_checkpoint_contexts, selective_policy)} \
+        if checkpoint == "selective" else {}
+
+    def evaluate(z, t):
+        """One (guided) network evaluation, its activations recomputed in backward when checkpointing."""
+        if checkpoint and torch.is_grad_enabled():
+            output = activation_checkpoint(guided_output, model, z, t, cond, uncond, guidance_scale,
+                                           use_reentrant=False, **policy)
+        else:
+            output = guided_output(model, z, t, cond, uncond, guidance_scale)
+        if output.shape != z.shape:
+            raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z.shape)}")
+        return output.to(z.dtype)  # the sampler's arithmetic stays in z's dtype under autocast
 
     timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, original_steps).tolist()
-    alphas_cumprod = schedule.alphas_cumprod.to(z_T.device)
+    alphas_cumprod, step = schedule.alphas_cumprod.to(z_T.device), UPDATE_STEPS[update]
     first_graph_step = 0 if backprop_steps is None else num_steps - backprop_steps
-    batch = z_T.shape[0]
-    z = z_T
+    z, batch = z_T, z_T.shape[0]
     for i, t in enumerate(timesteps):
+        last = i + 1 == num_steps
         abar_t = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < num_steps else torch.ones_like(abar_t)  # final step lands on x0
-        t_batch = torch.full((batch,), t, device=z.device, dtype=torch.long)
-        # truncated backprop: the steps before the last K run without a graph, so they get no gradient
+        abar_prev = torch.ones_like(abar_t) if last else alphas_cumprod[timesteps[i + 1]]  # the last lands on x0
+        # truncated backprop (DRaFT-K): the steps before the last K run without a graph, so get no gradient
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first_graph_step):
-            if checkpoint and torch.is_grad_enabled():
-                output = activation_checkpoint(guided_output, model, z, t_batch, cond, uncond, guidance_scale,
-                                               use_reentrant=False, **policy)
-            else:
-                output = guided_output(model, z, t_batch, cond, uncond, guidance_scale)
-            if i == 0 and output.shape != z.shape:
-                raise ValueError(f"model returned shape {tuple(output.shape)} for input of shape {tuple(z.shape)}")
-            output = output.to(z.dtype)  # the sampler's arithmetic stays in z's dtype under autocast
-            alpha_t, sigma_t = abar_t.sqrt(), (1 - abar_t).sqrt()
-            x0, eps = split_prediction(output, z, alpha_t.expand(batch), sigma_t.expand(batch), prediction_type)
-            alpha_prev, sigma_prev = abar_prev.sqrt(), (1 - abar_prev).sqrt()
-            if update == "lcm":
-                # LCM multistep (Luo et al. 2023, Alg. 3): f = c_skip z + c_out x0_hat, then
-                # z_{t-1} = alpha_{t-1} f + sigma_{t-1} xi
-                c_skip, c_out = consistency_scalings(t)
-                x0 = c_skip * z + c_out * x0
-                z = alpha_prev * x0 + (sigma_prev * _randn_like(z, generator) if i + 1 < num_steps else 0)
-            else:
-                # DDIM (Song et al. 2021, Eq. 12 and 16); eta = 0 is the deterministic ODE step
-                direction, noise_scale = _ddim_split(float(abar_t), float(abar_prev), eta)
-                z = alpha_prev * x0 + direction * eps
-                if eta > 0 and i + 1 < num_steps:
-                    z = z + noise_scale * _randn_like(z, generator)
+            output = evaluate(z, torch.full((batch,), t, device=z.device, dtype=torch.long))
+            x0, eps = split_prediction(output, z, abar_t.sqrt().expand(batch), (1 - abar_t).sqrt().expand(batch),
+                                       prediction_type)
+            z = step(z, x0, eps, t, abar_t, abar_prev, eta=eta, last=last, generator=generator)
     return z
 
 
@@ -490,93 +484,7 @@ def couple(
 # --------------------------------------------------------------------------------------------------
 
 LOSS_TERMS = ("l1", "l2", "lpips")
-LPIPS_BACKBONE_FILES = {  # what torchvision downloads into $TORCH_HOME/hub/checkpoints
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-
-
-class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) through the `lpips` package, as a frozen per-sample loss.
-
-    Inputs are images in [-1, 1], (B, C, H, W) with C in {1, 3}; 1-channel images are repeated to 3
-    and images smaller than `min_size` are upsampled (AlexNet needs >= 32 px). The network stays in
-    eval mode, never requires grad, and so never enters an optimiser — gradients flow to the inputs.
-
-    :param random_backbone: use a randomly initialised backbone with the real linear heads, for offline
-        smoke runs (tests; the notebook and benchmarks say so when they fall back to it): an untrained
-        backbone is not a perceptual metric.
-    """
-
-    def __init__(self, net: str = "alex", random_backbone: bool = False, min_size: int = 64):
-        super().__init__()
-        check_choice("LPIPS net", net, tuple(LPIPS_BACKBONE_FILES))
-        import lpips  # imported here so the module works without it when LPIPS is not used
-
-        if not random_backbone:
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_BACKBONE_FILES[net])
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"LPIPS needs the torchvision {net} backbone weights '{LPIPS_BACKBONE_FILES[net]}' at {path} "
-                    f"($TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}). "
-                    f"Fetch it once with network access (e.g. `python -c \"import lpips; lpips.LPIPS(net='{net}')\"`) "
-                    "or copy the file there. (random_backbone=True, --lpips-random-backbone: offline smoke runs only.)"
-                )
-        with warnings.catch_warnings():  # lpips 0.1.4 still calls torchvision's deprecated `pretrained=`
-            warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
-            self.net = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
-        self.min_size = min_size
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "LPIPS":
-        return super().train(False)  # always eval: LPIPS is a fixed metric
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) x2 in [-1, 1] -> (B,) perceptual distance."""
-        if a.shape != b.shape or a.dim() != 4 or a.shape[1] not in (1, 3):
-            raise ValueError(f"LPIPS wants two (B, 1|3, H, W) images of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-        if a.shape[1] == 1:
-            a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
-        if min(a.shape[-2:]) < self.min_size:
-            scale = self.min_size / min(a.shape[-2:])
-            a = F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
-            b = F.interpolate(b, scale_factor=scale, mode="bilinear", align_corners=False)
-        return self.net(a.float(), b.float()).flatten()
-
-
-class FeatureDistance(nn.Module):
-    """LPIPS's distance (Zhang et al. 2018, Eq. 1) in the features of any frozen network, with every
-    layer and channel weighted 1 (the lpips package's `lpips=False` baseline): at each layer l,
-    unit-normalise the feature vector of each position over channels, take the squared difference,
-    sum over channels, average over positions; sum over layers. For a backbone of one's own (the toy
-    trains one on its data), where no trained linear heads exist.
-
-    :param network: a module whose `features(x)` returns a list of (B, C_l, H_l, W_l) activations; frozen
-        here (eval, no grad), and gradients flow to the inputs. Inputs are what it was trained on (the
-        toy's: images in [-1, 1]).
-    """
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        self.network = network.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "FeatureDistance":
-        return super().train(False)  # always eval: a fixed metric
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(B, ...) x2 -> (B,) distance."""
-        if a.shape != b.shape:
-            raise ValueError(f"FeatureDistance wants two inputs of one shape; got {tuple(a.shape)} and {tuple(b.shape)}")
-        distance = a.new_zeros(a.shape[0])
-        for feature_a, feature_b in zip(self.network.features(a), self.network.features(b), strict=True):
-            unit_a = feature_a / (feature_a.norm(dim=1, keepdim=True) + 1e-10)  # (B, C_l, H_l, W_l)
-            unit_b = feature_b / (feature_b.norm(dim=1, keepdim=True) + 1e-10)
-            distance = distance + (unit_a - unit_b).pow(2).sum(1).flatten(1).mean(1)
-        return distance
-
-
+LPIPS_NETS = ("alex", "vgg", "squeeze")  # the lpips package's backbones (perceptual.LPIPS)
 def reconstruction_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -589,7 +497,7 @@ def reconstruction_loss(
 
     :param pred, target: (B, ...) sampler output and target (images, or latents).
     :param weights: {"l1": ., "l2": ., "lpips": .}; terms with weight 0 are not computed.
-    :param lpips: the perceptual distance, (B, ...) x2 -> (B,): an `LPIPS`, or a `FeatureDistance`.
+    :param lpips: the perceptual distance, (B, ...) x2 -> (B,): perceptual.LPIPS, or perceptual.FeatureDistance.
     :param pred_image, target_image: where LPIPS should see images other than pred/target (decoded
         latents, real pixels); default pred/target themselves.
     :returns: {"l1": (B,), "l2": (B,), "lpips": (B,) — those with weight > 0 — and "recon": (B,)}.
@@ -608,7 +516,7 @@ def reconstruction_loss(
         terms["l2"] = (pred - target).pow(2).flatten(1).mean(1)
     if weights.get("lpips", 0) > 0:
         if lpips is None:
-            raise ValueError("an 'lpips' weight > 0 needs a perceptual distance (e2ediff.LPIPS or e2ediff.FeatureDistance)")
+            raise ValueError("an 'lpips' weight > 0 needs a perceptual distance (perceptual.LPIPS or perceptual.FeatureDistance)")
         a = pred if pred_image is None else pred_image
         b = target if target_image is None else target_image
         terms["lpips"] = lpips(a, b)
@@ -684,174 +592,6 @@ DISC_KINDS = ("patch", "basefeat")
 FEATURE_TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 
 
-def default_feature_layers(base: nn.Module, count: int = 4) -> tuple[str, ...]:
-    """Names in base.named_modules() whose outputs a BaseFeatureDiscriminator reads, found by the
-    blocks' container names: a transformer (diffusers' PixArt: `transformer_blocks`, a ModuleList, also
-    under a wrapper as `transformer.transformer_blocks`) gives `count` evenly spaced blocks, the last
-    one included; the toy UNet (toy_nets.UNet: `down`, `middle`, `up`) every `down` block, one per
-    resolution (the finest holds the detail a critic needs: see BaseFeatureDiscriminator), and its `middle`
-    blocks. Anything else: pass the names yourself."""
-    containers = dict(base.named_modules())
-    for name, module in containers.items():
-        if name.split(".")[-1] == "transformer_blocks" and isinstance(module, nn.ModuleList):
-            chosen = np.unique(np.linspace(0, len(module) - 1, min(count, len(module))).round().astype(int))
-            return tuple(f"{name}.{i}" for i in chosen)
-    if isinstance(containers.get("down"), nn.ModuleList) and isinstance(containers.get("middle"), nn.ModuleList):
-        return (*(f"down.{i}" for i in range(len(containers["down"]))),
-                *(f"middle.{i}" for i in range(len(containers["middle"]))))
-    raise ValueError(f"no default feature layers for a {type(base).__name__} (neither `transformer_blocks` nor "
-                     "`down` and `middle`): name them (feature_layers, from base.named_modules())")
-
-
-class BaseFeatureDiscriminator(nn.Module):
-    """A discriminator that sees with the frozen base's eyes (LADD, Sauer et al. 2024; SANA-Sprint;
-    DMD2's head on diffusion features): re-noise the input to x_t = alpha_t x + sigma_t eps (Eq. 1's
-    forward process), run the FROZEN base denoiser on it (the `Denoiser` protocol, base(x_t, t, cond)),
-    and read the outputs of the blocks named in `feature_layers` through forward hooks. A small trainable
-    conv head per block keeps the feature map's spatial layout (LADD's and SANA-Sprint's heads): 3x3 conv
-    to `head_channels`, GroupNorm, LeakyReLU 0.2, 3x3 conv to one logit per position, a PatchGAN on the
-    base's features. Token features (B, N, D) of a transformer are laid back on their (h, w) patch grid
-    first. Output: every head's logits, flattened and concatenated, (B, K): discriminator_loss and
-    generator_adversarial_loss average them, so each position of each block counts once. (A head that
-    pools or normalises each sample over its positions first discards what a probe reads: measured on
-    digits, a linear probe's real-vs-fake AUC of 0.96 on the raw features fell to 0.74 through such a head.)
-
-    t: `logit_normal` (LADD) draws t / N = sigmoid(loc + scale n), n ~ N(0, 1); `uniform` draws t from
-    all N timesteps. The default loc is low, -3 (median t ~ 47 of 1000: near-clean inputs, the noise a
-    regulariser): re-noising washes out the detail a few-step student gets wrong, so the critic's sight falls
-    with t. Measured on digits (held-out AUC after 150 critic steps against a small base's 4-step samples, the
-    default blocks of a toy UNet): loc +1 (median t ~ 730) stayed at chance, -1 reached 0.65, -2 0.75, -3 0.86,
-    -4 0.91 — with the last down and the middle blocks; with every down block too, -3 reached 0.96 (SANA-Sprint's
-    critic uses -0.6 on 1024-px latents, where noise hides less). Real and fake inputs get their own t and eps
-    (drawn from `generator`, or the global RNG).
-
-    The base is frozen and hidden: kept in a dict, not as a submodule, so parameters(), state_dict(),
-    requires_grad_(), train() and DDP see the heads only (the optimiser updates the heads, a checkpoint
-    holds the heads, not a copy of the base); the caller puts the base on the heads' device. Gradients do
-    flow through the base to the input x, so the generator's adversarial loss reaches its sample. The hooks
-    record only during this module's forward: the same base may also run the couplings.
-    With `train_backbone` (DMD2's critic sits on a diffusion network that is itself trained), the heads read
-    a trainable deep copy of the base instead, registered as `backbone`: the optimiser then updates it with
-    the heads and a checkpoint holds it; `base` itself stays frozen and untouched.
-
-    :param base: the frozen denoiser (every parameter requires_grad=False), in eval mode.
-    :param feature_layers: names of its submodules to read (see `default_feature_layers`).
-    :param example: an input like the ones to judge (1, C, H, W) and `example_cond` its condition for the
-        base: one probing forward finds each block's feature shape, to size its head.
-    :param num_classes: class-label projection (Miyato & Koyama 2018) on every head: logit += <embed(c),
-        hidden feature> per position; the condition `cond` then must be the labels (label num_classes: no class).
-    :param train_backbone: read a trainable copy of the base, trained with the heads (see above).
-    :param head_channels: width of each head's hidden conv.
-    """
-
-    def __init__(self, base: nn.Module, alphas_cumprod: torch.Tensor, feature_layers: Iterable[str],
-                 example: torch.Tensor, example_cond: Any = None, *, num_classes: int | None = None,
-                 t_distribution: str = "logit_normal", t_loc: float = -3.0, t_scale: float = 1.0,
-                 generator: torch.Generator | None = None, train_backbone: bool = False, head_channels: int = 64):
-        super().__init__()
-        check_choice("timestep distribution", t_distribution, FEATURE_TIME_DISTRIBUTIONS)
-        if any(p.requires_grad for p in base.parameters()):
-            raise ValueError("a BaseFeatureDiscriminator needs a frozen base: base.requires_grad_(False) (a copy of "
-                             "the pretrained denoiser, not the model being trained)")
-        self.feature_layers = tuple(feature_layers)
-        network = copy.deepcopy(base).requires_grad_(True) if train_backbone else base
-        modules = dict(network.eval().named_modules())
-        missing = [name for name in self.feature_layers if name not in modules]
-        if missing or not self.feature_layers:
-            raise ValueError(f"feature layers {missing or '()'} not in the base; e.g. {default_feature_layers(base)}")
-        self.train_backbone = train_backbone
-        if train_backbone:  # registered: parameters() and state_dict() hold the trainable copy with the heads
-            self.backbone = network
-        else:
-            self.frozen = {"base": network}  # a dict: not registered, so not a parameter, buffer or state_dict entry
-        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
-        self.t_distribution, self.t_loc, self.t_scale, self.generator = t_distribution, t_loc, t_scale, generator
-        self.features, self.recording = {}, False
-        for name in self.feature_layers:
-            modules[name].register_forward_hook(self._hook(name))
-        with torch.no_grad():
-            maps = [self._as_map(f, example) for f in self._base_features(example, example_cond)]
-        width = head_channels
-        self.heads = nn.ModuleList()
-        for feature in maps:
-            channels = feature.shape[1]
-            hidden = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(math.gcd(32, width), width),
-                                   nn.LeakyReLU(0.2))
-            embed = nn.Embedding(num_classes + 1, width) if num_classes else None
-            self.heads.append(nn.ModuleDict({"hidden": hidden, "logit": nn.Conv2d(width, 1, 3, padding=1),
-                                             **({"embed": embed} if embed else {})}))
-        self.num_classes = num_classes
-
-    @staticmethod
-    def _as_map(feature: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A block's output as a feature map (B, C, h, w): 4-D as it is; transformer tokens (B, N, D) laid on
-        their patch grid, h / w = H / W of the input x (patches in row-major order, as PixArt's)."""
-        if feature.dim() == 4:
-            return feature
-        if feature.dim() != 3:
-            raise ValueError(f"feature of shape {tuple(feature.shape)}: need (B, C, H, W) or (B, N, D)")
-        tokens, height, width = feature.shape[1], x.shape[-2], x.shape[-1]
-        h = round(math.sqrt(tokens * height / width))
-        if h * (tokens // h) != tokens:
-            raise ValueError(f"{tokens} tokens do not tile an input of {height}x{width}")
-        return feature.transpose(1, 2).reshape(len(feature), -1, h, tokens // h)
-
-    def _hook(self, name: str):
-        def record(module, inputs, output):
-            if self.recording:
-                self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return record
-
-    def _base_features(self, x_t: torch.Tensor, cond: Any, t: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The base's block outputs at (x_t, t), in `feature_layers` order."""
-        if t is None:
-            t = torch.full((len(x_t),), len(self.alphas_cumprod) - 1, device=x_t.device, dtype=torch.long)
-        self.features, self.recording = {}, True
-        try:
-            (self.backbone if self.train_backbone else self.frozen["base"])(x_t, t, cond)
-        finally:
-            self.recording = False
-        features, self.features = [self.features[name] for name in self.feature_layers], {}
-        return features
-
-    def sample_timesteps(self, batch: int, device) -> torch.Tensor:
-        """(B,) long t in [0, N) from the stated distribution."""
-        num_timesteps, source = len(self.alphas_cumprod), self.generator.device if self.generator else device
-        if self.t_distribution == "uniform":
-            return torch.randint(0, num_timesteps, (batch,), device=source, generator=self.generator).to(device)
-        n = torch.randn(batch, device=source, generator=self.generator)
-        u = torch.sigmoid(self.t_loc + self.t_scale * n)  # LADD's logit-normal
-        return (u * num_timesteps).long().clamp(0, num_timesteps - 1).to(device)
-
-    def forward(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        """x (B, C, H, W) in the base's input space, cond the base's condition (the class labels when
-        num_classes) -> (B, K) logits, every head's positions concatenated."""
-        if self.num_classes and cond is None:
-            raise ValueError("a conditional BaseFeatureDiscriminator (num_classes) needs class labels")
-        t = self.sample_timesteps(len(x), x.device)
-        abar = self.alphas_cumprod[t].to(x.dtype)
-        noise = _randn_like(x, self.generator)
-        x_t = _expand(abar.sqrt(), x) * x + _expand((1 - abar).sqrt(), x) * noise  # x_t = alpha_t x + sigma_t eps
-        logits = []
-        for feature, parts in zip(self._base_features(x_t, cond, t), self.heads):
-            h = parts["hidden"](self._as_map(feature, x).float())  # (B, width, h, w)
-            logit = parts["logit"](h)  # (B, 1, h, w): one logit per position
-            if "embed" in parts:  # projection: <embed(c), h> per position, scaled as a mean over channels
-                logit = logit + (parts["embed"](cond)[:, :, None, None] * h).mean(1, keepdim=True)
-            logits.append(logit.flatten(1))
-        return torch.cat(logits, dim=1)
-
-
-def base_feature_discriminator(base: nn.Module, schedule: NoiseSchedule, config: EndToEndConfig, example: torch.Tensor,
-                               example_cond: Any = None, num_classes: int | None = None) -> BaseFeatureDiscriminator:
-    """The BaseFeatureDiscriminator that `config`'s disc_* options describe, on the frozen `base`."""
-    layers = default_feature_layers(base) if config.disc_feature_layers == "auto" else \
-        tuple(name.strip() for name in config.disc_feature_layers.split(","))
-    return BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, example, example_cond, num_classes=num_classes,
-                                    t_distribution=config.disc_t_distribution, t_loc=config.disc_t_loc,
-                                    t_scale=config.disc_t_scale, train_backbone=config.disc_train_backbone)
-
-
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     """Per-sample discriminator loss. hinge: relu(1 - D(x)) + relu(1 + D(G)) (Lim & Ye 2017);
     non_saturating: softplus(-D(x)) + softplus(D(G)) (Goodfellow et al. 2014)."""
@@ -891,22 +631,6 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor, *cond) -> tuple[tor
     return grad.pow(2).flatten(1).sum(1), logits
 
 
-@torch.no_grad()
-def critic_auc(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor, *cond, seed: int = 0) -> float:
-    """The critic's health: the area under the ROC curve of its mean logit per sample, real (label 1) against
-    fake (label 0), on a held-out batch; 0.5 = it cannot tell them apart, 1 = it always can. Its loss is a poor
-    gauge (with R1 it stays near 2 ln 2 while the AUC is 0.96). A base-feature critic's re-noising is drawn
-    from `seed` (the caller's random state is left as it was), so the same weights give the same AUC.
-    `cond`: the labels (or the base's condition) for the real and then the fake batch, when the critic reads them."""
-    from torchmetrics.functional.classification import binary_auroc
-    with torch.random.fork_rng(devices=[real.device] if real.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        scores = torch.cat([discriminator(batch, *labels).flatten(1).float().mean(1)
-                            for batch, labels in ((real, cond[:1]), (fake, cond[1:]))])
-    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).long().to(scores.device)
-    return float(binary_auroc(scores, labels))
-
-
 class GANLoss:
     """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW, with a start step.
 
@@ -915,12 +639,12 @@ class GANLoss:
     alone. The steps before `config.critic_warmup_steps` are the other warm-up: the critic's alone
     (train_step updates only the discriminator, on the frozen student's samples), so that L_GAN reaches
     the generator from a critic that already tells its samples from data. `discriminator` is a
-    PatchDiscriminator on images, or a BaseFeatureDiscriminator on the denoiser's own inputs (latents: EndToEndLoss then hands it the sampler's output z0, not the decoded
-    image, and train_step the data's z0), which gets the condition `cond` for its base; train_step
-    updates it `config.disc_steps` times per generator step. `discriminator` may be DDP-wrapped: the
-    generator pass uses the bare module (no
-    discriminator gradients are wanted there), the discriminator step the wrapper. With
-    `config.disc_conditional` both passes hand the discriminator the class labels `cond`.
+    PatchDiscriminator on images, or a critic with `reads_latents` (critics.BaseFeatureDiscriminator), which
+    reads the denoiser's own space: EndToEndLoss hands it the sampler's z0, train_step the data's z0, and
+    it gets the condition `cond` for its base. train_step updates it `config.disc_steps` times per generator
+    step. It may be DDP-wrapped: the generator pass uses the bare module (no discriminator gradients are
+    wanted there), the discriminator step the wrapper. With `config.disc_conditional` both passes hand the
+    discriminator the class labels `cond`.
     """
 
     def __init__(self, discriminator: nn.Module, config: EndToEndConfig):
@@ -930,7 +654,7 @@ class GANLoss:
         self.steps = config.disc_steps  # discriminator updates per generator step
         self.warmup_steps = config.critic_warmup_steps  # critic-only steps first
         # a base-feature discriminator reads the denoiser's own space (latents) and needs the base's condition
-        self.on_latents = isinstance(unwrap(discriminator), BaseFeatureDiscriminator)
+        self.on_latents = getattr(unwrap(discriminator), "reads_latents", False)
         self.optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.9))
 
     def active(self, step: int) -> bool:
@@ -1061,114 +785,6 @@ def option(default, why: str, choices: tuple | None = None, valid: str = ""):
                                             **({"valid": valid} if valid else {})})
 
 
-class OptionError(ValueError):
-    """A config field holds a value it cannot take. `name` is the field, so that a command line can
-    name its flag: "--finetune-lr: got nan, need a finite number > 0"."""
-
-    def __init__(self, name: str, value: Any, need: str):
-        self.name, self.value, self.need = name, value, need
-        super().__init__(f"{name}: got {value!r}, need {need}")
-
-
-def _within(value, valid: str) -> bool:
-    """Whether a number satisfies a `valid` range of option()."""
-    if valid.startswith(">="):
-        return value >= float(valid[2:])
-    if valid.startswith(">"):
-        return value > float(valid[1:])
-    low, high = (float(bound) for bound in valid[1:-1].split(","))
-    return (low <= value if valid[0] == "[" else low < value) and (value <= high if valid[-1] == "]" else value < high)
-
-
-def check_options(config) -> None:
-    """OptionError for the first field of `config` whose value its option() declaration rules out:
-    not one of its choices, not finite, outside its `valid` range, an empty tuple or string."""
-    for f in fields(config):
-        value, valid = getattr(config, f.name), f.metadata.get("valid", "")
-        if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise OptionError(f.name, value, "one of " + ", ".join(map(repr, f.metadata["choices"])))
-        if valid == "non-empty" or isinstance(value, tuple) and not value:
-            if not value:
-                raise OptionError(f.name, value, "a non-empty value")
-            continue
-        numbers = value if isinstance(value, tuple) else (value,)
-        if isinstance(value, bool) or not all(isinstance(n, (int, float)) for n in numbers):
-            continue
-        need = ("comma-separated integers, each" if isinstance(value, tuple) else
-                "a finite number" if isinstance(f.default, float) else "an integer")
-        need += "" if not valid else f" {valid}" if valid[0] == ">" else f" in {valid}"
-        if not all(math.isfinite(n) and (not valid or _within(n, valid)) for n in numbers):
-            raise OptionError(f.name, value, need)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A constraint across options: a combination that a later part of a run would reject with a
-    ValueError (the sampler's grid, a network's input size, a missing condition), checked instead when
-    the config is made, before a model is built or a file written. `holds(config)` says whether the
-    config keeps it; `breaking` is one combination of values that breaks it (tests/test_bad_inputs.py
-    runs each rule's `breaking` through each script, so a new rule gets its bad-input case for free)."""
-
-    fields: tuple[str, ...]  # the options involved, the one to change first
-    need: str  # what they must satisfy together, as a user reads it
-    holds: Callable[[Any], bool]
-    breaking: dict[str, Any]
-
-
-class RuleError(OptionError):
-    """A config breaks a Rule; the scripts name every flag of it: "--a 5 with --b 4: need ..."."""
-
-    def __init__(self, rule: Rule, config):
-        self.rule, self.config = rule, config
-        super().__init__(rule.fields[0], getattr(config, rule.fields[0], None), rule.need)
-
-
-def check_rules(config, rules: tuple[Rule, ...]) -> None:
-    """RuleError for the first rule in `rules` that `config` breaks."""
-    for rule in rules:
-        if not rule.holds(config):
-            raise RuleError(rule, config)
-
-
-def _needs_reconstruction(config) -> bool:
-    return max(config.loss_weights.values()) > 0 or (config.gan_weight > 0 and not config.gan_adaptive)
-
-
-# check_prediction_type (section 2) as a Rule, for the scripts' configs, which hold both fields
-PREDICTION_RULE = Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero "
-                       "terminal SNR (epsilon cannot recover x0 where alpha_T = 0)",
-                       lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
-                       {"prediction_type": "epsilon", "zero_terminal_snr": True})
-
-END_TO_END_RULES = (
-    Rule(("backprop_steps", "num_steps"), "backprop_steps <= num_steps (the last K of the T sampler steps)",
-         lambda c: c.backprop_steps <= c.num_steps, {"backprop_steps": 4, "num_steps": 2}),
-    Rule(("l2_weight", "l1_weight", "lpips_weight", "gan_weight", "gan_adaptive"),
-         "a reconstruction weight > 0 (l1, l2 or lpips), or a GAN weight with --no-gan-adaptive (the adaptive "
-         "weight is a ratio to the reconstruction loss)", _needs_reconstruction,
-         {"l1_weight": 0.0, "l2_weight": 0.0, "lpips_weight": 0.0}),
-    Rule(("original_steps", "num_steps", "spacing"), "num_steps <= original_steps with spacing lcm (T steps are "
-         "picked from the LCM's grid of original_steps)",
-         lambda c: c.spacing != "lcm" or c.num_steps <= c.original_steps,
-         {"spacing": "lcm", "original_steps": 2, "num_steps": 4}),
-    Rule(("checkpoint_policy", "grad_checkpoint"), "grad_checkpoint on with checkpoint_policy selective (the policy "
-         "says what a checkpointed step keeps)", lambda c: c.grad_checkpoint or c.checkpoint_policy == "full",
-         {"checkpoint_policy": "selective", "grad_checkpoint": False}),
-    Rule(("disc_feature_layers", "disc_kind"), "--disc-feature-layers auto unless --disc-kind basefeat (only its heads "
-         "read the base's blocks)", lambda c: c.disc_kind == "basefeat" or c.disc_feature_layers == "auto",
-         {"disc_feature_layers": "middle.0", "disc_kind": "patch"}),
-    Rule(("disc_t_distribution", "disc_kind"), "--disc-t-distribution logit_normal unless --disc-kind basefeat (only it "
-         "re-noises its inputs)", lambda c: c.disc_kind == "basefeat" or c.disc_t_distribution == "logit_normal",
-         {"disc_t_distribution": "uniform", "disc_kind": "patch"}),
-    Rule(("critic_warmup_steps", "gan_weight"), "--critic-warmup-steps 0 without a GAN term (--gan-weight > 0): it "
-         "warms up the discriminator", lambda c: c.critic_warmup_steps == 0 or c.gan_weight > 0,
-         {"critic_warmup_steps": 10, "gan_weight": 0.0}),
-    Rule(("disc_train_backbone", "disc_kind"), "--no-disc-train-backbone unless --disc-kind basefeat (only it has a "
-         "backbone: the base)", lambda c: c.disc_kind == "basefeat" or not c.disc_train_backbone,
-         {"disc_train_backbone": True, "disc_kind": "patch"}),
-)
-
-
 @dataclass
 class EndToEndConfig:
     """Every option of the end-to-end method. The defaults are the paper's recipe (PixArt-delta, Sec. 4.1
@@ -1194,7 +810,7 @@ class EndToEndConfig:
     l2_weight: float = option(1.0, "lambda_L2 (Table 2: L2 + LPIPS is the paper's best, FID 25.27)", valid=">= 0")
     lpips_weight: float = option(1.0, "lambda_LPIPS on images (Table 2's best); the paper gives no relative weight",
                                 valid=">= 0")
-    lpips_net: str = option("alex", "LPIPS backbone (AlexNet: the LPIPS authors' default)", tuple(LPIPS_BACKBONE_FILES))
+    lpips_net: str = option("alex", "LPIPS backbone (AlexNet: the LPIPS authors' default)", LPIPS_NETS)
     lpips_random_backbone: bool = option(False, "offline smoke runs only: random backbone, real heads")
     # the adversarial term (Eq. 8) and its discriminator
     gan_weight: float = option(0.0, "lambda_GAN; 0 = no discriminator (Table 2: +GAN costs FID, 25.74 vs 25.27)",
@@ -1222,7 +838,7 @@ class EndToEndConfig:
                                       FEATURE_TIME_DISTRIBUTIONS)
     disc_t_loc: float = option(-3.0, "basefeat, logit_normal: location; -3 = near-clean (median t/N ~ 0.05): the "
                                "critic's held-out AUC falls with t (digits, 150 steps: 0.96 at -3, 0.65 at -1, chance at "
-                               "+1; see BaseFeatureDiscriminator)")
+                               "+1; see critics.BaseFeatureDiscriminator)")
     disc_t_scale: float = option(1.0, "basefeat, logit_normal: scale of the logit", valid="> 0")
     disc_train_backbone: bool = option(False, "basefeat: also train a copy of the base under the heads (DMD2's critic "
                                        "is a trained diffusion network; one more model and its AdamW state in memory); "
@@ -1244,10 +860,6 @@ class EndToEndConfig:
                                     "for all T steps (less recompute, more memory)", CHECKPOINT_POLICIES)
     backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)",
                             valid=">= 0")
-
-    def __post_init__(self):
-        check_options(self)
-        check_rules(self, END_TO_END_RULES)
 
     @property
     def loss_weights(self) -> dict[str, float]:
@@ -1280,7 +892,7 @@ class EndToEndLoss(nn.Module):
         super().__init__()
         check_prediction_type(prediction_type, schedule)
         if config.lpips_weight > 0 and lpips is None:
-            raise ValueError("an lpips_weight > 0 needs a perceptual distance (e2ediff.LPIPS or e2ediff.FeatureDistance)")
+            raise ValueError("an lpips_weight > 0 needs a perceptual distance (perceptual.LPIPS or perceptual.FeatureDistance)")
         self.denoiser, self.schedule, self.config = denoiser, schedule, config
         self.sampler_options = dict(config.sampler_options(prediction_type), guidance_scale=guidance_scale)
         self.helpers = {"lpips": lpips, "gan": gan, "decode": decode}  # a dict: not registered as submodules
@@ -1413,48 +1025,19 @@ def train_step(
         seen += 1
     if seen != count:
         raise ValueError(f"expected {count} micro-batches (accumulation), got {seen}")
-    if warming:  # no generator update and no EMA update: the student is what the critic warms up against
+    if not warming:  # the critic's warm-up updates neither the generator nor its EMA
+        grad_norm = torch.nn.utils.clip_grad_norm_(inner.denoiser.parameters(), config.grad_clip or float("inf"))
+        optimizer.step()  # Alg. 1 line 14
+        optimizer.zero_grad(set_to_none=True)
+    if gan_on:
         for update in range(gan.steps):
-            if update:  # DMD2's extra critic updates, on this step's data and samples
+            if update:  # DMD2's extra critic updates, on this step's data and detached samples
                 for batch in critic_batches:
                     critic_backward(*batch)
             gan.optimizer.step()
             gan.optimizer.zero_grad(set_to_none=True)
+    if warming:
         return {**totals, "critic_warmup": 1.0}
-    parameters = inner.denoiser.parameters()
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip or float("inf"))
-    optimizer.step()  # Alg. 1 line 14
-    optimizer.zero_grad(set_to_none=True)
-    if gan_on:
-        gan.optimizer.step()
-        gan.optimizer.zero_grad(set_to_none=True)
-        for _ in range(gan.steps - 1):  # DMD2's extra critic updates, on this step's data and detached samples
-            for batch in critic_batches:
-                critic_backward(*batch)
-            gan.optimizer.step()
-            gan.optimizer.zero_grad(set_to_none=True)
     ema.update(inner.denoiser)  # Alg. 1 line 15
     return {**totals, "grad_norm": float(grad_norm)}
 
-
-if __name__ == "__main__":
-    # A 10-second tour: the leakage numbers, then one unrolled end-to-end step on random data.
-    for zero_snr in (False, True):
-        schedule = make_schedule("scaled_linear", zero_terminal_snr=zero_snr)
-        row = ", ".join(f"{s}: {start_leakage(schedule, 4, s):.4f}" for s in SPACINGS)
-        print(f"scaled_linear zero_terminal_snr={zero_snr!s:5}  sqrt(abar) at the 4-step sampler's start -> {row}")
-    torch.manual_seed(0)
-
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(3, 64), nn.SiLU(), nn.Linear(64, 2))
-
-        def forward(self, z, t, cond=None):
-            return self.net(torch.cat([z, (t.float() / 1000)[:, None]], dim=1))
-
-    model, config = Toy(), EndToEndConfig(update="ddim", lpips_weight=0.0)
-    loss_fn = EndToEndLoss(model, make_schedule("linear", zero_terminal_snr=True), config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    logs = train_step(loss_fn, optimizer, EMA(model, config.ema_decay), [{"target": torch.randn(64, 2)}], step=0)
-    print(f"one 4-step end-to-end step: loss {logs['loss']:.4f}, gradient norm {logs['grad_norm']:.4f}")

@@ -130,7 +130,7 @@ class Classifier(nn.Module):
 class PerceptualNet(nn.Module):
     """The toy's perceptual backbone: a VGG-style classifier (two 3x3 convs per stage, GroupNorm, SiLU,
     average pooling; 16 -> 32 -> 64 channels) whose three stage outputs `features(x)` feed
-    e2ediff.FeatureDistance, LPIPS-style. A different network from `Classifier` (the metric's), by
+    perceptual.FeatureDistance, LPIPS-style. A different network from `Classifier` (the metric's), by
     architecture and by seed, and trained separately, so a loss in its features does not optimise
     the CFD's own features."""
 

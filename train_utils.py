@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -20,7 +21,129 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from e2ediff import OptionError, RuleError
+from e2ediff import EndToEndConfig
+
+# ----------------------------------------------------------------------------------------------
+# Checking a config: each field against its e2ediff.option() declaration, and Rules across fields.
+
+
+class OptionError(ValueError):
+    """A config field holds a value it cannot take. `name` is the field, so that a command line can
+    name its flag: "--finetune-lr: got nan, need a finite number > 0"."""
+
+    def __init__(self, name: str, value: Any, need: str):
+        self.name, self.value, self.need = name, value, need
+        super().__init__(f"{name}: got {value!r}, need {need}")
+
+
+def _within(value, valid: str) -> bool:
+    """Whether a number satisfies a `valid` range of option()."""
+    if valid.startswith(">="):
+        return value >= float(valid[2:])
+    if valid.startswith(">"):
+        return value > float(valid[1:])
+    low, high = (float(bound) for bound in valid[1:-1].split(","))
+    return (low <= value if valid[0] == "[" else low < value) and (value <= high if valid[-1] == "]" else value < high)
+
+
+def check_options(config) -> None:
+    """OptionError for the first field of `config` whose value its option() declaration rules out:
+    not one of its choices, not finite, outside its `valid` range, an empty tuple or string."""
+    for f in dataclasses.fields(config):
+        value, valid = getattr(config, f.name), f.metadata.get("valid", "")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise OptionError(f.name, value, "one of " + ", ".join(map(repr, f.metadata["choices"])))
+        if valid == "non-empty" or isinstance(value, tuple) and not value:
+            if not value:
+                raise OptionError(f.name, value, "a non-empty value")
+            continue
+        numbers = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, bool) or not all(isinstance(n, (int, float)) for n in numbers):
+            continue
+        need = ("comma-separated integers, each" if isinstance(value, tuple) else
+                "a finite number" if isinstance(f.default, float) else "an integer")
+        need += "" if not valid else f" {valid}" if valid[0] == ">" else f" in {valid}"
+        if not all(math.isfinite(n) and (not valid or _within(n, valid)) for n in numbers):
+            raise OptionError(f.name, value, need)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A constraint across options: a combination that a later part of a run would reject with a
+    ValueError (the sampler's grid, a network's input size, a missing condition), checked instead when
+    the config is made, before a model is built or a file written. `holds(config)` says whether the
+    config keeps it; `breaking` is one combination of values that breaks it (tests/test_bad_inputs.py
+    runs each rule's `breaking` through each script, so a new rule gets its bad-input case for free)."""
+
+    fields: tuple[str, ...]  # the options involved, the one to change first
+    need: str  # what they must satisfy together, as a user reads it
+    holds: Callable[[Any], bool]
+    breaking: dict[str, Any]
+
+
+class RuleError(OptionError):
+    """A config breaks a Rule; the scripts name every flag of it: "--a 5 with --b 4: need ..."."""
+
+    def __init__(self, rule: Rule, config):
+        self.rule, self.config = rule, config
+        super().__init__(rule.fields[0], getattr(config, rule.fields[0], None), rule.need)
+
+
+def check_rules(config, rules: tuple[Rule, ...]) -> None:
+    """RuleError for the first rule in `rules` that `config` breaks."""
+    for rule in rules:
+        if not rule.holds(config):
+            raise RuleError(rule, config)
+
+
+def _needs_reconstruction(config) -> bool:
+    return max(config.loss_weights.values()) > 0 or (config.gan_weight > 0 and not config.gan_adaptive)
+
+
+# check_prediction_type (section 2) as a Rule, for the scripts' configs, which hold both fields
+PREDICTION_RULE = Rule(("prediction_type", "zero_terminal_snr"), "--prediction-type v_prediction or sample with zero "
+                       "terminal SNR (epsilon cannot recover x0 where alpha_T = 0)",
+                       lambda c: not (c.prediction_type == "epsilon" and c.zero_terminal_snr),
+                       {"prediction_type": "epsilon", "zero_terminal_snr": True})
+
+END_TO_END_RULES = (
+    Rule(("backprop_steps", "num_steps"), "backprop_steps <= num_steps (the last K of the T sampler steps)",
+         lambda c: c.backprop_steps <= c.num_steps, {"backprop_steps": 4, "num_steps": 2}),
+    Rule(("l2_weight", "l1_weight", "lpips_weight", "gan_weight", "gan_adaptive"),
+         "a reconstruction weight > 0 (l1, l2 or lpips), or a GAN weight with --no-gan-adaptive (the adaptive "
+         "weight is a ratio to the reconstruction loss)", _needs_reconstruction,
+         {"l1_weight": 0.0, "l2_weight": 0.0, "lpips_weight": 0.0}),
+    Rule(("original_steps", "num_steps", "spacing"), "num_steps <= original_steps with spacing lcm (T steps are "
+         "picked from the LCM's grid of original_steps)",
+         lambda c: c.spacing != "lcm" or c.num_steps <= c.original_steps,
+         {"spacing": "lcm", "original_steps": 2, "num_steps": 4}),
+    Rule(("checkpoint_policy", "grad_checkpoint"), "grad_checkpoint on with checkpoint_policy selective (the policy "
+         "says what a checkpointed step keeps)", lambda c: c.grad_checkpoint or c.checkpoint_policy == "full",
+         {"checkpoint_policy": "selective", "grad_checkpoint": False}),
+    Rule(("disc_feature_layers", "disc_kind"), "--disc-feature-layers auto unless --disc-kind basefeat (only its heads "
+         "read the base's blocks)", lambda c: c.disc_kind == "basefeat" or c.disc_feature_layers == "auto",
+         {"disc_feature_layers": "middle.0", "disc_kind": "patch"}),
+    Rule(("disc_t_distribution", "disc_kind"), "--disc-t-distribution logit_normal unless --disc-kind basefeat (only it "
+         "re-noises its inputs)", lambda c: c.disc_kind == "basefeat" or c.disc_t_distribution == "logit_normal",
+         {"disc_t_distribution": "uniform", "disc_kind": "patch"}),
+    Rule(("critic_warmup_steps", "gan_weight"), "--critic-warmup-steps 0 without a GAN term (--gan-weight > 0): it "
+         "warms up the discriminator", lambda c: c.critic_warmup_steps == 0 or c.gan_weight > 0,
+         {"critic_warmup_steps": 10, "gan_weight": 0.0}),
+    Rule(("disc_train_backbone", "disc_kind"), "--no-disc-train-backbone unless --disc-kind basefeat (only it has a "
+         "backbone: the base)", lambda c: c.disc_kind == "basefeat" or not c.disc_train_backbone,
+         {"disc_train_backbone": True, "disc_kind": "patch"}),
+)
+
+
+def validate(config, rules: tuple[Rule, ...] = ()) -> None:
+    """OptionError (or RuleError) for the first bad value: first in each nested config, then in `config`'s
+    own fields, then the first of `rules` it breaks (an EndToEndConfig: END_TO_END_RULES first)."""
+    for f in dataclasses.fields(config):
+        if dataclasses.is_dataclass(inner := getattr(config, f.name)):
+            validate(inner)
+    check_options(config)
+    check_rules(config, (*END_TO_END_RULES, *rules) if isinstance(config, EndToEndConfig) else rules)
+
 
 # ----------------------------------------------------------------------------------------------
 # Config -> command line. Every field becomes --field-name with its "why" as help; the fields of a
@@ -134,13 +257,15 @@ def as_flags(name: str, value) -> str:
 
 def make_config(config_class, **values):
     """config_class from flat {field: value}, named as the flags are: the fields of a nested config go
-    into it, on top of the defaults that the outer config gives it."""
+    into it, on top of the defaults that the outer config gives it. Validated (OptionError, RuleError)."""
     top = {}
     for name, nested in _nested(config_class).items():
         inner = {f.name for f in dataclasses.fields(nested)}
         top[name] = dataclasses.replace(nested, **{k: v for k, v in values.items() if k in inner})
         values = {k: v for k, v in values.items() if k not in inner}
-    return config_class(**values, **top)
+    config = config_class(**values, **top)
+    validate(config)  # every field against its option(), a nested EndToEndConfig against END_TO_END_RULES too
+    return config
 
 
 def changed(config, **values):

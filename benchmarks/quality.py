@@ -36,7 +36,7 @@ table1/R/nfe4/cfd_ratio_vs_lcm, .../pixel_ratio_vs_lcm, .../recall_delta_vs_lcm 
 
 Two studies share this protocol, the bases and the metric. `--study main` (the default): couplings and the
 loss zoo (the files above). `--study gan`: does a discriminator on the frozen base's features
-(e2ediff.BaseFeatureDiscriminator, --disc-kind basefeat) lift a few-step student past a strong base where the
+(critics.BaseFeatureDiscriminator, --disc-kind basefeat) lift a few-step student past a strong base where the
 paper's PatchGAN stops? Teacher pairs at 1, 2 and 4 NFE: L2, L2 + PatchGAN, L2 + base-feature discriminator,
 each also with P; Table 1 from the LCM with each discriminator. Its sweep (GAN_TUNING: the weight, then which
 blocks, which t, critic steps, frozen or trained backbone) is frozen in GAN_TUNED. Files: quality-gan-tune.json,
@@ -85,7 +85,7 @@ import torch  # noqa: E402
 import toy2d  # noqa: E402
 import toy_data  # noqa: E402
 import toy_nets  # noqa: E402
-import train_toy  # noqa: E402
+import toy_training  # noqa: E402
 from report import write_results  # noqa: E402
 from train_utils import changed, flat_config, make_config  # noqa: E402
 
@@ -258,7 +258,7 @@ def gan_recipes(gan_tuned: dict | None) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The critic study (`--study critic`): the adversarial term with critics that measurably learn, and fine-tunes
 # long enough for it to act. Every GAN recipe warms its critic up alone first (CRITIC_WARMUP_STEPS, then
-# CRITIC_DISC_STEPS critic updates per generator step) and logs its held-out AUC (train_toy.CriticHealth) at the
+# CRITIC_DISC_STEPS critic updates per generator step) and logs its held-out AUC (toy_training.CriticHealth) at the
 # end of the warm-up and of the run; the base-feature critic is e2ediff's, with conv heads at low t. 4 NFE, the
 # paper's setting. Table 2's shape from the diffusion base; Table 1 from the LCM, through its own update and
 # through deterministic DDIM (--lcm-update ddim, where an L2 target is well posed), with a GAN-only row.
@@ -339,7 +339,7 @@ def digits_config(plan, seed, split, folder, **fields):
             fields["critic_warmup_steps"] = min(fields["critic_warmup_steps"], fields["finetune_steps"] // 2)
     fields = {"finetune_steps": plan["digits_finetune_steps"], **fields}
     return make_config(
-        train_toy.Config, dataset="digits", out_dir=folder, seed=seed, device="cpu", eval_split=split,
+        toy_training.Config, dataset="digits", out_dir=folder, seed=seed, device="cpu", eval_split=split,
         pretrain_steps=plan["digits_pretrain_steps"],
         eval_samples=plan["digits_eval_samples"], classifier_epochs=plan["classifier_epochs"],
         teacher_steps=plan["teacher_steps"], teacher_pool=plan["teacher_pool"], distill_steps=plan["distill_steps"],
@@ -360,12 +360,12 @@ class DigitsMeter:
         self.data = data
 
     def __call__(self, config, model, nfe, lcm=False):
-        images = train_toy.generate(model, config, self.data, train_toy.build_schedule(config, torch.device("cpu")),
+        images = toy_training.generate(model, config, self.data, toy_training.build_schedule(config, torch.device("cpu")),
                                     nfe, config.eval_samples, torch.device("cpu"), lcm=lcm)
         return self.images(images)
 
     def images(self, images):
-        return {"cfd": self.cfd(images), **train_toy.pixel_metrics(images, self.data.test_images)}
+        return {"cfd": self.cfd(images), **toy_training.pixel_metrics(images, self.data.test_images)}
 
 
 def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
@@ -373,20 +373,20 @@ def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
     every fine-tune shares. Rows: the real-data floor, base DDIM at BASE_NFE, the LCM at `nfes`."""
     folder = os.path.join(seed_folder(work, "digits", split, seed), "base")
     config = digits_config(plan, seed, split, folder)
-    device, data = torch.device("cpu"), train_toy.build_dataset(config)
-    train_toy.pretrain(config, data, device)
-    train_toy.train_perceptual(config, data, device)
+    device, data = torch.device("cpu"), toy_training.build_dataset(config)
+    toy_training.pretrain(config, data, device)
+    toy_training.train_perceptual(config, data, device)
     meter = DigitsMeter(config, data)
-    base = train_toy.load_base(config, data, device)
-    schedule = train_toy.build_schedule(config, device)
+    base = toy_training.load_base(config, data, device)
+    schedule = toy_training.build_schedule(config, device)
     for coupling in couplings:
-        train_toy.coupling_pairs(changed(config, coupling=coupling), data, device, base, schedule)
+        toy_training.coupling_pairs(changed(config, coupling=coupling), data, device, base, schedule)
     rows = [row("digits", split, seed, "real data", None, meter.images(data.train_images[:config.eval_samples]))]
     rows += [row("digits", split, seed, "base DDIM", k, meter(config, base, k)) for k in BASE_NFE]
     if lcm:
         lcm_config = changed(config, base="lcm")
-        train_toy.distill(lcm_config, data, device)
-        model = train_toy.load_lcm(lcm_config, data, device)
+        toy_training.distill(lcm_config, data, device)
+        model = toy_training.load_lcm(lcm_config, data, device)
         rows += [row("digits", split, seed, "LCM", k, meter(lcm_config, model, k, lcm=True)) for k in nfes]
     return rows
 
@@ -400,12 +400,12 @@ def finetune_digits(plan, seed, split, work, name, fields, nfes):
         if file.endswith(".pt") and not file.startswith("finetune") and not os.path.exists(os.path.join(folder, file)):
             os.link(os.path.join(root, "base", file), os.path.join(folder, file))
     config = digits_config(plan, seed, split, folder, nfe=tuple(nfes), **fields)
-    device, data = torch.device("cpu"), train_toy.build_dataset(config)
-    train_toy.finetune(config, data, device)
+    device, data = torch.device("cpu"), toy_training.build_dataset(config)
+    toy_training.finetune(config, data, device)
     meter = DigitsMeter(config, data)
     lcm = config.base == "lcm"
-    return [row("digits", split, seed, name, k, {**meter(config, train_toy.load_finetuned(config, data, device, k), k, lcm),
-                                                  **train_toy.finetuned_critic_auc(config, k)}) for k in nfes]
+    return [row("digits", split, seed, name, k, {**meter(config, toy_training.load_finetuned(config, data, device, k), k, lcm),
+                                                  **toy_training.finetuned_critic_auc(config, k)}) for k in nfes]
 
 
 def ring_reference_seed(split, seed):
@@ -560,7 +560,7 @@ def setting(job, defaults: dict) -> str:
 def run_once(pool, jobs, trained: dict) -> list:
     """Run the jobs whose setting no earlier job trained; a job whose setting was trained gets that job's rows
     under its own name (with "same_as"). `trained`: {setting: (name, rows)}, updated."""
-    defaults = flat_config(train_toy.Config())
+    defaults = flat_config(toy_training.Config())
     settings = [setting(job, defaults) for job in jobs]
     new = {key: job for key, job in zip(settings, jobs) if key not in trained}
     rows = run_chains(pool, [(job, ()) for job in new.values()])

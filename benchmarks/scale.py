@@ -59,6 +59,7 @@ from torch.nn.attention import SDPBackend  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
 import e2ediff  # noqa: E402
+from perceptual import LPIPS  # noqa: E402
 from diffusers_parts import DiffusersDenoiser, LatentCodec  # noqa: E402
 from counters import SETUPS, FlopCount, TensorMemory  # noqa: E402
 
@@ -229,7 +230,7 @@ def build_t2i(transformer_config: dict, vae_config: dict, device: str, lpips: bo
     with torch.device(device):
         transformer = PixArtTransformer2DModel(**transformer_config).train()
         vae = AutoencoderKL(**vae_config).eval().requires_grad_(False)
-    perceptual = e2ediff.LPIPS("alex", random_backbone=True).to(device) if lpips else None
+    perceptual = LPIPS("alex", random_backbone=True).to(device) if lpips else None
     codec = LatentCodec(vae)
     return DiffusersDenoiser(transformer, codec.factor), codec, perceptual
 

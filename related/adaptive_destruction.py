@@ -58,7 +58,7 @@ import torch.nn as nn  # noqa: E402
 
 import e2ediff  # noqa: E402
 import toy2d  # noqa: E402
-from train_utils import UsageError, exit_with, parse_config  # noqa: E402
+from train_utils import UsageError, exit_with, parse_config, validate  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -461,7 +461,7 @@ class SamplerConfig:
     seed: int = option(0, "initialisation and training noise")
 
     def __post_init__(self):
-        e2ediff.check_options(self)
+        validate(self)
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:

@@ -3,7 +3,7 @@ the script, with the script's flags.
 
 After every optimiser step each rank appends "<optimiser> <sha256 of that optimiser's parameters>" to
 <out-dir>/rank<RANK>.sha (optimiser 0 is the first one built, and so on), by patching
-torch.optim.AdamW in this process only; then it runs train_t2i.main. DDP keeps the replicas identical
+torch.optim.AdamW in this process only; then it runs t2i_training.main. DDP keeps the replicas identical
 iff both ranks write the same lines. After every train_step that holds a frozen base (the couplings',
 --disc-kind basefeat's) it appends the sha256 of the base's parameters to <out-dir>/rank<RANK>.base.sha.
 
@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_t2i  # noqa: E402
+import t2i_training  # noqa: E402
 
 COUNTER = itertools.count()
 
@@ -41,7 +41,7 @@ def probed_train_step(*args, **kwargs):
     return logs
 
 
-TRAIN_STEP = train_t2i.train_step
+TRAIN_STEP = t2i_training.train_step
 
 
 class ProbedAdamW(torch.optim.AdamW):
@@ -59,7 +59,7 @@ class ProbedAdamW(torch.optim.AdamW):
         return loss
 
 
-def fixed_micro_batch(run: train_t2i.Run, batch: dict, shares: int = 2) -> dict:
+def fixed_micro_batch(run: t2i_training.Run, batch: dict, shares: int = 2) -> dict:
     """Run.micro_batch's stand-in (`batch`, the data's, is not used): global micro-batch n = 1, 2, ... is drawn
     from a generator seeded with n (latents z0, text embeddings and masks, the coupling's z_T) and cut into
     `shares` shares of --batch-size rows. Under DDP with `shares` ranks rank r trains on share r of each; a single
@@ -80,8 +80,8 @@ def fixed_micro_batch(run: train_t2i.Run, batch: dict, shares: int = 2) -> dict:
 if __name__ == "__main__":
     ProbedAdamW.out_dir = sys.argv[sys.argv.index("--out-dir") + 1]
     torch.optim.AdamW = ProbedAdamW
-    train_t2i.train_step = probed_train_step
+    t2i_training.train_step = probed_train_step
     if os.environ.get("E2EDIFF_FIXED_BATCHES"):
         shares = int(os.environ["E2EDIFF_FIXED_BATCHES"])
-        train_t2i.Run.micro_batch = functools.partialmethod(fixed_micro_batch, shares=shares)
-    train_t2i.main(sys.argv[1:])
+        t2i_training.Run.micro_batch = functools.partialmethod(fixed_micro_batch, shares=shares)
+    t2i_training.main(sys.argv[1:])

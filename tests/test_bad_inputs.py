@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import e2ediff
-import train_t2i
+import t2i_training
 import toy_data
-import train_toy
+import toy_training
 import train_utils
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,11 +110,11 @@ def checked_rules(config_class, rules, hidden=()):
     """The rules a script checks whose every field is one of its flags (the toy sets num_steps through --nfe,
     so the method's rules on num_steps reach it as the toy's own rules on --nfe)."""
     flags = {f.name for f, _, _ in train_utils.flag_fields(config_class)} - set(hidden)
-    return [rule for rule in (*e2ediff.END_TO_END_RULES, *rules) if set(rule.fields) <= flags]
+    return [rule for rule in (*train_utils.END_TO_END_RULES, *rules) if set(rule.fields) <= flags]
 
 
 def rule_cases(script, config_class, rules, hidden=()):
-    """One case per rule (e2ediff.Rule) the script checks: the rule's `breaking` values as flags; the line
+    """One case per rule (train_utils.Rule) the script checks: the rule's `breaking` values as flags; the line
     must name every flag of the rule (as "class-conditional", which --no-class-conditional contains too)."""
     return [Case(script, [part for name, value in rule.breaking.items()
                           for part in train_utils.as_flags(name, value).split(" ", 1)],
@@ -124,8 +123,8 @@ def rule_cases(script, config_class, rules, hidden=()):
 
 
 CASES = [
-    *generated_cases("train_toy.py", train_toy.Config, hidden=("num_steps",), paths=TOY_PATHS),
-    *rule_cases("train_toy.py", train_toy.Config, train_toy.RULES, hidden=("num_steps",)),
+    *generated_cases("train_toy.py", toy_training.Config, hidden=("num_steps",), paths=TOY_PATHS),
+    *rule_cases("train_toy.py", toy_training.Config, toy_training.RULES, hidden=("num_steps",)),
     # inputs that are bad against the data
     Case("train_toy.py", ["--finetune-batch-size", "5000"], "--finetune-batch-size", "finetune_batch_size"),
     Case("train_toy.py", ["--pretrain-batch-size", "5000"], "--pretrain-batch-size", "pretrain_batch_size"),
@@ -149,8 +148,8 @@ CASES = [
          setup="finished_pretrain"),
     Case("train_toy.py", ["--distill-batch-size", "5000", "--base", "lcm"], "--distill-batch-size",
          "distill_batch_size"),
-    *generated_cases("train_t2i.py", train_t2i.Config, paths=T2I_PATHS),
-    *rule_cases("train_t2i.py", train_t2i.Config, train_t2i.RULES),
+    *generated_cases("train_t2i.py", t2i_training.Config, paths=T2I_PATHS),
+    *rule_cases("train_t2i.py", t2i_training.Config, t2i_training.RULES),
     Case("train_t2i.py", ["--resolution", "100"], "--resolution", "resolution"),
     Case("train_t2i.py", ["--disc-conditional"], "--disc-conditional", "disc_conditional"),
     Case("train_t2i.py", ["--data", "{precomputed}", "--resolution", "512"], "--resolution", "resolution"),
@@ -171,7 +170,7 @@ CASES = [
 
 def fake_toy_checkpoint(path, stage, step, **config):
     """What the toy's preflight reads of a checkpoint: its stage, step and config."""
-    torch.save({"stage": stage, "step": step, "config": dataclasses.asdict(train_toy.Config(**config))}, path)
+    torch.save({"stage": stage, "step": step, "config": dataclasses.asdict(toy_training.Config(**config))}, path)
 
 
 def lcm_scheduler(pipeline, **fields):
@@ -197,7 +196,7 @@ SETUPS = {
     "corrupt_ckpt": lambda run, monkeypatch: (run / "ckpt.pt").write_bytes(b"truncated"),
     "t2i_ckpt": lambda run, monkeypatch: torch.save({"step": 3}, run / "ckpt.pt"),
     "missing_extra": lambda run, monkeypatch: monkeypatch.setattr(
-        train_t2i, "T2I_EXTRAS", train_t2i.T2I_EXTRAS + ("no_such_package_e2ediff",)),
+        t2i_training, "T2I_EXTRAS", t2i_training.T2I_EXTRAS + ("no_such_package_e2ediff",)),
 }
 
 
@@ -243,7 +242,7 @@ def resolve(text, world):
 
 def run_in_process(case, world, monkeypatch, capsys):
     """(exit status, stdout, stderr, seconds) of the script's main() on the case."""
-    main = train_toy.main if case.script == "train_toy.py" else train_t2i.main
+    main = toy_training.main if case.script == "train_toy.py" else t2i_training.main
     argv = base_argv(case.script, world) + [resolve(arg, world) for arg in case.argv]
     monkeypatch.setattr(sys, "argv", [case.script])
     capsys.readouterr()
@@ -275,33 +274,33 @@ def test_bad_input_fails_at_once_in_one_line_naming_the_flag_and_touches_nothing
 
 
 def test_every_flag_has_a_bad_input_case():
-    for script, config_class, hidden in [("train_toy.py", train_toy.Config, ("num_steps",)),
-                                         ("train_t2i.py", train_t2i.Config, ())]:
+    for script, config_class, hidden in [("train_toy.py", toy_training.Config, ("num_steps",)),
+                                         ("train_t2i.py", t2i_training.Config, ())]:
         flags = {f.name for f, _, _ in train_utils.flag_fields(config_class)} - set(hidden)
         tried = {case.field for case in CASES if case.script == script}
         assert flags - tried == set(NOT_CHECKED.get(script, {})), sorted(flags - tried)
 
 
 @pytest.mark.parametrize("script, config_class, rules, hidden", [
-    ("train_toy.py", train_toy.Config, train_toy.RULES, ("num_steps",)), ("train_t2i.py", train_t2i.Config, train_t2i.RULES, ())])
+    ("train_toy.py", toy_training.Config, toy_training.RULES, ("num_steps",)), ("train_t2i.py", t2i_training.Config, t2i_training.RULES, ())])
 def test_each_rule_holds_by_default_and_its_breaking_values_break_it_and_no_earlier_rule(world, script, config_class,
                                                                                       rules, hidden):
     """So that each rule's case tries that rule: the defaults keep it, its `breaking` values trip it first."""
     base = train_utils.flat_config(train_utils.parse_config(config_class, base_argv(script, world)))
     config = train_utils.make_config(config_class, **base)
     for rule in checked_rules(config_class, rules, hidden):
-        assert rule.holds(config.e2e if rule in e2ediff.END_TO_END_RULES else config), rule.fields
-        with pytest.raises(e2ediff.RuleError) as error:
+        assert rule.holds(config.e2e if rule in train_utils.END_TO_END_RULES else config), rule.fields
+        with pytest.raises(train_utils.RuleError) as error:
             train_utils.make_config(config_class, **{**base, **rule.breaking})
         assert error.value.rule is rule
 
 
 def test_the_base_flags_pass_every_check(world):
     """The cases fail because of what they add, not because of the flags they start from."""
-    _, finished = train_toy.preflight(train_toy.parse_config(base_argv("train_toy.py", world)))
+    _, finished = toy_training.preflight(toy_training.parse_config(base_argv("train_toy.py", world)))
     assert finished is False
-    t2i = train_utils.parse_config(train_t2i.Config, base_argv("train_t2i.py", world))
-    assert train_t2i.preflight(t2i) is None
+    t2i = train_utils.parse_config(t2i_training.Config, base_argv("train_t2i.py", world))
+    assert t2i_training.preflight(t2i) is None
 
 
 def test_readme_quotes_the_number_of_cases():
@@ -330,6 +329,6 @@ def test_a_finished_t2i_run_resumed_does_nothing(world, capsys):
     torch.save({"step": 5}, run / "ckpt.pt")
     (run / "transformer_ema").mkdir()
     before = snapshot(run)
-    train_t2i.main(base_argv("train_t2i.py", world) + ["--resume", "--max-steps", "5"])
+    t2i_training.main(base_argv("train_t2i.py", world) + ["--resume", "--max-steps", "5"])
     assert "is finished (step 5 of --max-steps 5); nothing to do" in capsys.readouterr().out
     assert snapshot(run) == before

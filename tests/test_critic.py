@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
+import critics
 import e2ediff
 import toy_data
-import train_toy
+import toy_training
 import train_utils
-from train_toy import Config
+from toy_training import Config
 
 CRITIC_STEPS = 150  # a fixed budget: batch 32, lr 1e-3 (the issue's probes: a PatchGAN at AUC 0.96 after 100)
 LEARNS = 0.9  # held-out AUC a critic must reach against the base's 4-step samples within CRITIC_STEPS
@@ -25,12 +26,12 @@ def base(tmp_path_factory, digits):
     """A small diffusion base (digits, 400 steps) whose 4-step DDIM samples are blurred digits, and its config."""
     config = train_utils.make_config(Config, out_dir=str(tmp_path_factory.mktemp("critic-base")), model_channels=16,
                                      pretrain_steps=400, pretrain_batch_size=64, log_every=10**6, save_every=10**6)
-    train_toy.pretrain(config, digits, torch.device("cpu"))
-    return train_toy.load_base(config, digits, torch.device("cpu")), config
+    toy_training.pretrain(config, digits, torch.device("cpu"))
+    return toy_training.load_base(config, digits, torch.device("cpu")), config
 
 
 def samples(base, config, digits, labels, seed, nfe=4):
-    schedule = train_toy.build_schedule(config, torch.device("cpu"))
+    schedule = toy_training.build_schedule(config, torch.device("cpu"))
     noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return e2ediff.unrolled_sample(base, noise, schedule, nfe, prediction_type=config.prediction_type,
@@ -39,10 +40,10 @@ def samples(base, config, digits, labels, seed, nfe=4):
 
 def critic(kind, base, config, digits):
     """The toy's discriminator of `kind` as train_toy builds it (projection on the labels), and its GANLoss."""
-    method = e2ediff.EndToEndConfig(**{**train_toy.TOY_METHOD, "gan_weight": 0.5, "disc_kind": kind})
+    method = e2ediff.EndToEndConfig(**{**toy_training.TOY_METHOD, "gan_weight": 0.5, "disc_kind": kind})
     if kind == "basefeat":
-        schedule = train_toy.build_schedule(config, torch.device("cpu"))
-        discriminator = e2ediff.base_feature_discriminator(copy.deepcopy(base), schedule, method, digits.train_images[:1],
+        schedule = toy_training.build_schedule(config, torch.device("cpu"))
+        discriminator = critics.base_feature_discriminator(copy.deepcopy(base), schedule, method, digits.train_images[:1],
                                                           digits.train_labels[:1], digits.num_classes)
     else:
         discriminator = e2ediff.PatchDiscriminator(1, method.disc_channels, method.disc_layers, digits.num_classes)
@@ -69,7 +70,7 @@ def test_critic_tells_held_out_digits_from_the_base_4_step_samples(kind, base, d
     train_critic(gan, digits.train_images, fake, digits.train_labels)
     held_out = samples(model, config, digits, digits.test_labels, seed=2)  # new noise: samples it never saw
     labels = gan.labels(digits.test_labels)
-    auc = e2ediff.critic_auc(gan.discriminator, digits.test_images, held_out, *labels, *labels)
+    auc = critics.critic_auc(gan.discriminator, digits.test_images, held_out, *labels, *labels)
     assert auc > LEARNS, f"{kind}: held-out AUC {auc:.3f} after {CRITIC_STEPS} critic steps"
 
 
@@ -85,7 +86,7 @@ def test_critic_stays_at_chance_when_fake_is_real(kind, base, digits):
     train_critic(gan, digits.train_images, digits.train_images[perm], digits.train_labels)
     half = len(digits.test_images) // 2  # held out: one half of the test split against the other
     labels_a, labels_b = gan.labels(digits.test_labels[:half]), gan.labels(digits.test_labels[half:2 * half])
-    auc = e2ediff.critic_auc(gan.discriminator, digits.test_images[:half], digits.test_images[half:2 * half],
+    auc = critics.critic_auc(gan.discriminator, digits.test_images[:half], digits.test_images[half:2 * half],
                              *labels_a, *labels_b)
     assert abs(auc - 0.5) < CHANCE_WIDTH, f"{kind}: AUC {auc:.3f} with real digits as fakes"
 
@@ -96,9 +97,9 @@ def test_critic_auc_is_one_for_a_perfect_score_and_a_half_for_a_constant_one():
             return x.flatten(1)
 
     real, fake = torch.ones(20, 1, 2, 2), -torch.ones(30, 1, 2, 2)
-    assert e2ediff.critic_auc(Sign(), real, fake) == 1.0
-    assert e2ediff.critic_auc(Sign(), fake, real) == 0.0
-    assert e2ediff.critic_auc(Sign(), real, real.clone()) == 0.5
+    assert critics.critic_auc(Sign(), real, fake) == 1.0
+    assert critics.critic_auc(Sign(), fake, real) == 0.0
+    assert critics.critic_auc(Sign(), real, real.clone()) == 0.5
 
 
 # --- the critic's warm-up -------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def tiny(out_dir, **overrides):
 
 
 def test_gan_fine_tune_logs_the_critic_auc_and_records_it_after_the_warmup_and_at_the_end(tmp_path):
-    train_toy.main(tiny(tmp_path, gan_weight=0.5, critic_warmup_steps=2))
+    toy_training.main(tiny(tmp_path, gan_weight=0.5, critic_warmup_steps=2))
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     finetune = [row for row in log if row.get("stage", "").startswith("finetune")]
     assert [row["step"] for row in finetune] == [2, 4] and all(0 <= row["critic_auc"] <= 1 for row in finetune)
@@ -171,7 +172,7 @@ def test_a_fine_tune_at_a_vanishing_learning_rate_reproduces_its_start_models_ro
     rest not at all, below float32's resolution), so the fine-tuned row must equal the row of the model it started
     from in every column, to 1e-9: a harness that evaluates another model, other noise or another split moves
     them by percents."""
-    train_toy.main(tiny(tmp_path, base=base, finetune_lr=1e-12, gan_weight=0.5))
+    toy_training.main(tiny(tmp_path, base=base, finetune_lr=1e-12, gan_weight=0.5))
     rows = {(row["model"], row["nfe"]): row for row in json.loads((tmp_path / "results.json").read_text())["rows"]}
     start = rows["base, DDIM" if base == "diffusion" else "LCM (distilled)", 2]
     tuned = rows["E2E fine-tuned" if base == "diffusion" else "E2E from LCM", 2]

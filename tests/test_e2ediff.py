@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import critics
 import e2ediff
+import perceptual
 import toy2d
+import train_utils
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -355,7 +358,7 @@ def test_reconstruction_loss_terms_match_closed_forms():
 
 
 def test_lpips_with_opted_in_random_backbone_gives_per_sample_values_and_gradients():
-    lpips = e2ediff.LPIPS(random_backbone=True, min_size=32)
+    lpips = perceptual.LPIPS(random_backbone=True, min_size=32)
     assert not any(p.requires_grad for p in lpips.parameters())
     lpips.train()
     assert not lpips.training and not lpips.net.training
@@ -374,7 +377,7 @@ def test_lpips_with_opted_in_random_backbone_gives_per_sample_values_and_gradien
 def test_lpips_without_backbone_weights_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth.*hub/checkpoints"):
-        e2ediff.LPIPS(net="alex")
+        perceptual.LPIPS(net="alex")
     with pytest.raises(ValueError, match="an 'lpips' weight > 0 needs a perceptual distance"):
         e2ediff.reconstruction_loss(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), {"lpips": 1.0})
 
@@ -389,20 +392,20 @@ class TwoLayerFeatures(nn.Module):
 def test_feature_distance_is_lpips_eq1_with_unit_weights():
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(3, 4, 2, 2, generator=generator), torch.randn(3, 4, 2, 2, generator=generator)
-    distance = e2ediff.FeatureDistance(TwoLayerFeatures())(a, b)
+    distance = perceptual.FeatureDistance(TwoLayerFeatures())(a, b)
     expected = torch.zeros(3)
     for fa, fb in zip(TwoLayerFeatures().features(a), TwoLayerFeatures().features(b)):
         unit = lambda f: f / (f.norm(dim=1, keepdim=True) + 1e-10)  # noqa: E731
         expected += ((unit(fa) - unit(fb)) ** 2).sum(1).mean((1, 2))
     torch.testing.assert_close(distance, expected)
     # unit-normalised over channels: scaling one position's feature vector changes nothing
-    torch.testing.assert_close(e2ediff.FeatureDistance(TwoLayerFeatures())(a, 3 * a), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(perceptual.FeatureDistance(TwoLayerFeatures())(a, 3 * a), torch.zeros(3), atol=1e-6, rtol=0)
 
 
 def test_feature_distance_is_frozen_and_passes_gradients_to_its_inputs():
     network = nn.Conv2d(1, 4, 3, padding=1)
     network.features = lambda x: [network(x)]
-    distance = e2ediff.FeatureDistance(network)
+    distance = perceptual.FeatureDistance(network)
     distance.train()
     assert not network.training and not any(p.requires_grad for p in network.parameters())
     a = torch.randn(2, 1, 8, 8, requires_grad=True)
@@ -559,7 +562,7 @@ def basefeat_setup(disc_steps=1, num_classes=None, train_backbone=False):
                                     disc_train_backbone=train_backbone)
     base = frozen_toy_base(num_classes)
     cond = None if num_classes is None else torch.tensor([0])
-    discriminator = e2ediff.base_feature_discriminator(base, schedule, config, torch.zeros(1, 1, 8, 8), cond, num_classes)
+    discriminator = critics.base_feature_discriminator(base, schedule, config, torch.zeros(1, 1, 8, 8), cond, num_classes)
     return schedule, config, base, discriminator
 
 
@@ -632,7 +635,7 @@ def test_disc_steps_k_makes_k_discriminator_updates_per_generator_step(disc_step
 
 def test_base_feature_hooks_find_the_toy_unet_blocks_and_the_projection_reads_the_label():
     base = frozen_toy_base(num_classes=10)
-    assert e2ediff.default_feature_layers(base) == ("down.0", "down.1", "down.2", "middle.0", "middle.1")
+    assert critics.default_feature_layers(base) == ("down.0", "down.1", "down.2", "middle.0", "middle.1")
     _, _, base, discriminator = basefeat_setup(num_classes=10)
     assert [type(head["logit"]) for head in discriminator.heads] == [nn.Conv2d] * 5  # spatial conv heads
     for head in discriminator.heads:
@@ -654,12 +657,12 @@ def test_base_feature_hooks_find_the_tiny_pixart_blocks(request):
     folder = request.getfixturevalue("tiny_pipeline")("delta")  # tests/tiny_t2i.py's PixArt: 2 transformer blocks
     transformer = diffusers.PixArtTransformer2DModel.from_pretrained(str(folder / "transformer"))
     base = DiffusersDenoiser(transformer).eval().requires_grad_(False)
-    layers = e2ediff.default_feature_layers(base)
+    layers = critics.default_feature_layers(base)
     assert layers == tuple(f"transformer.transformer_blocks.{i}" for i in range(len(transformer.transformer_blocks)))
     schedule = e2ediff.make_schedule("linear")
     cond = (torch.randn(2, 5, transformer.config.caption_channels), torch.ones(2, 5, dtype=torch.long))
     latents = torch.randn(2, transformer.config.in_channels, 8, 8, requires_grad=True)
-    discriminator = e2ediff.BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, latents[:1].detach(),
+    discriminator = critics.BaseFeatureDiscriminator(base, schedule.alphas_cumprod, layers, latents[:1].detach(),
                                                      tuple(c[:1] for c in cond))
     assert [type(head["logit"]) for head in discriminator.heads] == [nn.Conv2d] * len(layers)  # tokens on their grid
     logits = discriminator(latents, cond)
@@ -671,12 +674,12 @@ def test_base_feature_hooks_find_the_tiny_pixart_blocks(request):
 def test_base_feature_discriminator_refuses_a_trainable_base_and_the_config_a_meaningless_option():
     schedule = e2ediff.make_schedule("linear")
     with pytest.raises(ValueError, match="frozen base"):
-        e2ediff.BaseFeatureDiscriminator(frozen_toy_base().requires_grad_(True), schedule.alphas_cumprod, ("middle.0",),
+        critics.BaseFeatureDiscriminator(frozen_toy_base().requires_grad_(True), schedule.alphas_cumprod, ("middle.0",),
                                          torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="not in the base"):
-        e2ediff.BaseFeatureDiscriminator(frozen_toy_base(), schedule.alphas_cumprod, ("nowhere",), torch.zeros(1, 1, 8, 8))
-    with pytest.raises(e2ediff.RuleError, match="disc-kind basefeat"):
-        e2ediff.EndToEndConfig(disc_feature_layers="middle.0")
+        critics.BaseFeatureDiscriminator(frozen_toy_base(), schedule.alphas_cumprod, ("nowhere",), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(train_utils.RuleError, match="disc-kind basefeat"):
+        train_utils.validate(e2ediff.EndToEndConfig(disc_feature_layers="middle.0"))
 
 
 def test_logit_normal_timesteps_lean_to_low_noise_by_default_and_uniform_covers_the_grid():
@@ -838,13 +841,13 @@ def test_teacher_coupling_trains_toward_the_base_models_sample_not_the_data():
     (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 2), {"huber": 1.0}), "valid choices: 'l1', 'l2', 'lpips'"),
     (lambda: e2ediff.reconstruction_loss(torch.randn(2, 2), torch.randn(2, 3)), "shapes differ"),
     (lambda: e2ediff.discriminator_loss(torch.zeros(1, 1), torch.zeros(1, 1), "wasserstein"), "valid choices: 'hinge', 'non_saturating'"),
-    (lambda: e2ediff.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
-    (lambda: e2ediff.EndToEndConfig(coupling="nearest"), "coupling: got 'nearest', need one of 'independent', 'inversion', 'teacher'"),
-    (lambda: e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0), "l2_weight: got 0.0, need a reconstruction weight"),
-    (lambda: e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3), r"backprop_steps: got 3, need backprop_steps <= num_steps"),
-    (lambda: e2ediff.EndToEndConfig(spacing="lcm", original_steps=2), r"original_steps: got 2, need num_steps <= original_steps"),
-    (lambda: e2ediff.EndToEndConfig(l1_weight=-1.0), r"l1_weight: got -1.0, need a finite number >= 0"),
-    (lambda: e2ediff.EndToEndConfig(eta=float("nan")), r"eta: got nan, need a finite number in \[0, 1\]"),
+    (lambda: perceptual.LPIPS(net="resnet"), "valid choices: 'alex', 'vgg', 'squeeze'"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(coupling="nearest")), "coupling: got 'nearest', need one of 'independent', 'inversion', 'teacher'"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(l2_weight=0.0, lpips_weight=0.0)), "l2_weight: got 0.0, need a reconstruction weight"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(num_steps=2, backprop_steps=3)), r"backprop_steps: got 3, need backprop_steps <= num_steps"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(spacing="lcm", original_steps=2)), r"original_steps: got 2, need num_steps <= original_steps"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(l1_weight=-1.0)), r"l1_weight: got -1.0, need a finite number >= 0"),
+    (lambda: train_utils.validate(e2ediff.EndToEndConfig(eta=float("nan"))), r"eta: got nan, need a finite number in \[0, 1\]"),
     (lambda: e2ediff.EndToEndLoss(nn.Identity(), e2ediff.make_schedule(), e2ediff.EndToEndConfig()), "needs a perceptual distance"),
 ])
 def test_bad_input_raises_value_error_naming_the_valid_choices(call, message):

@@ -87,15 +87,15 @@ def pixart_runs(tiny_pipeline, tmp_path_factory):
     decoded images: {"plain": no checkpointing, "checkpointed": --grad-checkpoint and --checkpoint-blocks}."""
     pytest.importorskip("diffusers")
     pytest.importorskip("lpips")
-    import train_t2i
+    import t2i_training
     runs = {}
     for name, flags in (("plain", ["--no-grad-checkpoint"]), ("checkpointed", ["--checkpoint-blocks"])):
-        config = train_t2i.parse_config(train_t2i.Config, flags + [
+        config = t2i_training.parse_config(t2i_training.Config, flags + [
             "--pretrained", str(tiny_pipeline("delta")), "--data", str(tiny_pipeline("images")), "--resolution", "64",
             "--max-text-length", "16", "--num-steps", "3", "--backprop-steps", "2", "--lpips-weight", "1",
             "--lpips-random-backbone", "--out-dir", str(tmp_path_factory.mktemp("unused"))])
         torch.manual_seed(0)  # the same random LPIPS backbone in both
-        runs[name] = train_t2i.Run(config, train_t2i.Dist(), train_t2i.Log("unused", master=False))
+        runs[name] = t2i_training.Run(config, t2i_training.Dist(), t2i_training.Log("unused", master=False))
     return runs
 
 

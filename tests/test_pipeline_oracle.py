@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import e2ediff  # noqa: E402
-import train_t2i  # noqa: E402
+import t2i_training  # noqa: E402
 
 PIPELINES = ("delta", "delta_ms", "sd_lcm")
 
@@ -28,10 +28,10 @@ def parts(request, tiny_pipeline, tmp_path_factory):
     """(the script's Run on a tiny pipeline, the same folder loaded as PixArtAlphaPipeline)."""
     from diffusers import PixArtAlphaPipeline
     folder = tiny_pipeline(request.param)
-    config = train_t2i.parse_config(train_t2i.Config, [
+    config = t2i_training.parse_config(t2i_training.Config, [
         "--pretrained", str(folder), "--data", str(tiny_pipeline("images")), "--resolution", "64",
         "--max-text-length", "16", "--lpips-weight", "0", "--out-dir", str(tmp_path_factory.mktemp("unused"))])
-    run = train_t2i.Run(config, train_t2i.Dist(), train_t2i.Log("unused", master=False))
+    run = t2i_training.Run(config, t2i_training.Dist(), t2i_training.Log("unused", master=False))
     pipeline = PixArtAlphaPipeline.from_pretrained(str(folder))
     pipeline.set_progress_bar_config(disable=True)
     assert run.denoiser.transformer.use_additional_conditions == (request.param == "delta_ms")

@@ -24,12 +24,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("webdataset")
 
 import tiny_t2i  # noqa: E402  (pytest puts tests/ on sys.path)
-import train_t2i  # noqa: E402
+import t2i_training  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_t2i.py")
 PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_probe.py")
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-NO_SKIPS = dict.fromkeys(train_t2i.SKIP_REASONS, 0)
+NO_SKIPS = dict.fromkeys(t2i_training.SKIP_REASONS, 0)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_two_ranks_hold_identical_weights_after_every_step_and_write_a_checkpoin
         assert len(hashes) == len(set(hashes)) == steps  # and they trained: every step changed them
     (saved,) = events(rows, "checkpoint")
     assert saved["step"] == 3
-    checkpoint = train_t2i.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    checkpoint = t2i_training.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and len(checkpoint["data"]) == 2
     assert len(checkpoint["rng"]) == 2 and checkpoint["discriminator"] is not None
     assert os.path.isfile(os.path.join(out_dir, "samples", "step_0000003.png"))
@@ -161,7 +161,7 @@ def test_two_ranks_train_base_feature_heads_while_the_frozen_base_stays_bit_iden
     assert len(bases[0]) == 2 and len(set(bases[0] + bases[1])) == 1  # frozen: the same after each step, on each rank
     steps = step_rows(read_log(tmp_path))
     assert [row["step"] for row in steps] == [1, 2] and all(math.isfinite(row["disc"]) for row in steps)
-    checkpoint = train_t2i.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
+    checkpoint = t2i_training.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))
     assert checkpoint["discriminator"] and all(key.startswith("heads.") for key in checkpoint["discriminator"])
 
 
@@ -189,7 +189,7 @@ def short_run(tiny, tmp_path_factory):
     """2 steps in this process: a finished run, with its ckpt.pt and transformer_ema/."""
     out_dir = tmp_path_factory.mktemp("short")
     args = tiny_args(tiny, out_dir, max_steps=2)
-    train_t2i.main(args)
+    t2i_training.main(args)
     return out_dir, args
 
 
@@ -200,7 +200,7 @@ def test_exported_ema_is_the_checkpoints_ema_and_samples_in_the_pipeline_as_the_
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
     from safetensors.torch import load_file
     out_dir, args = short_run
-    checkpoint = train_t2i.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    checkpoint = t2i_training.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     exported = PixArtTransformer2DModel.from_pretrained(os.path.join(out_dir, "transformer_ema"))
     ema = {name.removeprefix("transformer."): value for name, value in checkpoint["ema"]["module"].items()}
     assert exported.state_dict().keys() == ema.keys()
@@ -208,10 +208,10 @@ def test_exported_ema_is_the_checkpoints_ema_and_samples_in_the_pipeline_as_the_
     pretrained = load_file(tiny / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert not torch.equal(ema["proj_out.weight"], pretrained["proj_out.weight"])  # the EMA moved: it trained
 
-    config = train_t2i.parse_config(train_t2i.Config, args)
-    run = train_t2i.Run(config, train_t2i.Dist(), train_t2i.Log("unused", master=False))
+    config = t2i_training.parse_config(t2i_training.Config, args)
+    run = t2i_training.Run(config, t2i_training.Dist(), t2i_training.Log("unused", master=False))
     run.ema.load_state_dict(checkpoint["ema"])
-    latents = train_t2i.sample_latents(run, run.sample_cond, torch.Generator().manual_seed(config.seed))
+    latents = t2i_training.sample_latents(run, run.sample_cond, torch.Generator().manual_seed(config.seed))
     pipeline = PixArtAlphaPipeline.from_pretrained(str(tiny / "pipeline"), transformer=exported)
     pipeline.set_progress_bar_config(disable=True)
     expected = pipeline(prompt_embeds=run.sample_cond[0], prompt_attention_mask=run.sample_cond[1],
@@ -239,8 +239,8 @@ def test_two_ranks_take_the_single_process_step_on_the_same_global_batch(tiny, t
         args = tiny_args(tiny, tmp_path / name, batch_size=per_rank, grad_accum=accumulate, **flags)
         returncode, output = launch(args + ["--no-gan-adaptive"], nproc=nproc, script=PROBE, env=fixed)
         assert returncode == 0, output[-4000:]
-    ranks = train_t2i.load_checkpoint(tmp_path / "ranks" / "ckpt.pt")
-    one = train_t2i.load_checkpoint(tmp_path / "one" / "ckpt.pt")
+    ranks = t2i_training.load_checkpoint(tmp_path / "ranks" / "ckpt.pt")
+    one = t2i_training.load_checkpoint(tmp_path / "one" / "ckpt.pt")
     assert ranks["step"] == one["step"] == 2 and (ranks["world_size"], one["world_size"]) == (2, 1)
     from safetensors.torch import load_file
     pretrained = load_file(tiny / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -324,7 +324,7 @@ def test_ctrl_c_on_torchrun_checkpoints_every_rank_at_one_step_and_resume_contin
     assert 2 <= stop_step < 200
     assert [row["step"] for row in step_rows(rows)] == list(range(1, stop_step + 1))
     assert events(rows, "checkpoint")[-1]["step"] == stop_step
-    assert train_t2i.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == stop_step
+    assert t2i_training.load_checkpoint(os.path.join(tmp_path, "ckpt.pt"))["step"] == stop_step
 
     returncode, output = launch(args + ["--resume", "--max-steps", str(stop_step + 2)], nproc=2)
     assert returncode == 0, output[-4000:]
@@ -360,7 +360,7 @@ def test_single_process_reads_webdataset_shards_and_scores_clip(tiny, tmp_path):
 def cache(tiny, tmp_path_factory):
     """The imagefolder pre-computed to VAE posteriors + T5 embeddings (in this process)."""
     folder = tmp_path_factory.mktemp("cache")
-    train_t2i.main(tiny_args(tiny, folder / "unused", precompute_to=folder))
+    t2i_training.main(tiny_args(tiny, folder / "unused", precompute_to=folder))
     return folder
 
 
@@ -394,11 +394,11 @@ def test_resume_is_exact_on_precomputed_data(tiny, cache, tmp_path):
     # 4 uninterrupted steps == 2 steps, stop, resume, 2 more: same weights, EMA, optimisers, to the last bit
     flags = dict(data=cache, coupling="inversion", inversion_steps=4, checkpoint_blocks=True, backprop_steps=2,
                  gan_weight=0.1, gan_start_step=1, disc_channels=8)
-    train_t2i.main(tiny_args(tiny, tmp_path / "straight", max_steps=4, **flags))
-    train_t2i.main(tiny_args(tiny, tmp_path / "resumed", max_steps=2, **flags))
-    train_t2i.main(tiny_args(tiny, tmp_path / "resumed", max_steps=4, resume=True, **flags))
-    straight = train_t2i.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    resumed = train_t2i.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    t2i_training.main(tiny_args(tiny, tmp_path / "straight", max_steps=4, **flags))
+    t2i_training.main(tiny_args(tiny, tmp_path / "resumed", max_steps=2, **flags))
+    t2i_training.main(tiny_args(tiny, tmp_path / "resumed", max_steps=4, resume=True, **flags))
+    straight = t2i_training.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    resumed = t2i_training.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert straight["step"] == resumed["step"] == 4 and straight["discriminator"] is not None
     for part in ("model", "ema", "optimizer", "discriminator", "disc_optimizer"):
         assert_equal(straight[part], resumed[part], part)
@@ -410,7 +410,7 @@ def test_resume_is_exact_on_precomputed_data(tiny, cache, tmp_path):
 
 def test_teacher_coupling_with_the_gan_shows_the_discriminator_decoded_images(tiny, cache, tmp_path):
     # the teacher's target is a latent: the discriminator must see it decoded (64 px), not as 8x8 latents
-    train_t2i.main(tiny_args(tiny, tmp_path, data=cache, max_steps=2, coupling="teacher", teacher_steps=2,
+    t2i_training.main(tiny_args(tiny, tmp_path, data=cache, max_steps=2, coupling="teacher", teacher_steps=2,
                              gan_weight=0.1, disc_channels=8))
     steps = step_rows(read_log(tmp_path))
     assert [row["step"] for row in steps] == [1, 2]
@@ -422,7 +422,7 @@ def test_teacher_coupling_with_the_gan_shows_the_discriminator_decoded_images(ti
 
 
 def test_data_streams_split_units_across_readers_and_resume_mid_stream(tiny, tmp_path):
-    streams = [train_t2i.CaptionStream(str(tiny / "images"), 64, rank, 2, epochs=1) for rank in (0, 1)]
+    streams = [t2i_training.CaptionStream(str(tiny / "images"), 64, rank, 2, epochs=1) for rank in (0, 1)]
     items = [list(stream) for stream in streams]
     keys = [{item["key"] for item in rank_items if "key" in item} for rank_items in items]
     assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 10  # disjoint, and together all good samples
@@ -431,53 +431,53 @@ def test_data_streams_split_units_across_readers_and_resume_mid_stream(tiny, tmp
     with open(tiny / "shards" / "shard-000001.tar", "rb") as f:
         (tmp_path / "truncated.tar").write_bytes(f.read(5000))  # one image, then the end of the data
     (tmp_path / "good.tar").write_bytes((tiny / "shards" / "shard-000000.tar").read_bytes())
-    *samples, end = train_t2i.CaptionStream(str(tmp_path), 64, epochs=1)
+    *samples, end = t2i_training.CaptionStream(str(tmp_path), 64, epochs=1)
     assert len(samples) == 8  # the good shard's; the truncated one's only image lost its caption
     assert Counter(end["state"]["bad"].values()) == {"corrupt_shard": 1, "missing_caption": 1, "empty_caption": 1}
     shards = str(tiny / "shards" / "shard-{000000..000001}.tar")
     for data in (str(tiny / "images"), shards):
-        stream = iter(train_t2i.CaptionStream(data, 64, seed=3))
+        stream = iter(t2i_training.CaptionStream(data, 64, seed=3))
         straight = [next(stream) for _ in range(14)]  # crosses a shard / an epoch boundary
-        resumed = iter(train_t2i.CaptionStream(data, 64, seed=3, start={0: straight[5]["state"]}))
+        resumed = iter(t2i_training.CaptionStream(data, 64, seed=3, start={0: straight[5]["state"]}))
         assert [next(resumed)["key"] for _ in range(8)] == [item["key"] for item in straight[6:]]
-        assert torch.equal(next(iter(train_t2i.CaptionStream(data, 64, seed=3)))["pixels"], straight[0]["pixels"])
+        assert torch.equal(next(iter(t2i_training.CaptionStream(data, 64, seed=3)))["pixels"], straight[0]["pixels"])
     pixels = straight[0]["pixels"]  # resized and centre-cropped from 80x72, in [-1, 1]
     assert pixels.shape == (3, 64, 64) and -1 <= pixels.min() <= pixels.max() <= 1
 
 
 def test_flags_set_the_script_and_the_method_config():
-    config = train_t2i.parse_config(train_t2i.Config, ["--data", "d", "--lr", "1e-5", "--coupling", "inversion",
+    config = t2i_training.parse_config(t2i_training.Config, ["--data", "d", "--lr", "1e-5", "--coupling", "inversion",
                                                        "--no-grad-checkpoint", "--backprop-steps", "2"])
     assert config.lr == 1e-5 and config.data == "d"
     assert (config.e2e.coupling, config.e2e.grad_checkpoint, config.e2e.backprop_steps) == ("inversion", False, 2)
     assert config.e2e.ema_decay == 0.95 and config.e2e.lpips_weight == 1.0  # the paper's recipe otherwise
-    with pytest.raises(train_t2i.UsageError):  # the old name of --grad-checkpoint is gone
-        train_t2i.parse_config(train_t2i.Config, ["--data", "d", "--checkpoint-steps"])
+    with pytest.raises(t2i_training.UsageError):  # the old name of --grad-checkpoint is gone
+        t2i_training.parse_config(t2i_training.Config, ["--data", "d", "--checkpoint-steps"])
 
 
 def test_auto_spacing_keeps_an_lcm_base_on_its_distillation_grid(tiny):
-    config = train_t2i.Config(pretrained=str(tiny / "pipeline"), data="unused")
+    config = t2i_training.Config(pretrained=str(tiny / "pipeline"), data="unused")
     assert config.e2e.spacing == "auto"
-    method = train_t2i.base_grid(config.e2e, train_t2i.load_scheduler_config(config))  # an LCMScheduler
+    method = t2i_training.base_grid(config.e2e, t2i_training.load_scheduler_config(config))  # an LCMScheduler
     assert (method.spacing, method.original_steps) == ("lcm", 50)
-    assert train_t2i.base_grid(config.e2e, {"_class_name": "LCMScheduler", "original_inference_steps": 25}
+    assert t2i_training.base_grid(config.e2e, {"_class_name": "LCMScheduler", "original_inference_steps": 25}
                                ).original_steps == 25
-    assert train_t2i.base_grid(config.e2e, {"_class_name": "DDIMScheduler"}).spacing == "trailing"
+    assert t2i_training.base_grid(config.e2e, {"_class_name": "DDIMScheduler"}).spacing == "trailing"
     given = dataclasses.replace(config.e2e, spacing="leading")
-    assert train_t2i.base_grid(given, {"_class_name": "LCMScheduler"}) is given  # a --spacing given is kept
+    assert t2i_training.base_grid(given, {"_class_name": "LCMScheduler"}) is given  # a --spacing given is kept
 
 
 def test_schedule_and_prediction_type_come_from_the_scheduler_config(tiny):
     from diffusers import LCMScheduler
-    config = train_t2i.Config(pretrained=str(tiny / "pipeline"), data="unused")
-    scheduler_config = train_t2i.load_scheduler_config(config)
-    schedule = train_t2i.schedule_from_config(scheduler_config)
+    config = t2i_training.Config(pretrained=str(tiny / "pipeline"), data="unused")
+    scheduler_config = t2i_training.load_scheduler_config(config)
+    schedule = t2i_training.schedule_from_config(scheduler_config)
     reference = LCMScheduler.from_pretrained(str(tiny / "pipeline"), subfolder="scheduler").alphas_cumprod
     assert torch.allclose(schedule.alphas_cumprod, reference, rtol=1e-5, atol=1e-7)
     assert scheduler_config["prediction_type"] == "epsilon"
     with pytest.raises(ValueError, match="epsilon"):  # PixArt-delta's epsilon rules out zero terminal SNR
-        zero_snr = train_t2i.schedule_from_config(scheduler_config, zero_terminal_snr=True)
-        train_t2i.check_prediction_type("epsilon", zero_snr)
+        zero_snr = t2i_training.schedule_from_config(scheduler_config, zero_terminal_snr=True)
+        t2i_training.check_prediction_type("epsilon", zero_snr)
 
 
 @pytest.mark.parametrize("micro_conditions", [False, True])
@@ -489,7 +489,7 @@ def test_denoiser_adapter_keeps_the_mean_half_of_a_learned_variance(micro_condit
         in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         use_additional_conditions=micro_conditions)  # True: the 1024-MS models' resolution + aspect-ratio input
-    denoiser = train_t2i.DiffusersDenoiser(transformer)
+    denoiser = t2i_training.DiffusersDenoiser(transformer)
     z, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 500])
     cond = (torch.randn(2, 5, 32), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
     output = denoiser(z, t, cond)
@@ -503,19 +503,19 @@ def test_denoiser_adapter_keeps_the_mean_half_of_a_learned_variance(micro_condit
 
 def test_missing_model_fails_with_the_download_command(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # HF_HUB_OFFLINE (conftest): found out before any loading
-        train_t2i.main(tiny_args(tiny, tmp_path / "run", pretrained="nobody/no-such-model"))
+        t2i_training.main(tiny_args(tiny, tmp_path / "run", pretrained="nobody/no-such-model"))
     assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
     assert "hf download nobody/no-such-model --local-dir models/no-such-model" in capsys.readouterr().err
-    with pytest.raises(train_t2i.MissingModelError, match="hf download nobody/no-such-model --local-dir"):
-        train_t2i.load_vae(train_t2i.Config(pretrained="nobody/no-such-model", data="unused"), torch.device("cpu"))
-    with pytest.raises(train_t2i.MissingModelError, match="pipeline folder"):
-        train_t2i.load_vae(train_t2i.Config(pretrained=str(tmp_path), data="unused"), torch.device("cpu"))
+    with pytest.raises(t2i_training.MissingModelError, match="hf download nobody/no-such-model --local-dir"):
+        t2i_training.load_vae(t2i_training.Config(pretrained="nobody/no-such-model", data="unused"), torch.device("cpu"))
+    with pytest.raises(t2i_training.MissingModelError, match="pipeline folder"):
+        t2i_training.load_vae(t2i_training.Config(pretrained=str(tmp_path), data="unused"), torch.device("cpu"))
 
 
 def test_evaluation_reports_missing_models_clearly(tmp_path):
-    config = train_t2i.Config(data="unused", clip_model=str(tmp_path / "no-clip"),
+    config = t2i_training.Config(data="unused", clip_model=str(tmp_path / "no-clip"),
                               inception_weights=str(tmp_path / "no.pth"))
-    metrics, messages = train_t2i.build_metrics(config, torch.device("cpu"))
+    metrics, messages = t2i_training.build_metrics(config, torch.device("cpu"))
     assert metrics == {}
     assert "CLIP score skipped" in messages[0] and "--clip-model" in messages[0]
     assert "FID skipped" in messages[1] and str(tmp_path / "no.pth") in messages[1]

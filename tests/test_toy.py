@@ -16,10 +16,10 @@ import torch
 import e2ediff
 import toy_data
 import toy_nets
-import train_toy
+import toy_training
 import train_utils
 from e2ediff import EndToEndConfig
-from train_toy import Config, load_checkpoint
+from toy_training import Config, load_checkpoint
 from train_utils import UsageError
 
 
@@ -58,7 +58,7 @@ def assert_bit_identical(path_a, path_b, parts):
 
 def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_table(tmp_path):
     out = tmp_path / "run"
-    train_toy.main(["--out-dir", str(out), "--model-channels", "8", "--pretrain-steps", "20",
+    toy_training.main(["--out-dir", str(out), "--model-channels", "8", "--pretrain-steps", "20",
                     "--pretrain-batch-size", "32", "--finetune-steps", "6", "--finetune-batch-size", "16",
                     "--nfe", "1,2", "--base-nfe", "1,2,50", "--inversion-steps", "4", "--eval-samples", "100",
                     "--classifier-epochs", "1", "--log-every", "5"])
@@ -87,7 +87,7 @@ def test_quickstart_command_runs_all_stages_and_writes_checkpoints_log_grids_tab
 
 def test_lcm_base_distils_then_fine_tunes_the_lcm_through_its_own_sampler_and_reports_table1(tmp_path, capsys):
     out = tmp_path / "run"
-    train_toy.main(["--out-dir", str(out), "--base", "lcm", "--model-channels", "8", "--pretrain-steps", "6",
+    toy_training.main(["--out-dir", str(out), "--base", "lcm", "--model-channels", "8", "--pretrain-steps", "6",
                     "--pretrain-batch-size", "32", "--distill-steps", "4", "--distill-batch-size", "16",
                     "--finetune-steps", "3", "--finetune-batch-size", "16", "--nfe", "1,2", "--base-nfe", "1,50",
                     "--inversion-steps", "2", "--eval-samples", "30", "--classifier-epochs", "1", "--log-every", "1"])
@@ -115,15 +115,15 @@ def test_resume_of_a_finished_run_redoes_nothing_and_a_new_evaluation_replaces_t
                                     "--finetune-steps", "2", "--finetune-batch-size", "16", "--nfe", "1",
                                     "--base-nfe", "1", "--inversion-steps", "2", "--eval-samples", "20",
                                     "--classifier-epochs", "1", "--log-every", "1"]
-    train_toy.main(["--out-dir", str(out), *flags])
+    toy_training.main(["--out-dir", str(out), *flags])
     before = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
     capsys.readouterr()
-    train_toy.main(["--out-dir", str(out), *flags, "--resume"])
+    toy_training.main(["--out-dir", str(out), *flags, "--resume"])
     printed = capsys.readouterr().out
     assert "is up to date (nothing trained since), skipping" in printed and "inverted" not in printed
     after = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in out.rglob("*") if path.is_file()}
     assert after == before  # no checkpoint, log row, grid or result written again
-    train_toy.main(["--out-dir", str(out), *flags, "--stage", "eval"])  # asked for: evaluates again
+    toy_training.main(["--out-dir", str(out), *flags, "--stage", "eval"])  # asked for: evaluates again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["nfe"] for r in rows if r["stage"] == "eval"] == [None, 1, 1]  # data, base, E2E: once each
 
@@ -132,8 +132,8 @@ def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_dis
     config = tiny(tmp_path, coupling="independent", l1_weight=1.0, l2_weight=0.0, lpips_weight=0.5,
                   perceptual_net="lpips", lpips_random_backbone=True, gan_weight=0.1, gan_start_step=2, finetune_steps=3,
                   nfe=(2,), grad_checkpoint=True, backprop_steps=1)
-    train_toy.pretrain(config, digits, torch.device("cpu"))
-    path = train_toy.finetune(config, digits, torch.device("cpu"))[2]
+    toy_training.pretrain(config, digits, torch.device("cpu"))
+    path = toy_training.finetune(config, digits, torch.device("cpu"))[2]
     checkpoint = load_checkpoint(path)
     assert {"discriminator", "disc_optimizer"} <= checkpoint.keys()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -145,31 +145,31 @@ def test_finetune_with_l1_lpips_and_patchgan_on_independent_pairs_trains_the_dis
 def test_teacher_pairs_are_the_base_samples_made_once_per_image_and_cached_on_disk(tmp_path, digits, monkeypatch):
     config = tiny(tmp_path, coupling="teacher", teacher_steps=3, teacher_pool=2)
     device = torch.device("cpu")
-    train_toy.pretrain(config, digits, device)
-    base, schedule = train_toy.load_base(config, digits, device), train_toy.build_schedule(config, device)
-    z_T, samples = train_toy.coupling_pairs(config, digits, device, base, schedule)
+    toy_training.pretrain(config, digits, device)
+    base, schedule = toy_training.load_base(config, digits, device), toy_training.build_schedule(config, device)
+    z_T, samples = toy_training.coupling_pairs(config, digits, device, base, schedule)
     assert len(z_T) == len(samples) == 2 * len(digits.train_images)
     index = torch.tensor([0, 5, len(digits.train_images) + 5])  # pair i carries image i % N's label
-    cond, _ = train_toy.conditions(config, digits, digits.train_labels[index % len(digits.train_images)])
+    cond, _ = toy_training.conditions(config, digits, digits.train_labels[index % len(digits.train_images)])
     with torch.no_grad():
         again = e2ediff.unrolled_sample(base, z_T[index], schedule, 3, prediction_type=config.prediction_type, cond=cond)
     torch.testing.assert_close(again, samples[index], rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr(train_toy, "teacher_pairs", lambda *args: pytest.fail("the cache was not reused"))
-    cached = train_toy.coupling_pairs(config, digits, device, base, schedule)
+    monkeypatch.setattr(toy_training, "teacher_pairs", lambda *args: pytest.fail("the cache was not reused"))
+    cached = toy_training.coupling_pairs(config, digits, device, base, schedule)
     assert torch.equal(cached[0], z_T) and torch.equal(cached[1], samples)
-    train_toy.finetune(config, digits, device)  # fine-tunes from the cached pairs
+    toy_training.finetune(config, digits, device)  # fine-tunes from the cached pairs
     assert (tmp_path / "finetune-nfe1.pt").is_file()
 
 
 def test_trained_perceptual_backbone_is_its_own_network_cached_and_used_by_the_lpips_term(tmp_path, digits):
     config = tiny(tmp_path, lpips_weight=1.0, gan_weight=0.5, classifier_epochs=2)
     cpu = torch.device("cpu")
-    train_toy.pretrain(config, digits, cpu)
-    train_toy.finetune(config, digits, cpu)
+    toy_training.pretrain(config, digits, cpu)
+    toy_training.finetune(config, digits, cpu)
     cached = load_checkpoint(tmp_path / "perceptual.pt")
-    assert cached["key"]["seed"] == config.seed + train_toy.PERCEPTUAL_SEED_OFFSET  # never the metric's seed
+    assert cached["key"]["seed"] == config.seed + toy_training.PERCEPTUAL_SEED_OFFSET  # never the metric's seed
     assert not (tmp_path / "classifier.pt").exists()  # the metric's classifier is trained apart, for evaluation
-    network = train_toy.train_perceptual(config, digits, cpu)  # loaded from the cache, not trained again
+    network = toy_training.train_perceptual(config, digits, cpu)  # loaded from the cache, not trained again
     assert isinstance(network, toy_nets.PerceptualNet) and not isinstance(network, toy_nets.Classifier)
     for name, tensor in network.state_dict().items():
         assert torch.equal(tensor, cached["model"][name])
@@ -183,26 +183,26 @@ def test_trained_perceptual_backbone_is_its_own_network_cached_and_used_by_the_l
 
 def test_gan_discriminator_is_conditional_on_the_labels_by_default(tmp_path, digits):
     config = tiny(tmp_path, gan_weight=0.5)
-    train_toy.pretrain(config, digits, torch.device("cpu"))
-    checkpoint = load_checkpoint(train_toy.finetune(config, digits, torch.device("cpu"))[1])
+    toy_training.pretrain(config, digits, torch.device("cpu"))
+    checkpoint = load_checkpoint(toy_training.finetune(config, digits, torch.device("cpu"))[1])
     assert checkpoint["discriminator"]["class_embed.weight"].shape == (digits.num_classes + 1, 2 * 64)  # its last features
     with pytest.raises(train_utils.UsageError, match="--disc-conditional"):
-        train_toy.parse_config(["--no-class-conditional", "--gan-weight", "0.5"])
-    assert not train_toy.parse_config(["--no-class-conditional"]).class_conditional  # no GAN: nothing to condition
+        toy_training.parse_config(["--no-class-conditional", "--gan-weight", "0.5"])
+    assert not toy_training.parse_config(["--no-class-conditional"]).class_conditional  # no GAN: nothing to condition
 
 
 def test_finetune_with_base_feature_discriminator_trains_heads_on_the_frozen_base(tmp_path, digits):
-    assert train_toy.parse_config(["--disc-kind", "basefeat", "--gan-weight", "0.5"]).e2e.disc_kind == "basefeat"
+    assert toy_training.parse_config(["--disc-kind", "basefeat", "--gan-weight", "0.5"]).e2e.disc_kind == "basefeat"
     config = tiny(tmp_path, gan_weight=0.5, disc_kind="basefeat", disc_steps=2, finetune_steps=2)
     cpu = torch.device("cpu")
-    train_toy.pretrain(config, digits, cpu)
-    base = {name: tensor.clone() for name, tensor in train_toy.load_base(config, digits, cpu).state_dict().items()}
-    checkpoint = load_checkpoint(train_toy.finetune(config, digits, cpu)[1])
+    toy_training.pretrain(config, digits, cpu)
+    base = {name: tensor.clone() for name, tensor in toy_training.load_base(config, digits, cpu).state_dict().items()}
+    checkpoint = load_checkpoint(toy_training.finetune(config, digits, cpu)[1])
     heads = checkpoint["discriminator"]
     assert heads and all(key.startswith("heads.") for key in heads)  # the heads alone: no copy of the base
     assert heads["heads.0.embed.weight"].shape[0] == digits.num_classes + 1  # conditional on the labels by default
     assert {int(state["step"]) for state in checkpoint["disc_optimizer"]["state"].values()} == {4}  # 2 steps x 2 critic steps
-    assert all(torch.equal(tensor, base[name]) for name, tensor in train_toy.load_base(config, digits, cpu).state_dict().items())
+    assert all(torch.equal(tensor, base[name]) for name, tensor in toy_training.load_base(config, digits, cpu).state_dict().items())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     tuned = [r for r in rows if r["stage"] == "finetune-nfe1"]
     assert len(tuned) == 2 and all(math.isfinite(r["disc"]) and math.isfinite(r["gan"]) for r in tuned)
@@ -213,9 +213,9 @@ def test_finetune_with_base_feature_discriminator_trains_heads_on_the_frozen_bas
 
 def test_pretrain_resume_is_bit_identical_to_one_uninterrupted_run(tmp_path, digits):
     cpu = torch.device("cpu")
-    train_toy.pretrain(tiny(tmp_path / "straight", pretrain_steps=6), digits, cpu)
-    train_toy.pretrain(tiny(tmp_path / "halves", pretrain_steps=3), digits, cpu)
-    train_toy.pretrain(tiny(tmp_path / "halves", pretrain_steps=6, resume=True), digits, cpu)
+    toy_training.pretrain(tiny(tmp_path / "straight", pretrain_steps=6), digits, cpu)
+    toy_training.pretrain(tiny(tmp_path / "halves", pretrain_steps=3), digits, cpu)
+    toy_training.pretrain(tiny(tmp_path / "halves", pretrain_steps=6, resume=True), digits, cpu)
     assert_bit_identical(tmp_path / "straight" / "pretrain.pt", tmp_path / "halves" / "pretrain.pt",
                          ["model", "ema", "optimizer", "batches", "rng"])
 
@@ -223,24 +223,24 @@ def test_pretrain_resume_is_bit_identical_to_one_uninterrupted_run(tmp_path, dig
 def test_ctrl_c_saves_a_checkpoint_and_finetune_resumes_bit_identically(tmp_path, digits, monkeypatch):
     cpu = torch.device("cpu")
     config = tiny(tmp_path / "straight", nfe=(2,))
-    train_toy.pretrain(config, digits, cpu)
-    train_toy.finetune(config, digits, cpu)
+    toy_training.pretrain(config, digits, cpu)
+    toy_training.finetune(config, digits, cpu)
     (tmp_path / "halves").mkdir()
     (tmp_path / "halves" / "pretrain.pt").write_bytes((tmp_path / "straight" / "pretrain.pt").read_bytes())
 
-    calls, real_step = [], train_toy.train_step
+    calls, real_step = [], toy_training.train_step
     def ctrl_c_at_step_2(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(train_toy, "train_step", ctrl_c_at_step_2)
+    monkeypatch.setattr(toy_training, "train_step", ctrl_c_at_step_2)
     with pytest.raises(KeyboardInterrupt, match="finetune-nfe2 interrupted at step 2"):
-        train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,)), digits, cpu)
+        toy_training.finetune(tiny(tmp_path / "halves", nfe=(2,)), digits, cpu)
     assert load_checkpoint(tmp_path / "halves" / "finetune-nfe2.pt")["step"] == 2
-    monkeypatch.setattr(train_toy, "train_step", real_step)
+    monkeypatch.setattr(toy_training, "train_step", real_step)
 
-    train_toy.finetune(tiny(tmp_path / "halves", nfe=(2,), resume=True), digits, cpu)
+    toy_training.finetune(tiny(tmp_path / "halves", nfe=(2,), resume=True), digits, cpu)
     assert_bit_identical(tmp_path / "straight" / "finetune-nfe2.pt", tmp_path / "halves" / "finetune-nfe2.pt",
                          ["model", "ema", "optimizer", "batches", "rng"])
 
@@ -248,18 +248,18 @@ def test_ctrl_c_saves_a_checkpoint_and_finetune_resumes_bit_identically(tmp_path
 def test_resume_after_a_crash_logs_every_step_once(tmp_path, digits, monkeypatch):
     """A run that dies after logging past its last checkpoint must not leave those rows twice."""
     cpu = torch.device("cpu")
-    calls, real_loss = [], train_toy.diffusion_loss
+    calls, real_loss = [], toy_training.diffusion_loss
     def crash_in_step_5(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("simulated crash")
         return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train_toy, "diffusion_loss", crash_in_step_5)
+    monkeypatch.setattr(toy_training, "diffusion_loss", crash_in_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train_toy.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3), digits, cpu)
+        toy_training.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3), digits, cpu)
     assert load_checkpoint(tmp_path / "pretrain.pt")["step"] == 3  # steps 1-4 logged, 3 saved
-    monkeypatch.setattr(train_toy, "diffusion_loss", real_loss)
-    train_toy.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3, resume=True), digits, cpu)
+    monkeypatch.setattr(toy_training, "diffusion_loss", real_loss)
+    toy_training.pretrain(tiny(tmp_path, pretrain_steps=6, save_every=3, resume=True), digits, cpu)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row["stage"] == "pretrain"] == [1, 2, 3, 4, 5, 6]
 
@@ -280,7 +280,7 @@ def write_fake_cifar10(root, per_batch=4):
 
 def test_cifar10_loader_reads_a_fake_cifar_format_folder(tmp_path):
     write_fake_cifar10(tmp_path)
-    data = train_toy.build_dataset(Config(dataset="cifar10", data_dir=str(tmp_path), download=False))
+    data = toy_training.build_dataset(Config(dataset="cifar10", data_dir=str(tmp_path), download=False))
     assert data.train_images.shape == (20, 3, 32, 32) and data.test_images.shape == (4, 3, 32, 32)
     assert data.train_labels.tolist()[:6] == [0, 1, 2, 3, 1, 2]
     # batch 2, image 0, channel 1 holds 21 everywhere -> 21 / 255 * 2 - 1 in [-1, 1]
@@ -295,7 +295,7 @@ def test_missing_cifar10_offline_names_the_archive_and_the_folder(tmp_path):
 
 
 def test_batches_cover_every_example_once_per_epoch():
-    batches = train_toy.Batches(10, 3, seed=0)
+    batches = toy_training.Batches(10, 3, seed=0)
     epoch = torch.cat([batches.next() for _ in range(3)])
     assert sorted(epoch.tolist()) == sorted(set(epoch.tolist())) and len(epoch) == 9
 
@@ -324,11 +324,11 @@ def test_cfd_of_noise_is_far_above_the_train_test_floor_and_symmetric(classifier
 
 def test_a_retrained_metric_classifier_is_read_back_from_its_cache(digits, tmp_path):
     config = Config(out_dir=str(tmp_path), classifier_epochs=1, metric_classifier="retrain")
-    train_toy.metric_classifier(config, digits, torch.device("cpu"))
+    toy_training.metric_classifier(config, digits, torch.device("cpu"))
     cached = torch.load(tmp_path / "classifier.pt", weights_only=True)
     cached["model"]["head.bias"] += 100.0  # a mark that no training could have made
     torch.save(cached, tmp_path / "classifier.pt")
-    again, _ = train_toy.metric_classifier(config, digits, torch.device("cpu"))
+    again, _ = toy_training.metric_classifier(config, digits, torch.device("cpu"))
     assert torch.equal(again.head.bias, cached["model"]["head.bias"])
 
 
@@ -369,20 +369,20 @@ def test_a_retrained_metric_classifier_is_a_function_of_the_seed_not_of_the_glob
     for run, global_seed in enumerate((123, 456)):
         torch.manual_seed(global_seed)  # whatever ran before the metric
         config = Config(out_dir=str(tmp_path / str(run)), classifier_epochs=1, seed=7, metric_classifier="retrain")
-        weights.append(train_toy.metric_classifier(config, digits, torch.device("cpu"))[0].state_dict())
+        weights.append(toy_training.metric_classifier(config, digits, torch.device("cpu"))[0].state_dict())
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def test_validation_split_is_carved_from_the_train_split_stratified_and_leaves_the_test_split_alone(digits):
-    split = train_toy.build_dataset(Config(eval_split="validation"))
+    split = toy_training.build_dataset(Config(eval_split="validation"))
     assert len(split.train_images) + len(split.test_images) == len(digits.train_images)
     assert len(split.test_images) == math.ceil(toy_data.VALIDATION_FRACTION * len(digits.train_images))  # as sklearn
     rows = lambda images: {tuple(image.flatten().tolist()) for image in images}  # noqa: E731
     assert rows(split.train_images) | rows(split.test_images) == rows(digits.train_images)
     assert set(split.test_labels.tolist()) == set(range(10))
-    assert torch.equal(train_toy.build_dataset(Config()).test_images, digits.test_images)
+    assert torch.equal(toy_training.build_dataset(Config()).test_images, digits.test_images)
     row = {"model": "base, DDIM", "nfe": 4, "cfd": 9.0, "pixel_energy": 0.03, "precision": 0.9, "recall": 0.8}
-    table = train_toy.results_table([row], split, None, "validation")  # the table names what it measured against
+    table = toy_training.results_table([row], split, None, "validation")  # the table names what it measured against
     assert f"against the validation split ({len(split.test_images)} images)" in table and "test split" not in table
 
 
@@ -426,33 +426,33 @@ def test_inception_fid_without_weights_names_the_file_and_folder(tmp_path, monke
 
 def test_finetune_without_a_pretrained_checkpoint_says_which_file_and_what_to_run(tmp_path, digits):
     with pytest.raises(UsageError, match="--stage pretrain") as error:
-        train_toy.finetune(tiny(tmp_path), digits, torch.device("cpu"))
+        toy_training.finetune(tiny(tmp_path), digits, torch.device("cpu"))
     assert str(tmp_path / "pretrain.pt") in str(error.value)
 
 
 def test_checkpoint_from_another_config_is_refused_naming_the_differing_fields(tmp_path, digits):
-    train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+    toy_training.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
     with pytest.raises(UsageError, match=r"--model-channels: checkpoint 8 vs now 16.*--num-res-blocks"):
-        train_toy.finetune(tiny(tmp_path, model_channels=16, num_res_blocks=2), digits, torch.device("cpu"))
+        toy_training.finetune(tiny(tmp_path, model_channels=16, num_res_blocks=2), digits, torch.device("cpu"))
     with pytest.raises(UsageError, match="--class-conditional"):
-        train_toy.pretrain(tiny(tmp_path, class_conditional=False, resume=True), digits, torch.device("cpu"))
+        toy_training.pretrain(tiny(tmp_path, class_conditional=False, resume=True), digits, torch.device("cpu"))
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, digits):
-    train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+    toy_training.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
     with pytest.raises(UsageError, match="--resume"):
-        train_toy.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
+        toy_training.pretrain(tiny(tmp_path), digits, torch.device("cpu"))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, digits, monkeypatch):
-    calls, real_loss = [], train_toy.diffusion_loss
+    calls, real_loss = [], toy_training.diffusion_loss
     def nan_from_step_3(*args, **kwargs):
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if len(calls) >= 3 else loss
-    monkeypatch.setattr(train_toy, "diffusion_loss", nan_from_step_3)
+    monkeypatch.setattr(toy_training, "diffusion_loss", nan_from_step_3)
     with pytest.raises(FloatingPointError, match="step 3"):
-        train_toy.pretrain(tiny(tmp_path, save_every=2), digits, torch.device("cpu"))
+        toy_training.pretrain(tiny(tmp_path, save_every=2), digits, torch.device("cpu"))
     checkpoint = load_checkpoint(tmp_path / "pretrain.pt")
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint["model"].values())
@@ -460,7 +460,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 def test_main_turns_errors_into_one_clear_message_and_exit_status(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_toy.main(["--stage", "eval", "--out-dir", str(tmp_path)])
+        toy_training.main(["--stage", "eval", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"error: no pretrain checkpoint at {tmp_path / 'pretrain.pt'}" in capsys.readouterr().err
 
@@ -468,9 +468,9 @@ def test_main_turns_errors_into_one_clear_message_and_exit_status(tmp_path, caps
 def test_ctrl_c_exits_with_status_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
     def interrupted(*args):
         raise KeyboardInterrupt("pretrain interrupted at step 7; saved x.pt. Continue with the same command plus --resume.")
-    monkeypatch.setattr(train_toy, "pretrain", interrupted)
+    monkeypatch.setattr(toy_training, "pretrain", interrupted)
     with pytest.raises(SystemExit) as exit_info:
-        train_toy.main(["--stage", "pretrain", "--out-dir", str(tmp_path)])
+        toy_training.main(["--stage", "pretrain", "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 130
     assert "plus --resume" in capsys.readouterr().err
 
@@ -479,21 +479,21 @@ def test_unknown_dataset_or_option_lists_the_valid_choices(capsys):
     with pytest.raises(ValueError, match="dataset: got 'mnist', need one of 'digits', 'cifar10'"):
         Config(dataset="mnist")
     with pytest.raises(UsageError) as error:
-        train_toy.parse_config(["--coupling", "nearest"])
+        toy_training.parse_config(["--coupling", "nearest"])
     assert "--coupling: invalid choice: 'nearest'" in str(error.value)
     assert all(name in str(error.value) for name in ("independent", "inversion", "teacher"))
     with pytest.raises(UsageError, match="unrecognized arguments: --learning-rat"):
-        train_toy.parse_config(["--learning-rat", "1"])
+        toy_training.parse_config(["--learning-rat", "1"])
 
 
 def test_help_explains_every_flag_and_cifar10_preset_fills_unset_flags(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_toy.parse_config(["--help"])
+        toy_training.parse_config(["--help"])
     text = capsys.readouterr().out
     assert exit_info.value.code == 0
     flags = [name for name in Config.__dataclass_fields__ if name != "e2e"] + sorted(METHOD_FIELDS - {"num_steps"})
     for name in flags:
         assert "--" + name.replace("_", "-") in text
     assert "--num-steps" not in text  # the toy's T comes from --nfe
-    config = train_toy.parse_config(["--dataset", "cifar10", "--model-channels", "96"])
+    config = toy_training.parse_config(["--dataset", "cifar10", "--model-channels", "96"])
     assert (config.model_channels, config.num_res_blocks, config.out_dir) == (96, 2, "runs/toy-cifar10")
