@@ -9,7 +9,7 @@ is exactly what the renderer of that name makes of a committed JSON file:
     <!-- /report:NAME -->
 
     python benchmarks/report.py --check             # exit 1, naming every block that differs from its rendering
-    python benchmarks/report.py --write             # rewrite every block in README.md, benchmarks/README.md, related/README.md
+    python benchmarks/report.py --write             # rewrite every block in README.md, docs/guide.md, benchmarks/README.md, related/README.md
     python benchmarks/report.py --check related/README.md   # only these files
 
 To add a table: write a function `record -> markdown` below, register it in RENDERERS with the results
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DOCUMENTS = ("README.md", "benchmarks/README.md", "related/README.md")  # relative to ROOT
+DOCUMENTS = ("README.md", "docs/guide.md", "benchmarks/README.md", "related/README.md")  # relative to ROOT
 
 
 def headline_line(headline: dict) -> str:

@@ -303,8 +303,8 @@ def test_the_base_flags_pass_every_check(world):
     assert t2i_training.preflight(t2i) is None
 
 
-def test_readme_quotes_the_number_of_cases():
-    assert f"{len(CASES)} bad-input cases" in (ROOT / "README.md").read_text()
+def test_the_guide_quotes_the_number_of_cases():
+    assert f"{len(CASES)} bad-input cases" in (ROOT / "docs" / "guide.md").read_text()
 
 
 @pytest.mark.parametrize("script, argv, expect", [
