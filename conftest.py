@@ -1,13 +1,11 @@
-"""Shared test setup (tests/ and related/tests/): the repository root and related/ on sys.path, no network
-(hub calls fail fast), session fixtures for what is expensive to build, and no silent skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or module fails, with its reason, so
+"""Shared test setup (tests/ and related/tests/; the modules come from the in-place install, pip install -e .): no
+network (hub calls fail fast), session fixtures for what is expensive to build, and no silent skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or module fails, with its reason, so
 that a missing extra (diffusers, transformers, webdataset) cannot turn the strongest tests into skips."""
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "related")]  # the method module and its helpers; the related systems
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -42,17 +42,16 @@ import subprocess
 import sys
 import time
 
+import torch
+
+import e2ediff
+from benchmarks.counters import SETUPS, TensorMemory
+from benchmarks.report import write_results
+from train_utils import select_device
+from toy_nets import UNet
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import e2ediff  # noqa: E402
-from report import write_results  # noqa: E402
-from counters import SETUPS, TensorMemory  # noqa: E402
-from train_utils import select_device  # noqa: E402
-from toy_nets import UNet  # noqa: E402
-
 MODES = ("plain", "ckpt", "sel", "trunc", "floor")
 # glibc's malloc: freed blocks >= this size are unmapped at once (fixing it also stops glibc raising it).
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

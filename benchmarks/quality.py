@@ -77,18 +77,17 @@ import sys
 import tempfile
 import time
 
+import torch
+
+import toy2d
+import toy_data
+import toy_nets
+import toy_training
+from benchmarks.report import write_results
+from train_utils import changed, flat_config, make_config
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import toy2d  # noqa: E402
-import toy_data  # noqa: E402
-import toy_nets  # noqa: E402
-import toy_training  # noqa: E402
-from report import write_results  # noqa: E402
-from train_utils import changed, flat_config, make_config  # noqa: E402
-
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 PROTOCOL = dict(

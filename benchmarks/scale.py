@@ -47,22 +47,20 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import time
 
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
+from torch.utils._pytree import tree_leaves, tree_map
+
+import e2ediff
+from perceptual import LPIPS
+from diffusers_parts import DiffusersDenoiser, LatentCodec
+from benchmarks.counters import SETUPS, FlopCount, TensorMemory
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend  # noqa: E402
-from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
-
-import e2ediff  # noqa: E402
-from perceptual import LPIPS  # noqa: E402
-from diffusers_parts import DiffusersDenoiser, LatentCodec  # noqa: E402
-from counters import SETUPS, FlopCount, TensorMemory  # noqa: E402
-
 # PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json (PixArt-delta = this network distilled to 4 LCM steps)
 PIXART_XL_1024 = dict(
     sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16, in_channels=4,

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_results
+from benchmarks.report import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("cfd", "pixel_energy", "precision", "recall")

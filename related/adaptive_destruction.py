@@ -45,20 +45,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method module and its helpers
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import torch
+import torch.nn as nn
 
-import e2ediff  # noqa: E402
-import toy2d  # noqa: E402
-from train_utils import UsageError, exit_with, parse_config, validate  # noqa: E402
+import e2ediff
+import toy2d
+from train_utils import UsageError, exit_with, parse_config, validate
 
 LOG_2PI = math.log(2 * math.pi)
 

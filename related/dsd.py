@@ -47,23 +47,20 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the method module and its helpers
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import e2ediff  # noqa: E402
-import toy2d  # noqa: E402
-import toy_data  # noqa: E402
-from e2ediff import option  # noqa: E402
-from toy_nets import ClassifierFrechetDistance, timestep_embedding  # noqa: E402
-from train_utils import UsageError, exit_with, parse_config  # noqa: E402
+import e2ediff
+import toy2d
+import toy_data
+from e2ediff import option
+from toy_nets import ClassifierFrechetDistance, timestep_embedding
+from train_utils import UsageError, exit_with, parse_config
 
 ROLES = ("encode", "decode", "denoise")
 TRAININGS = ("naive", "dsd", "two_stage")

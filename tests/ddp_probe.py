@@ -19,8 +19,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import t2i_training  # noqa: E402
+import t2i_training
 
 COUNTER = itertools.count()
 

@@ -6,14 +6,12 @@ Synthetic rows only: seconds.
 """
 import json
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import quality  # noqa: E402
+from benchmarks import quality
 
 
 def digits_row(model, nfe, seed, cfd, pixel=0.02, recall=0.9, split="validation"):

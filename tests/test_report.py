@@ -4,15 +4,13 @@
 """
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import report  # noqa: E402
+from benchmarks import report
 
 
 def document_blocks():

@@ -8,7 +8,6 @@ and hold less than plain, more than full recomputation.
 
     pytest tests/test_scale.py      # a few seconds, CPU
 """
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,10 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import e2ediff  # noqa: E402
-import counters  # noqa: E402
-import scale  # noqa: E402
-import train_utils  # noqa: E402
+import e2ediff
+import train_utils
+from benchmarks import counters, scale
 
 TINY_UNET = ((1, 8, 8), dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1), 4)
 

@@ -26,17 +26,15 @@ import dataclasses
 import math
 import os
 import statistics
-import sys
 import time
 
+import torch
+
+from benchmarks.report import write_results
+from related import adaptive_destruction
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "related"), os.path.join(ROOT, "benchmarks")]  # helpers, the system, report
-
-import torch  # noqa: E402
-
-import adaptive_destruction  # noqa: E402
-from report import write_results  # noqa: E402
-
 # Every run setting, per mode; "why" in the comment. The full mode runs SamplerConfig's defaults (600
 # iterations of batch 256: all 87 runs fit 30 minutes on one shared CPU thread; gfn-diffusion trains 25k).
 PLANS = {

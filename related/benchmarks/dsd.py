@@ -29,17 +29,15 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
+import torch
+
+from benchmarks.report import write_results
+from related import dsd
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "related"), os.path.join(ROOT, "benchmarks")]  # helpers, the system, report
-
-import torch  # noqa: E402
-
-import dsd  # noqa: E402
-from report import write_results  # noqa: E402
-
 PLANS = {
     "full": dict(seeds=(0, 1, 2), config={}),  # dsd.Config's defaults
     "quick": dict(seeds=(0,), config=dict(steps=30, log_every=10, finetune_steps=5, eval_samples=100,

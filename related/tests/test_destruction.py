@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import adaptive_destruction as ad
+from related import adaptive_destruction as ad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-import dsd
+from related import dsd
 import e2ediff
 import toy_data
 from toy_nets import ClassifierFrechetDistance

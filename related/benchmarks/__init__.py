@@ -1,0 +1,1 @@
+"""The related systems' benchmarks: scripts (python related/benchmarks/NAME.py), importable too."""
