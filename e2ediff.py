@@ -332,27 +332,17 @@ def unrolled_sample(
     """Run a T-step sampler from z_T and return its output z0 — keeping the whole chain in the
     autograd graph, so a loss on z0 trains every step (the heart of E2EDiff).
 
-    :param model: denoiser, model(z_t, t, cond) -> output (see `Denoiser`).
-    :param z_T: (B, ...) starting noise (pure Gaussian noise, or a coupling's z_T).
-    :param num_steps: T >= 1 network evaluations (NFE, doubled under guidance).
-    :param update: "ddim" — Song et al. 2021 Eq. 12, deterministic for eta = 0, ancestral-like for
-        eta > 0; "lcm" — predict x0 (through the consistency boundary condition), re-noise it to the
-        next timestep with fresh noise (the LCM multistep sampler of the paper's base model, as
-        diffusers' LCMScheduler.step; our reading of Alg. 1 line 9).
-    :param spacing, original_steps: which timesteps (see `sampling_timesteps`; original_steps is the
-        LCM grid of spacing "lcm").
-    :param cond, uncond, guidance_scale: conditioning passed through to the model; with
-        guidance_scale != 1 the model is also called with `uncond` (classifier-free guidance).
-    :param generator: source of the fresh noise of "lcm" and eta > 0 (injectable for tests).
-    :param checkpoint: recompute each step's activations in the backward pass instead of storing
-        them (same gradients). False = store them all (plain backprop: activation memory ~ T steps);
-        "full" (or True) = recompute the whole step (memory ~ one step, one extra forward per step);
-        "selective" = keep the outputs of the matmuls, convolutions and attention of all T steps and
-        recompute only the ops between them (SELECTIVE_SAVE_OPS; less recompute than "full", less
-        memory than plain).
-    :param backprop_steps: K — gradients flow only through the last K steps (DRaFT-K); earlier steps
-        run without a graph. None = all steps.
-    :returns: z0 (B, ...).
+    :param model: denoiser, model(z_t, t, cond) -> output; z_T: (B, ...) noise (or a coupling's z_T);
+        num_steps: T >= 1 network evaluations (doubled under guidance).
+    :param update: "ddim" (ddim_step) or "lcm" (lcm_step: the paper's base's update, our reading of line 9).
+    :param spacing, original_steps: which timesteps (`sampling_timesteps`).
+    :param cond, uncond, guidance_scale: passed to the model; guidance_scale != 1: classifier-free guidance.
+    :param generator: the fresh noise of "lcm" and of eta > 0 (injectable for tests).
+    :param checkpoint: recompute each step's activations in backward (same gradients). False = store them
+        (memory ~ T steps); "full" (True) = recompute the step (memory ~ one step, one more forward per
+        step); "selective" = keep the matmul, convolution and attention outputs of all T steps, recompute
+        the ops between them (SELECTIVE_SAVE_OPS).
+    :param backprop_steps: K = gradients through the last K steps only (DRaFT-K); None = all.
     """
     check_choice("update", update, UPDATES)
     check_prediction_type(prediction_type, schedule)
@@ -632,19 +622,14 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor, *cond) -> tuple[tor
 
 
 class GANLoss:
-    """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW, with a start step.
+    """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW.
 
-    Before `start_step` nothing touches the discriminator (no forward, no autograd.grad), so the
-    unrolled graph is not held for it: the steps before it are a warm-up on the reconstruction loss
-    alone. The steps before `config.critic_warmup_steps` are the other warm-up: the critic's alone
-    (train_step updates only the discriminator, on the frozen student's samples), so that L_GAN reaches
-    the generator from a critic that already tells its samples from data. `discriminator` is a
-    PatchDiscriminator on images, or a critic with `reads_latents` (critics.BaseFeatureDiscriminator), which
-    reads the denoiser's own space: EndToEndLoss hands it the sampler's z0, train_step the data's z0, and
-    it gets the condition `cond` for its base. train_step updates it `config.disc_steps` times per generator
-    step. It may be DDP-wrapped: the generator pass uses the bare module (no discriminator gradients are
-    wanted there), the discriminator step the wrapper. With `config.disc_conditional` both passes hand the
-    discriminator the class labels `cond`.
+    Two warm-ups: before `gan_start_step` nothing touches the discriminator (the generator trains on the
+    reconstruction alone); before `critic_warmup_steps` the critic trains alone, on the frozen student's
+    samples, so that L_GAN starts from a critic that sees. train_step updates it `disc_steps` times per
+    generator step. `discriminator`: a PatchDiscriminator on images, or a critic with `reads_latents`
+    (critics.BaseFeatureDiscriminator), handed the denoiser's own z0 and the base's condition `cond`; with
+    `disc_conditional`, the class labels. DDP-wrapped or not: the generator pass uses the bare module.
     """
 
     def __init__(self, discriminator: nn.Module, config: EndToEndConfig):
@@ -706,16 +691,12 @@ class GANLoss:
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied): a frozen deep copy
-    updated with theta_EMA <- tau_n theta_EMA + (1 - tau_n) theta after the n-th update (n = 0, 1, ...).
+    """Exponential moving average of a model's parameters (buffers copied), a frozen deep copy:
+    theta_EMA <- tau_n theta_EMA + (1 - tau_n) theta after the n-th update.
 
-    Without warm-up tau_n = `decay` (the paper's 0.95): right when the copy starts from a trained model, as
-    in fine-tuning (Alg. 1 line 1), whose EMA then averages ~1 / (1 - tau) recent steps from step 0.
-    With `warmup=True`, tau_n = min(decay, (1 + n) / (10 + n)) (TensorFlow's ExponentialMovingAverage with
-    num_updates; diffusers' EMAModel default): for pretraining from a random init. Without it the init's
-    weight decays only as decay^n (0.999^1500 = 22 % after 1,500 steps: a crippled base); with it, it is
-    gone within ten steps (its share, prod_k (1 + k) / (10 + k) = 9! n! / (n + 9)!, is 1e-5 after 10
-    updates), and tau reaches 0.95 at n = 170, 0.99 at n = 890, 0.999 at n = 8,990.
+    tau_n = `decay` (the paper's 0.95): right from a trained model, as in fine-tuning (Alg. 1 line 1).
+    `warmup=True`: tau_n = min(decay, (1 + n) / (10 + n)) (diffusers' EMAModel default), for pretraining
+    from a random init, whose weight would otherwise decay only as decay^n (0.999^1500 = 22 %).
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
@@ -959,22 +940,17 @@ def train_step(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """Alg. 1 lines 6-15 for one optimiser step, with the discriminator's update. Returns the logs,
-    averaged over the micro-batches, and the gradient norm before clipping.
+    """Alg. 1 lines 6-15 for one optimiser step, with the discriminator's update (during the critic's
+    warm-up, that alone). Returns the logs averaged over the micro-batches, and the gradient norm.
 
     :param loss_fn: an `EndToEndLoss`, or DDP wrapping one.
-    :param micro_batches: G dicts (G > 1: gradient accumulation), each with "target" (B, ...) = z0 of
-        Alg. 1 line 4, and optional "cond", "uncond" (line 5), "images" (the target's pixels when the
-        sampler works in a latent space), "z_T" (a cached coupling, e.g. the inversion of "target") and
-        "paired_target" (with "z_T", when the cached coupling's target is not the data: a teacher's sample
-        from z_T; "target" stays the data, the discriminator's real samples).
-        A list, or any iterable (a generator that encodes each micro-batch only when it is needed).
-    :param accumulation: G, when `micro_batches` has no len().
-    :param base_model: the frozen pretrained model that the inversion and teacher couplings run.
-    :param no_sync: module -> context in which its gradients are not all-reduced (DDP's no_sync); used
-        on every micro-batch but the last. None in a single process.
-    :param autocast: () -> the mixed-precision context for the forward passes.
-    :param generator: source of the couplings' noise z_T (injectable for reproducible runs).
+    :param micro_batches: G dicts (an iterable; G > 1: gradient accumulation), each with "target" (B, ...) =
+        z0 of line 4, optional "cond", "uncond" (line 5), "images" (the target's pixels, in a latent space),
+        "z_T" (a cached coupling) and "paired_target" (its target when that is not the data, e.g. a
+        teacher's sample; "target" stays the data, the discriminator's real samples).
+    :param accumulation: G, when `micro_batches` has no len(). base_model: the frozen model of the couplings.
+    :param no_sync: module -> DDP's no_sync context, on every micro-batch but the last (None: one process).
+    :param autocast: () -> the forward passes' mixed-precision context; generator: the couplings' noise.
     """
     inner = unwrap(loss_fn)
     config, schedule = inner.config, inner.schedule
