@@ -6,6 +6,7 @@ main runs it. Tests and tests/ddp_probe.py import these; nothing imports the scr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from diffusers_parts import DiffusersDenoiser, LatentCodec
-from critics import base_feature_discriminator
+from critics import base_feature_discriminator, critic_auc
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, PatchDiscriminator, check_prediction_type,
     make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
@@ -707,6 +708,7 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                            betas=(config.adam_beta1, config.adam_beta2))
         self.ema = EMA(self.denoiser, config.e2e.ema_decay)
+        self.critic_auc = {}  # the critic's held-out AUC after its warm-up ("warmup") and at the end ("final")
 
     def build_loss(self) -> tuple[nn.Module, GANLoss | None]:
         """EndToEndLoss (Alg. 1 lines 7-13, Eq. 7-8), LPIPS on VAE-decoded images and, with --gan-weight > 0,
@@ -760,6 +762,7 @@ class Run:
             self.discriminator.load_state_dict(checkpoint["discriminator"])
             self.gan.optimizer.load_state_dict(checkpoint["disc_optimizer"])
         self.step, saved = checkpoint["step"], checkpoint["config"]
+        self.critic_auc = checkpoint.get("critic_auc", {})
         exact = checkpoint["world_size"] == ctx.world_size and saved["num_workers"] == config.num_workers
         if exact:
             self.readers = checkpoint["data"][ctx.rank]
@@ -785,15 +788,19 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "discriminator": disc.state_dict() if disc else None,
                 "disc_optimizer": self.gan.optimizer.state_dict() if disc else None, "step": self.step,
                 "config": flat_config(self.config), "world_size": self.ctx.world_size, "data": data_states,
-                "rng": rng_states}, self.ckpt_path)
+                "rng": rng_states, "critic_auc": self.critic_auc}, self.ckpt_path)
         self.log({"event": "checkpoint", "step": self.step, "path": self.ckpt_path})
         barrier()
 
     def micro_batch(self, batch: dict) -> dict:
-        """Alg. 1 lines 3-5 for one DataLoader batch: z0 = E(x0), a sample of the VAE posterior, and
-        e_c = T(c), or both from a --precompute-to folder. "images" are the real pixels that LPIPS and the
-        discriminator compare with; without them (pre-computed data) EndToEndLoss decodes the target."""
+        """Alg. 1 lines 3-5 for one DataLoader batch (see encode), its reader's position kept for a resume."""
         self.readers[batch["state"]["worker"]] = batch["state"]
+        return self.encode(batch)
+
+    def encode(self, batch: dict) -> dict:
+        """z0 = E(x0), a sample of the VAE posterior, and e_c = T(c), or both from a --precompute-to folder.
+        "images" are the real pixels that LPIPS and the discriminator compare with; without them (pre-computed
+        data) EndToEndLoss decodes the target."""
         device, codec = self.ctx.device, self.codec
         with torch.no_grad(), autocast(self.config, device):
             if "pixels" in batch:
@@ -806,18 +813,18 @@ class Run:
                 images = None
         return {"target": target, "cond": cond, "images": images}
 
-    def log_window(self, window: list[dict]) -> None:
-        """One log row: every value's mean over the steps since the last row and over the ranks."""
+    def log_window(self, window: list[dict], extra: dict) -> None:
+        """One log row: every value's mean over the steps since the last row and over the ranks, and `extra`."""
         names = sorted(window[-1])
         sums = torch.tensor([sum(row.get(name, 0.0) for row in window) for name in names], dtype=torch.float64)
         means = all_reduce(sums) / (len(window) * self.ctx.world_size)
         row = {"step": self.step, **dict(zip(names, means.tolist()))}
-        row.update(skipped=count_skipped(self.readers), images_per_sec=self.global_batch / row["sec_per_step"])
+        row.update(skipped=count_skipped(self.readers), images_per_sec=self.global_batch / row["sec_per_step"], **extra)
         generator = (f"loss {row['loss']:.5f} | grad norm {row['grad_norm']:.3g}" if "loss" in row
                      else f"critic warm-up | disc {row['disc']:.5f}")  # the generator frozen: no loss of its own
         self.log(row, f"step {self.step} | {generator} | "
                       f"{row['sec_per_step']:.2f} s/step | {row['images_per_sec']:.1f} img/s | "
-                      f"skipped {row['skipped']}")
+                      f"skipped {row['skipped']}" + (f" | critic AUC {extra['critic_auc']:.3f}" if extra else ""))
 
     def after_step(self) -> None:
         """The sample grid, the checkpoint and the evaluation, each when due."""
@@ -827,6 +834,42 @@ class Run:
             self.save()
         if self.config.eval_data and self.due(self.config.eval_every):
             self.log({"event": "eval", "step": self.step, **evaluate(self)})
+
+
+CRITIC_AUC_SEED_OFFSET = 2000  # the held-out batch's second pass over --data and the fakes' noise: seed + this
+
+
+class CriticHealth:
+    """The discriminator's AUC (critics.critic_auc) on rank 0, real against fake: real = one batch drawn once
+    from a second pass over --data (seeded apart; the run has no held-out split, so these images are also in
+    training), as the discriminator reads them; fake = the current student's samples from fixed noise for that
+    batch's captions. Every random draw is forked from a fixed seed: logging it changes no training step."""
+
+    def __init__(self, run: Run):
+        config, self.run, self.seed = run.config, run, run.config.seed + CRITIC_AUC_SEED_OFFSET
+        stream = CaptionStream(config.data, config.resolution, seed=self.seed)
+        with self.forked():
+            batch = run.encode(next(iter(make_loader(stream, dataclasses.replace(config, num_workers=0),
+                                                     run.tokenizer, run.ctx.device))))
+            self.z_T = torch.randn_like(batch["target"])
+        self.cond, self.labels = batch["cond"], run.gan.labels(batch["cond"])
+        if run.gan.on_latents:
+            self.real = batch["target"]
+        else:
+            self.real = batch["images"] if batch["images"] is not None else unwrap(run.loss_fn).as_image(batch["target"])
+
+    @contextlib.contextmanager
+    def forked(self):
+        """torch's RNGs forked (restored on exit) and seeded: nothing is drawn from training's streams."""
+        device = self.run.ctx.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            yield
+
+    def __call__(self) -> float:
+        with self.forked(), autocast(self.run.config, self.run.ctx.device):
+            fake = unwrap(self.run.loss_fn).critic_sample(self.z_T, self.cond)
+            return critic_auc(self.run.discriminator, self.real, fake, *self.labels, *self.labels, seed=self.seed)
 
 
 def train(config: Config, ctx: Dist) -> None:
@@ -848,7 +891,9 @@ def train(config: Config, ctx: Dist) -> None:
          "global_batch": run.global_batch, "spacing": run.config.e2e.spacing,
          "timesteps": sampling_timesteps(run.schedule.num_train_timesteps, run.config.e2e.num_steps,
                                          run.config.e2e.spacing, run.config.e2e.original_steps).tolist()})
-    window = []
+    window, health = [], CriticHealth(run) if run.gan is not None and ctx.master else None
+    if health is not None and config.e2e.critic_warmup_steps == 0 and "warmup" not in run.critic_auc:
+        run.critic_auc["warmup"] = health()  # no warm-up: the critic as it starts
     with StopRequest() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while run.step < config.max_steps:
             started = time.time()
@@ -858,8 +903,13 @@ def train(config: Config, ctx: Dist) -> None:
                               autocast=partial(autocast, config, ctx.device))  # Alg. 1 lines 6-15
             run.step += 1
             window.append({**logs, "sec_per_step": time.time() - started})
+            auc = {}
+            if health is not None and (run.due(config.log_every) or run.step == config.e2e.critic_warmup_steps):
+                auc["critic_auc"] = health()
+                moments = {"warmup": run.step == config.e2e.critic_warmup_steps, "final": run.step == config.max_steps}
+                run.critic_auc.update({moment: auc["critic_auc"] for moment, now in moments.items() if now})
             if run.due(config.log_every):
-                run.log_window(window)
+                run.log_window(window, auc)
                 window = []
             # any rank's signal stops every rank at this same step (one tiny all-reduce per step)
             if all_reduce(torch.tensor([float(stop.requested)], dtype=torch.float64)).item() > 0:
@@ -870,7 +920,9 @@ def train(config: Config, ctx: Dist) -> None:
             run.after_step()
     if ctx.master:
         run.ema.module.transformer.save_pretrained(os.path.join(config.out_dir, "transformer_ema"))
-        log({"event": "done", "step": run.step, "transformer_ema": os.path.join(config.out_dir, "transformer_ema")})
+        auc = {"critic_auc_warmup": run.critic_auc.get("warmup"), "critic_auc": run.critic_auc.get("final")}
+        log({"event": "done", "step": run.step, "transformer_ema": os.path.join(config.out_dir, "transformer_ema"),
+             **(auc if run.gan is not None else {})})
     barrier()
 
 

@@ -417,6 +417,19 @@ def test_teacher_coupling_with_the_gan_shows_the_discriminator_decoded_images(ti
     assert all(math.isfinite(row[name]) for row in steps for name in ("loss", "gan", "disc")), steps
 
 
+def test_a_gan_run_logs_its_critics_auc_and_records_it_after_the_warm_up_and_at_the_end(tiny, cache, tmp_path):
+    t2i_training.main(tiny_args(tiny, tmp_path, data=cache, max_steps=3, log_every=1, gan_weight=0.1,
+                                gan_adaptive=False, critic_warmup_steps=2, disc_steps=2, disc_channels=8))
+    rows = read_log(tmp_path)
+    steps = step_rows(rows)
+    assert [row["step"] for row in steps] == [1, 2, 3] and "loss" not in steps[0] and "loss" in steps[2]
+    assert all(0.0 <= row["critic_auc"] <= 1.0 for row in steps), steps
+    (done,) = events(rows, "done")
+    assert (done["critic_auc_warmup"], done["critic_auc"]) == (steps[1]["critic_auc"], steps[2]["critic_auc"])
+    checkpoint = t2i_training.load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["critic_auc"] == {"warmup": steps[1]["critic_auc"], "final": steps[2]["critic_auc"]}
+
+
 # ----------------------------------------------------------------------------------------------
 # pieces
 
