@@ -219,7 +219,7 @@ def rebuild_metric_classifier(out):
     out = Path(out)
     out.unlink(missing_ok=True)  # fit_classifier would load a file with the same training key
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(METRIC_CLASSIFIER_SEED)  # the initialisation, as train_toy.train_classifier seeded it
+    torch.manual_seed(METRIC_CLASSIFIER_SEED)  # the initialisation, as the toy script seeded it before the file existed
     fit_classifier(Classifier(1, 10), out, load_digits_data(), torch.device("cpu"), METRIC_CLASSIFIER_SEED,
                    METRIC_CLASSIFIER_EPOCHS)
     print(f"{out}: sha256 {sha256(out)}")
