@@ -638,13 +638,12 @@ RENDERERS = {
     "quality-gan-table1": ("quality-gan-table1.json", quality_table1),
     "quality-critic-pilot": ("quality-critic-pilot.json", quality_critic_goals),
     "quality-critic-pilot-table1": ("quality-critic-pilot-table1.json", quality_critic_table1),
-}
-# Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
-PENDING = {
     "quality-critic": ("quality-critic.json", quality_tables),
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
 }
+# Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
+PENDING: dict = {}
 
 # A marker is a line of its own (a marker quoted inside a sentence is not one).
 BLOCK = re.compile(r"^<!-- report:(?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- /report:(?P=name) -->$", re.DOTALL | re.MULTILINE)
