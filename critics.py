@@ -5,7 +5,8 @@ what the toy's study (benchmarks/README.md, "The adversarial term, acting") need
 
 - BaseFeatureDiscriminator: trainable conv heads on the frozen base's features of re-noised inputs (LADD,
   SANA-Sprint, DMD2), at low t; e2ediff.GANLoss uses it like a PatchGAN (`--disc-kind basefeat`).
-- critic_auc: a critic's held-out real-vs-fake AUC, the number that says whether it learns (its loss does not).
+- critic_auc: a critic's held-out real-vs-fake AUC, the number that says whether it learns (its loss does not);
+  student_auc: that AUC against the current student's samples, as both scripts log it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from e2ediff import FEATURE_TIME_DISTRIBUTIONS, EndToEndConfig, NoiseSchedule, _expand, _randn_like, check_choice
+from e2ediff import FEATURE_TIME_DISTRIBUTIONS, EndToEndConfig, NoiseSchedule, _expand, _randn_like, check_choice, unwrap
 
 
 def default_feature_layers(base: nn.Module, count: int = 4) -> tuple[str, ...]:
@@ -204,3 +205,15 @@ def critic_auc(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
                             for batch, labels in ((real, cond[:1]), (fake, cond[1:]))])
     labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).long().to(scores.device)
     return float(binary_auroc(scores, labels))
+
+
+def student_auc(loss_fn: nn.Module, gan, real: torch.Tensor, z_T: torch.Tensor, cond: Any = None, uncond: Any = None,
+                seed: int = 0) -> float:
+    """critic_auc of `gan`'s critic: `real` (as it reads them) against the current student's samples from the fixed
+    noise z_T for `cond` (loss_fn: an EndToEndLoss, or DDP around one). Every draw, the sampler's fresh noise
+    included, comes from `seed`, and torch's RNGs are restored after: measuring it changes no training step."""
+    with torch.random.fork_rng(devices=[z_T.device] if z_T.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        fake = unwrap(loss_fn).critic_sample(z_T, cond, uncond)
+    labels = gan.labels(cond)  # () or (cond,): for the real batch, then for the fake one
+    return critic_auc(unwrap(gan.discriminator), real, fake, *labels, *labels, seed=seed)

@@ -246,9 +246,6 @@ def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None
 # 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 7-12)
 # --------------------------------------------------------------------------------------------------
 
-UPDATES = ("ddim", "lcm")
-
-
 def consistency_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
     """(c_skip, c_out) of a consistency model's boundary condition (Song et al. 2023, Eq. 7; Luo et al.
     2023, Eq. 5): f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t) is the identity at t = 0.
@@ -291,6 +288,7 @@ def lcm_step(z, x0, eps, t, abar_t, abar_prev, *, eta=0.0, last=False, generator
 
 
 UPDATE_STEPS = {"ddim": ddim_step, "lcm": lcm_step}  # one function per update rule; unrolled_sample loops
+UPDATES = tuple(UPDATE_STEPS)
 
 
 CHECKPOINT_POLICIES = ("full", "selective")

@@ -6,7 +6,6 @@ main runs it. Tests and tests/ddp_probe.py import these; nothing imports the scr
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from diffusers_parts import DiffusersDenoiser, LatentCodec
-from critics import base_feature_discriminator, critic_auc
+from critics import base_feature_discriminator, student_auc
 from e2ediff import (
     EMA, PREDICTION_TYPES, EndToEndConfig, EndToEndLoss, GANLoss, PatchDiscriminator, check_prediction_type,
     make_schedule, option, sampling_timesteps, train_step, unrolled_sample, unwrap,
@@ -840,7 +839,7 @@ CRITIC_AUC_SEED_OFFSET = 2000  # the held-out batch's second pass over --data an
 
 
 class CriticHealth:
-    """The discriminator's AUC (critics.critic_auc) on rank 0, real against fake: real = one batch drawn once
+    """The discriminator's AUC (critics.student_auc) on rank 0, real against fake: real = one batch drawn once
     from a second pass over --data (seeded apart; the run has no held-out split, so these images are also in
     training), as the discriminator reads them; fake = the current student's samples from fixed noise for that
     batch's captions. Every random draw is forked from a fixed seed: logging it changes no training step."""
@@ -848,28 +847,21 @@ class CriticHealth:
     def __init__(self, run: Run):
         config, self.run, self.seed = run.config, run, run.config.seed + CRITIC_AUC_SEED_OFFSET
         stream = CaptionStream(config.data, config.resolution, seed=self.seed)
-        with self.forked():
+        device = run.ctx.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training's RNGs untouched
+            torch.manual_seed(self.seed)
             batch = run.encode(next(iter(make_loader(stream, dataclasses.replace(config, num_workers=0),
                                                      run.tokenizer, run.ctx.device))))
             self.z_T = torch.randn_like(batch["target"])
-        self.cond, self.labels = batch["cond"], run.gan.labels(batch["cond"])
+        self.cond = batch["cond"]
         if run.gan.on_latents:
             self.real = batch["target"]
         else:
             self.real = batch["images"] if batch["images"] is not None else unwrap(run.loss_fn).as_image(batch["target"])
 
-    @contextlib.contextmanager
-    def forked(self):
-        """torch's RNGs forked (restored on exit) and seeded: nothing is drawn from training's streams."""
-        device = self.run.ctx.device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            yield
-
     def __call__(self) -> float:
-        with self.forked(), autocast(self.run.config, self.run.ctx.device):
-            fake = unwrap(self.run.loss_fn).critic_sample(self.z_T, self.cond)
-            return critic_auc(self.run.discriminator, self.real, fake, *self.labels, *self.labels, seed=self.seed)
+        with autocast(self.run.config, self.run.ctx.device):
+            return student_auc(self.run.loss_fn, self.run.gan, self.real, self.z_T, self.cond, seed=self.seed)
 
 
 def train(config: Config, ctx: Dist) -> None:
@@ -906,8 +898,10 @@ def train(config: Config, ctx: Dist) -> None:
             auc = {}
             if health is not None and (run.due(config.log_every) or run.step == config.e2e.critic_warmup_steps):
                 auc["critic_auc"] = health()
-                moments = {"warmup": run.step == config.e2e.critic_warmup_steps, "final": run.step == config.max_steps}
-                run.critic_auc.update({moment: auc["critic_auc"] for moment, now in moments.items() if now})
+                if run.step == config.e2e.critic_warmup_steps:
+                    run.critic_auc["warmup"] = auc["critic_auc"]
+                if run.step == config.max_steps:
+                    run.critic_auc["final"] = auc["critic_auc"]
             if run.due(config.log_every):
                 run.log_window(window, auc)
                 window = []

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from critics import base_feature_discriminator, critic_auc
+from critics import base_feature_discriminator, student_auc
 from e2ediff import (
     EMA, PREDICTION_TYPES, SCHEDULES, UPDATES, EndToEndConfig, EndToEndLoss, GANLoss, PatchDiscriminator,
     consistency_scalings, couple, ddim_invert, diffusion_loss, guided_output, make_schedule, option,
@@ -271,6 +271,13 @@ def conditions(config, data, labels):
     return labels, torch.full_like(labels, data.num_classes)
 
 
+def training_batch(batches, config, data, device):
+    """The next training images x0 and their (cond, uncond) (see conditions)."""
+    indices = batches.next()
+    x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
+    return (x0, *conditions(config, data, labels))
+
+
 def autocast(device):
     """bf16 autocast on CUDA; plain fp32 elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -435,9 +442,7 @@ def pretrain(config, data, device):
           f"steps {start_step} -> {config.pretrain_steps} on {device}")
 
     def one_step(step):
-        indices = batches.next()
-        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
-        cond, uncond = conditions(config, data, labels)
+        x0, cond, uncond = training_batch(batches, config, data, device)
         if cond is not None:  # drop labels at random so the model also learns p(x) for guidance
             cond = torch.where(torch.rand(len(cond), device=device) < config.cond_drop_prob, uncond, cond)
         set_learning_rate(optimizer, learning_rate(step, config.pretrain_lr, config.warmup_steps))
@@ -527,9 +532,7 @@ def distill(config, data, device):
           f"{config.distill_steps} on {device}")
 
     def one_step(step):
-        indices = batches.next()
-        x0, labels = data.train_images[indices].to(device), data.train_labels[indices].to(device)
-        cond, uncond = conditions(config, data, labels)
+        x0, cond, uncond = training_batch(batches, config, data, device)
         t = grid[torch.randint(len(grid), (len(x0),), device=device)]  # t_{n+k}
         s = (t - skip).clamp(min=0)  # t_n
         z_t = per_image(abar[t].sqrt()) * x0 + per_image((1 - abar[t]).sqrt()) * torch.randn_like(x0)
@@ -731,7 +734,7 @@ CRITIC_AUC_SEED_OFFSET = 2000  # the fakes' fixed noise is seeded by config.seed
 
 
 class CriticHealth:
-    """The discriminator's held-out AUC (critics.critic_auc): real = the first CRITIC_AUC_SAMPLES images of the
+    """The discriminator's held-out AUC (critics.student_auc): real = the first CRITIC_AUC_SAMPLES images of the
     split the run is measured against (never trained on), fake = the current student's samples from fixed noise
     for the same labels. A part of the fine-tune's checkpoint: its value at the end of the critic's warm-up (or
     at the start, without one) and at the end of the run. The random state of training is left untouched."""
@@ -746,11 +749,7 @@ class CriticHealth:
         self.values = {"warmup": None, "final": None}
 
     def __call__(self) -> float:
-        with torch.random.fork_rng():  # an LCM's sampler draws fresh noise: from a fixed seed, not training's stream
-            torch.manual_seed(self.seed)
-            fake = self.loss_fn.critic_sample(self.z_T, self.cond, self.uncond)
-        labels = self.gan.labels(self.cond)  # () or (labels,): for the real batch, then for the fake one
-        return critic_auc(self.gan.discriminator, self.real, fake, *labels, *labels, seed=self.seed)
+        return student_auc(self.loss_fn, self.gan, self.real, self.z_T, self.cond, self.uncond, seed=self.seed)
 
     def state_dict(self):
         return dict(self.values)
