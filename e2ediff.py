@@ -14,29 +14,18 @@ Diffusion Models" (Tan et al., arXiv 2412.21044). Algorithm 1 of the paper, line
     15     theta_EMA <- tau theta_EMA + (1 - tau) theta         EMA.update()
            (the discriminator's update, not in Alg. 1)         GANLoss.discriminator_loss() in train_step()
 
-    train_step() runs lines 6-15 for one optimiser step; EndToEndConfig holds every option, with the
-    paper's values as defaults. Both scripts, toy2d.py, the benchmarks and the notebook call them.
-
-Read it top to bottom, in the paper's order:
-
-    1. noise schedule          (VP schedules, zero terminal SNR, sampler spacings, "leakage" of x_T)
-    2. parameterisations       (epsilon / x0 / v and the conversions between them)
-    3. unrolled sampler        (Alg. 1 lines 7-12: one step function per update rule, and the loop)
-    4. couplings               (Alg. 1 line 6: which noise z_T is paired with which target z0)
-    5. reconstruction losses   (Eq. 7: L1, L2, LPIPS and their hybrid; the distances live in perceptual.py)
-    6. adversarial loss        (Eq. 8: PatchGAN, hinge / non-saturating, adaptive weight, R1, critic
-                                warm-up and steps; the base-feature critic lives in critics.py)
-    7. EMA                     (Alg. 1 line 15)
-    8. standard diffusion loss (to pretrain the base model the method starts from)
-    9. Algorithm 1             (EndToEndConfig, EndToEndLoss, train_step)
+    train_step() runs lines 6-15 for one optimiser step; EndToEndConfig holds every option, the paper's
+    values as defaults. Read the module top to bottom: its nine sections follow the paper's order, from
+    the noise schedule to Algorithm 1. The base-feature critic lives in critics.py, the perceptual
+    distances in perceptual.py, the activation checkpointing of the sampler's steps in selective_checkpoint.py.
 
 Two readings the paper leaves open (README.md says why, with the measurements):
-    - Alg. 1 line 6 draws z_T independently of z0 (`coupling="independent"`); under L1/L2 that regression
-      is ill-posed (its optimum ignores z_T and outputs the mean: samples collapse). `inversion` (z_T is
-      the frozen base's DDIM inversion of z0) and `teacher` (the target is the base's many-step sample
-      from z_T) make it well posed. The GAN term's real samples are data under every coupling.
-    - Alg. 1 line 9's noise term: we read it as the base's (an LCM's) update, predict x0 and re-noise it
-      with fresh noise (`update="lcm"`); deterministic DDIM (`update="ddim"`) is the alternative.
+    - Alg. 1 line 6 draws z_T independently of z0 (`coupling="independent"`): under L1/L2 the optimum ignores
+      z_T and outputs the mean (samples collapse); `inversion` (the frozen base's DDIM inversion of z0) and
+      `teacher` (the target is the base's many-step sample from z_T) make it well posed. The GAN term's real
+      samples are data under every coupling.
+    - Alg. 1 line 9's noise term: we read it as the base's (an LCM's) update, x0 re-noised with fresh noise
+      (`update="lcm"`); deterministic DDIM (`update="ddim"`) is the alternative.
 """
 from __future__ import annotations
 
@@ -44,15 +33,14 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from selective_checkpoint import CHECKPOINT_POLICIES, checkpointed
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """model(z_t (B, ...), t (B,) long in [0, N), cond) -> output shaped like z_t."""
@@ -68,9 +56,7 @@ def check_choice(name: str, value: str, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(map(repr, choices))}")
 
 
-# --------------------------------------------------------------------------------------------------
-# 1. Noise schedule (variance preserving: z_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1)
-# --------------------------------------------------------------------------------------------------
+# --- 1. Noise schedule (variance preserving: z_t = alpha_t x0 + sigma_t eps, alpha_t^2 + sigma_t^2 = 1) ---
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("trailing", "leading", "linspace", "lcm")
@@ -189,9 +175,7 @@ def start_leakage(schedule: NoiseSchedule, num_steps: int, spacing: str = "trail
     return float(schedule.alphas_cumprod[t_first].sqrt())
 
 
-# --------------------------------------------------------------------------------------------------
-# 2. Parameterisations: what the network outputs, and how to read x0 and eps from it
-# --------------------------------------------------------------------------------------------------
+# --- 2. Parameterisations: what the network outputs, and how to read x0 and eps from it -----------
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")  # diffusers' names
 
@@ -242,9 +226,7 @@ def check_prediction_type(prediction_type: str, schedule: NoiseSchedule) -> None
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 7-12)
-# --------------------------------------------------------------------------------------------------
+# --- 3. The unrolled, differentiable few-step sampler (Alg. 1 lines 7-12) -------------------------
 
 def consistency_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
     """(c_skip, c_out) of a consistency model's boundary condition (Song et al. 2023, Eq. 7; Luo et al.
@@ -291,24 +273,6 @@ UPDATE_STEPS = {"ddim": ddim_step, "lcm": lcm_step}  # one function per update r
 UPDATES = tuple(UPDATE_STEPS)
 
 
-CHECKPOINT_POLICIES = ("full", "selective")
-_ATEN = torch.ops.aten
-# What selective checkpointing keeps: the outputs of the ops that cost FLOPs (matmuls, convolutions,
-# fused attention). Everything between them (norms, activations, elementwise arithmetic) is recomputed
-# from those outputs in the backward pass — memory-bound work, a small share of a step's time.
-SELECTIVE_SAVE_OPS = frozenset({
-    _ATEN.mm.default, _ATEN.addmm.default, _ATEN.bmm.default, _ATEN.baddbmm.default, _ATEN.convolution.default,
-    _ATEN._scaled_dot_product_flash_attention.default, _ATEN._scaled_dot_product_efficient_attention.default,
-    _ATEN._scaled_dot_product_cudnn_attention.default, _ATEN._scaled_dot_product_flash_attention_for_cpu.default,
-})
-
-
-def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective activation checkpointing (PyTorch's create_selective_checkpoint_contexts): keep the
-    outputs of SELECTIVE_SAVE_OPS, recompute every other op in the backward pass."""
-    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 def unrolled_sample(
     model: Denoiser,
     z_T: torch.Tensor,
@@ -339,7 +303,7 @@ def unrolled_sample(
     :param checkpoint: recompute each step's activations in backward (same gradients). False = store them
         (memory ~ T steps); "full" (True) = recompute the step (memory ~ one step, one more forward per
         step); "selective" = keep the matmul, convolution and attention outputs of all T steps, recompute
-        the ops between them (SELECTIVE_SAVE_OPS).
+        the ops between them (selective_checkpoint.SELECTIVE_SAVE_OPS).
     :param backprop_steps: K = gradients through the last K steps only (DRaFT-K); None = all.
     """
     check_choice("update", update, UPDATES)
@@ -357,15 +321,11 @@ def unrolled_sample(
     checkpoint = "full" if checkpoint is True else checkpoint
     if checkpoint is not False:
         check_choice("checkpoint", checkpoint, CHECKPOINT_POLICIES)
-    # "selective": the checkpoint keeps the outputs that selective_policy marks MUST_SAVE
-    policy = {"context_fn": partial(create_selective_checkpoint_contexts, selective_policy)} \
-        if checkpoint == "selective" else {}
 
     def evaluate(z, t):
         """One (guided) network evaluation, its activations recomputed in backward when checkpointing."""
         if checkpoint and torch.is_grad_enabled():
-            output = activation_checkpoint(guided_output, model, z, t, cond, uncond, guidance_scale,
-                                           use_reentrant=False, **policy)
+            output = checkpointed(guided_output, model, z, t, cond, uncond, guidance_scale, policy=checkpoint)
         else:
             output = guided_output(model, z, t, cond, uncond, guidance_scale)
         if output.shape != z.shape:
@@ -389,20 +349,16 @@ def unrolled_sample(
     return z
 
 
-# --------------------------------------------------------------------------------------------------
-# 4. Couplings: which noise z_T the sampler starts from for which target z0 (Alg. 1 line 6)
-# --------------------------------------------------------------------------------------------------
+# --- 4. Couplings: which noise z_T the sampler starts from for which target z0 (Alg. 1 line 6) ----
 
 COUPLINGS = ("independent", "inversion", "teacher")
 
 
 def _ddim_split(abar_t: float, abar_prev: float, eta: float) -> tuple[float, float]:
-    """How a DDIM step splits sigma_{t-1}: (the coefficient of the predicted eps, the std of the fresh
-    noise), Song et al. 2021 Eq. 16: noise = eta (sigma_{t-1} / sigma_t) sqrt(1 - abar_t / abar_{t-1}),
-    direction = sqrt(sigma_{t-1}^2 - noise^2). The direction is computed in float64 in the form
-        (sigma_{t-1} / sigma_t) sqrt((1 - eta^2) sigma_t^2 + eta^2 abar_t sigma_{t-1}^2 / abar_{t-1}),
-    a sum of non-negative terms: the subtraction cancels badly in float32 (eta = 1, abar_t = 0 under zero
-    terminal SNR: 0 in exact arithmetic, ~1e-4 in float32)."""
+    """A DDIM step's split of sigma_{t-1} (Song et al. 2021, Eq. 16): (the predicted eps's coefficient
+    sqrt(sigma_{t-1}^2 - noise^2), the fresh noise's std eta (sigma_{t-1} / sigma_t) sqrt(1 - abar_t / abar_{t-1})).
+    The coefficient is computed in float64 as a sum of non-negative terms, since the subtraction cancels
+    badly in float32 (eta = 1 under zero terminal SNR: 0 in exact arithmetic, ~1e-4 in float32)."""
     var_t, var_prev = 1.0 - abar_t, 1.0 - abar_prev
     if var_t <= 0.0:
         return 0.0, 0.0
@@ -431,7 +387,8 @@ def ddim_invert(
         for t, t_next in zip(grid[:-1], grid[1:]):
             t_batch = torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long)
             abar_t, abar_next = alphas_cumprod[t], alphas_cumprod[t_next]
-            x0_hat, eps = split_prediction(model(z, t_batch, cond).to(z.dtype), z, abar_t.sqrt().expand(len(z)), (1 - abar_t).sqrt().expand(len(z)), prediction_type)
+            x0_hat, eps = split_prediction(model(z, t_batch, cond).to(z.dtype), z, abar_t.sqrt().expand(len(z)),
+                                           (1 - abar_t).sqrt().expand(len(z)), prediction_type)
             z = abar_next.sqrt() * x0_hat + (1 - abar_next).sqrt() * eps  # DDIM step, run backwards
     return z
 
@@ -467,9 +424,7 @@ def couple(
     return z_T, target
 
 
-# --------------------------------------------------------------------------------------------------
-# 5. Reconstruction losses d(z0, z0_hat) (Alg. 1 line 13, Eq. 7)
-# --------------------------------------------------------------------------------------------------
+# --- 5. Reconstruction losses d(z0, z0_hat) (Alg. 1 line 13, Eq. 7) -------------------------------
 
 LOSS_TERMS = ("l1", "l2", "lpips")
 LPIPS_NETS = ("alex", "vgg", "squeeze")  # the lpips package's backbones (perceptual.LPIPS)
@@ -512,9 +467,7 @@ def reconstruction_loss(
     return terms
 
 
-# --------------------------------------------------------------------------------------------------
-# 6. Adversarial loss (Eq. 8: L_total = L_recon + lambda_GAN L_GAN)
-# --------------------------------------------------------------------------------------------------
+# --- 6. Adversarial loss (Eq. 8: L_total = L_recon + lambda_GAN L_GAN) ----------------------------
 
 GAN_KINDS = ("hinge", "non_saturating")
 
@@ -622,13 +575,11 @@ def r1_penalty(discriminator: nn.Module, real: torch.Tensor, *cond) -> tuple[tor
 class GANLoss:
     """The adversarial term of Eq. 8, its discriminator and the discriminator's AdamW.
 
-    Two warm-ups: before `gan_start_step` nothing touches the discriminator (the generator trains on the
-    reconstruction alone); before `critic_warmup_steps` the critic trains alone, on the frozen student's
-    samples, so that L_GAN starts from a critic that sees. train_step updates it `disc_steps` times per
-    generator step. `discriminator`: a PatchDiscriminator on images, or a critic with `reads_latents`
-    (critics.BaseFeatureDiscriminator), handed the denoiser's own z0 and the base's condition `cond`; with
-    `disc_conditional`, the class labels. DDP-wrapped or not: the generator pass uses the bare module.
-    """
+    Before `gan_start_step` nothing touches the discriminator; before `critic_warmup_steps` it trains alone,
+    on the frozen student's samples, so that L_GAN starts from a critic that sees; train_step updates it
+    `disc_steps` times per generator step. `discriminator`: a PatchDiscriminator on images, or a critic that
+    `reads_latents` (critics.BaseFeatureDiscriminator: the denoiser's z0 and the base's `cond`). DDP-wrapped
+    or not: the generator pass uses the bare module."""
 
     def __init__(self, discriminator: nn.Module, config: EndToEndConfig):
         self.discriminator, self.kind, self.weight = discriminator, config.gan_kind, config.gan_weight
@@ -683,10 +634,7 @@ class GANLoss:
         return {"disc": loss, "r1": penalty.mean().detach(), "logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
 
 
-# --------------------------------------------------------------------------------------------------
-# 7. EMA of the weights (Alg. 1 line 15)
-# --------------------------------------------------------------------------------------------------
-
+# --- 7. EMA of the weights (Alg. 1 line 15) -------------------------------------------------------
 
 class EMA:
     """Exponential moving average of a model's parameters (buffers copied), a frozen deep copy:
@@ -729,10 +677,7 @@ class EMA:
         self.module.load_state_dict(state["module"])
 
 
-# --------------------------------------------------------------------------------------------------
-# 8. The standard diffusion loss (Ho et al. 2020), to pretrain the base model
-# --------------------------------------------------------------------------------------------------
-
+# --- 8. The standard diffusion loss (Ho et al. 2020), to pretrain the base model ------------------
 
 def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, prediction_type: str = "v_prediction",
                    cond: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -751,10 +696,7 @@ def diffusion_loss(model: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, p
     return (output.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
-# --------------------------------------------------------------------------------------------------
-# 9. Algorithm 1: the end-to-end training step (lines 6-15, Eq. 7-8, and the discriminator's update)
-# --------------------------------------------------------------------------------------------------
-
+# --- 9. Algorithm 1: the end-to-end training step (lines 6-15, Eq. 7-8, and the discriminator's update) ---
 
 def option(default, why: str, choices: tuple | None = None, valid: str = ""):
     """A config field with a one-line "why", and what it may hold: `choices`, or `valid`, a range that
@@ -796,9 +738,8 @@ class EndToEndConfig:
                               valid=">= 0")
     gan_kind: str = option("hinge", "GAN objective (taming-transformers' hinge)", GAN_KINDS)
     gan_start_step: int = option(0, "step at which the GAN term and the discriminator's updates start", valid=">= 0")
-    gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers); under "
-                                "DDP each rank takes the ratio on its own micro-batch, so the ranks' weights differ and "
-                                "the step is not one process's on the global batch (--no-gan-adaptive: it is)")
+    gan_adaptive: bool = option(True, "scale lambda_GAN by the ratio of gradient norms (taming-transformers); under DDP each "
+                                "rank takes it on its own micro-batch, so the step is not one process's on the global batch")
     r1_weight: float = option(0.0, "R1 penalty on the discriminator's real inputs; 0 = off", valid=">= 0")
     disc_lr: float = option(1e-4, "discriminator AdamW lr, betas (0.5, 0.9) as taming; not given in the paper",
                            valid="> 0")
@@ -806,27 +747,21 @@ class EndToEndConfig:
     disc_layers: int = option(3, "PatchGAN strided layers (taming's default)", valid=">= 1")
     disc_conditional: bool = option(False, "projection discriminator on class labels (Miyato & Koyama 2018): it "
                                     "judges p(x | c), not p(x); class-conditional toy only")
-    disc_kind: str = option("patch", "patch = the paper's PatchGAN on images, trained from scratch; basefeat = trainable "
-                            "heads on the frozen base's features of re-noised inputs in its own space (LADD, DMD2)",
-                            DISC_KINDS)
-    disc_feature_layers: str = option("auto", "basefeat: comma-separated names in the base's named_modules() to read; "
-                                      "auto = the UNet's down and middle blocks, or 4 evenly spaced PixArt blocks",
-                                      valid="non-empty")
-    disc_t_distribution: str = option("logit_normal", "basefeat: t of the re-noised input; logit_normal (LADD) "
-                                      "t/N = sigmoid(loc + scale n), uniform = every timestep alike",
-                                      FEATURE_TIME_DISTRIBUTIONS)
-    disc_t_loc: float = option(-3.0, "basefeat, logit_normal: location; -3 = near-clean (median t/N ~ 0.05): the "
-                               "critic's held-out AUC falls with t (digits, 150 steps: 0.96 at -3, 0.65 at -1, chance at "
-                               "+1; see critics.BaseFeatureDiscriminator)")
+    disc_kind: str = option("patch", "patch = the paper's PatchGAN on images, from scratch; basefeat = trainable heads on the "
+                            "frozen base's features of re-noised inputs in its own space (LADD, DMD2)", DISC_KINDS)
+    disc_feature_layers: str = option("auto", "basefeat: comma-separated names in the base's named_modules(); auto = the "
+                                      "UNet's down and middle blocks, or 4 evenly spaced PixArt blocks", valid="non-empty")
+    disc_t_distribution: str = option("logit_normal", "basefeat: t of the re-noised input; logit_normal (LADD): t/N = "
+                                      "sigmoid(loc + scale n); uniform: every timestep alike", FEATURE_TIME_DISTRIBUTIONS)
+    disc_t_loc: float = option(-3.0, "basefeat, logit_normal: location; -3 = near-clean (median t/N ~ 0.05): the critic's "
+                               "held-out AUC falls with t (digits, 150 steps: 0.96 at -3, 0.65 at -1, chance at +1)")
     disc_t_scale: float = option(1.0, "basefeat, logit_normal: scale of the logit", valid="> 0")
-    disc_train_backbone: bool = option(False, "basefeat: also train a copy of the base under the heads (DMD2's critic "
-                                       "is a trained diffusion network; one more model and its AdamW state in memory); "
-                                       "default: the frozen base, heads only (LADD)")
+    disc_train_backbone: bool = option(False, "basefeat: also train a copy of the base under the heads (DMD2; one more "
+                                       "model and its AdamW state in memory); default: the frozen base, heads only (LADD)")
     disc_steps: int = option(1, "discriminator updates per generator step (DMD2: 5), on the step's detached samples",
                              valid=">= 1")
-    critic_warmup_steps: int = option(0, "the first N steps train the discriminator alone (the generator frozen, fakes "
-                                      "from it), so L_GAN starts from a critic that sees; not in the paper, whose critic "
-                                      "starts cold (a PatchGAN needs ~100 critic steps to separate digits)", valid=">= 0")
+    critic_warmup_steps: int = option(0, "the first N steps train the discriminator alone on the frozen student's samples; "
+                                      "not in the paper, whose critic starts cold (a PatchGAN needs ~100 steps)", valid=">= 0")
     # the update (Alg. 1 lines 14-15)
     grad_clip: float = option(1.0, "gradient-norm clip; not in the paper: diffusers' scripts' default; 0 = off",
                               valid=">= 0")
@@ -835,8 +770,7 @@ class EndToEndConfig:
     # memory
     grad_checkpoint: bool = option(True, "recompute each sampler step in backward: same gradients, ~1/T the memory")
     checkpoint_policy: str = option("full", "what --grad-checkpoint recomputes: full = the whole step (least memory); "
-                                    "selective = all but the matmul, convolution and attention outputs, which are kept "
-                                    "for all T steps (less recompute, more memory)", CHECKPOINT_POLICIES)
+                                    "selective = all but matmul, conv and attention outputs (kept)", CHECKPOINT_POLICIES)
     backprop_steps: int = option(0, "0 = backprop through all T steps (paper); K = only the last K (DRaFT-K)",
                             valid=">= 0")
 
@@ -857,9 +791,8 @@ class EndToEndLoss(nn.Module):
     """Alg. 1 lines 7-13 and Eq. 8 for one batch: unroll the T-step sampler from z_T, with gradients,
     and put the loss on its output: L_total = d(z0, z0_hat) + lambda_GAN L_GAN.
 
-    A module so that DDP can wrap it: DDP then sees one forward per step, and the per-step activation
-    checkpointing runs inside that forward. Only `denoiser` is a submodule; the frozen LPIPS network, the
-    decoder and the discriminator stay outside DDP's view.
+    A module so that DDP can wrap it (one forward per step, the activation checkpointing inside it); only
+    `denoiser` is a submodule: LPIPS, the decoder and the discriminator stay outside DDP's view.
 
     :param denoiser: the trained model, denoiser(z_t, t, cond) -> output (see `Denoiser`).
     :param decode: latents -> images for LPIPS and the discriminator (a VAE decoder); None in pixel space.

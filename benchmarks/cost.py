@@ -4,7 +4,7 @@ For T in 1, 2, 4, 8 on the toy UNet of train_toy.py, interleaved over repeats (m
   - wall time of one end-to-end training step (unrolled sampler forward, loss, backward, AdamW step):
     plain, per-step checkpointed ("ckpt": the whole step recomputed), selectively checkpointed ("sel":
     the outputs of convolutions and matmuls kept, the norms and activations between them recomputed;
-    e2ediff.SELECTIVE_SAVE_OPS), and truncated to the last step (DRaFT-K with K = 1);
+    selective_checkpoint.SELECTIVE_SAVE_OPS), and truncated to the last step (DRaFT-K with K = 1);
   - the floor: T standard diffusion training steps at the same batch (an unrolled step does
     T forwards and T backwards, like T single steps);
   - peak memory of each: each configuration runs in a fresh subprocess (CPU: the RSS high-water

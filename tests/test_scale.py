@@ -17,6 +17,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 
 import e2ediff
+import selective_checkpoint
 import train_utils
 from benchmarks import counters, scale
 
@@ -121,10 +122,10 @@ def test_selective_checkpointing_of_a_conv_net_matches_plain_gradients():
 
 def test_selective_policy_keeps_matmul_and_conv_outputs_only():
     ctx = None
-    assert e2ediff.selective_policy(ctx, torch.ops.aten.mm.default) == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
-    assert e2ediff.selective_policy(ctx, torch.ops.aten.convolution.default) == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    assert selective_checkpoint.selective_policy(ctx, torch.ops.aten.mm.default) == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+    assert selective_checkpoint.selective_policy(ctx, torch.ops.aten.convolution.default) == torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
     for op in (torch.ops.aten.native_group_norm.default, torch.ops.aten.silu.default, torch.ops.aten.add.Tensor):
-        assert e2ediff.selective_policy(ctx, op) == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+        assert selective_checkpoint.selective_policy(ctx, op) == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def test_checkpoint_policy_option_reaches_the_sampler_and_needs_grad_checkpoint():
