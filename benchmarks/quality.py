@@ -367,6 +367,9 @@ class DigitsMeter:
         return {"cfd": self.cfd(images), **toy_training.pixel_metrics(images, self.data.test_images)}
 
 
+LCM_DDIM = "LCM through DDIM"  # the untrained LCM sampled by deterministic DDIM on its grid: the ddim arm's start
+
+
 def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
     """Pretrain the seed's base (and distil its LCM); make the backbone and coupling pairs that
     every fine-tune shares. Rows: the real-data floor, base DDIM at BASE_NFE, the LCM at `nfes`."""
@@ -387,6 +390,9 @@ def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
         toy_training.distill(lcm_config, data, device)
         model = toy_training.load_lcm(lcm_config, data, device)
         rows += [row("digits", split, seed, "LCM", k, meter(lcm_config, model, k, lcm=True)) for k in nfes]
+        # the control of every --lcm-update ddim recipe: the same LCM, untrained, through deterministic DDIM
+        through_ddim = changed(lcm_config, lcm_update="ddim")
+        rows += [row("digits", split, seed, LCM_DDIM, k, meter(through_ddim, model, k, lcm=True)) for k in nfes]
     return rows
 
 
@@ -635,6 +641,15 @@ def headlines(rows, plan, table):
         verdicts[f"table1/{name}/nfe4 vs LCM 4"] = {**result, "goal_cfd_ratio": 0.85,
                                                     "meets_goal": result["beats"] and result["distance_ratio_mean"] <= 0.85}
         verdicts[f"table1/{name}/nfe4 vs base DDIM 50"] = compare(rows, "digits", name, 4, "base DDIM", 50)
+        if table["table1"][name][0].get("lcm_update") == "ddim":  # also against its own start, untrained
+            result = compare(rows, "digits", name, 4, LCM_DDIM, 4)
+            table1[f"table1/{name}/nfe4/cfd_ratio_vs_lcm_ddim"] = result["distance_ratio_mean"]
+            table1[f"table1/{name}/nfe4/pixel_ratio_vs_lcm_ddim"] = result["pixel_ratio_mean"]
+            table1[f"table1/{name}/nfe4/recall_delta_vs_lcm_ddim"] = result["recall_delta_mean"]
+            verdicts[f"table1/{name}/nfe4 vs {LCM_DDIM} 4"] = result
+            control = compare(rows, "digits", LCM_DDIM, 4, "LCM", 4)
+            table1["table1/lcm_ddim_untrained/nfe4/cfd_ratio_vs_lcm"] = control["distance_ratio_mean"]
+            verdicts[f"table1/{LCM_DDIM}/nfe4 vs LCM 4"] = control
     return main, table1, verdicts, summary
 
 

@@ -557,8 +557,7 @@ def quality_critic_goals(record: dict) -> str:
     for recipe in record["recipes"]["digits"]:
         result = record["verdicts"][f"digits/{recipe}/nfe4 vs base DDIM 50"]
         anchor = "digits/teacher-L2/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
-        rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
-                                    f"{result['recall_delta_mean']:+.3f}",
+        rows.append([f"`{recipe}`", ratio_cells(result),
                      *critic_goal_cells(record, recipe, f"digits/{recipe}/nfe4", result["beats"], anchor)])
     return (f"4 NFE, {where(record)}. "
             f"Goal: CFD ratio to the same seed's base at 50 DDIM steps ≤ {rule['cfd_ratio_at_most']} with pixel ratio "
@@ -571,22 +570,38 @@ def quality_critic_goals(record: dict) -> str:
 
 def quality_critic_table1(record: dict) -> str:
     """Table 1 of the critic study: each recipe from the LCM against the LCM's own 4 steps (goal <= 0.85 with the
-    pixel and recall checks), its hf ratio against its update's L2 + P row, its critic's AUC."""
+    pixel and recall checks), its hf ratio against its update's L2 + P row, its critic's AUC; a DDIM recipe also
+    against its own start, the untrained LCM through DDIM (where the record has that control)."""
+    control = "LCM through DDIM"  # benchmarks.quality.LCM_DDIM
+    controlled = f"table1/{control}/nfe4 vs LCM 4" in record["verdicts"]
     rows = []
     for recipe in record["recipes"]["table1"]:
         result = record["verdicts"][f"table1/{recipe}/nfe4 vs LCM 4"]
         arm = recipe.split("-teacher")[0].split("-GAN")[0]  # lcm or lcm-ddim: the update it trains through
         anchor = f"table1/{arm}-teacher-L2+P/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
-        rows.append([f"`{recipe}`", f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / "
-                                    f"{result['recall_delta_mean']:+.3f}",
-                     *critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor)])
+        cells = [f"`{recipe}`", ratio_cells(result)]
+        if controlled:
+            own = record["verdicts"].get(f"table1/{recipe}/nfe4 vs {control} 4")
+            cells.append("–" if own is None else ratio_cells(own) + (" (beats it)" if own["beats"] else " (**does not beat it**)"))
+        rows.append(cells + critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor))
+    header = ["recipe", "CFD ratio / pixel ratio / recall Δ vs the LCM"] + (
+        ["… vs the untrained LCM through DDIM"] if controlled else []) + ["hf ratio", "critic AUC: warm-up → end", "goal"]
+    caption = ""
+    if controlled:
+        own = record["verdicts"][f"table1/{control}/nfe4 vs LCM 4"]
+        caption = (f" The control: the untrained LCM sampled through deterministic DDIM on its grid is "
+                   f"{ratio_cells(own)} its own update's (CFD ratio / pixel ratio / recall Δ), so a `lcm-ddim-` row "
+                   "improves on its own start only where it beats that control.")
     return (f"{where(record)[0].upper()}{where(record)[1:]}. From each seed's LCM at 4 NFE (`lcm-`: through its own "
             "update, fresh noise between steps; `lcm-ddim-`: "
             "through deterministic DDIM on its grid), against the same seed's LCM at its own 4 steps. Goal: CFD ratio "
             "≤ 0.85 with pixel ratio ≤ 1.0 and recall Δ ≥ −0.05; hf ratio nearer 1 than the same update's "
-            "`teacher-L2+P`.\n\n"
-            + table(["recipe", "CFD ratio / pixel ratio / recall Δ vs the LCM", "hf ratio", "critic AUC: warm-up → end",
-                     "goal"], rows))
+            f"`teacher-L2+P`.{caption}\n\n" + table(header, rows))
+
+
+def ratio_cells(result: dict) -> str:
+    """CFD ratio / pixel ratio / recall Δ of one comparison's seed means."""
+    return f"{number(result['distance_ratio_mean'])} / {number(result['pixel_ratio_mean'])} / {result['recall_delta_mean']:+.3f}"
 
 
 # ----------------------------------------------------------------------------------------------

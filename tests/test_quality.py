@@ -197,11 +197,20 @@ def test_critic_study_headline_has_hf_ratio_for_every_recipe_and_auc_for_every_g
     plan = {**quality.PLANS["quick"], "nfe": quality.STUDIES["critic"]["nfe"]}
     extra = {"hf_ratio": 0.8}
     rows = [digits_row("real data", None, 0, 4.0, split="test"),
-            *[{**digits_row(m, k, 0, 5.0, split="test"), **extra} for m in ("base DDIM", "LCM") for k in (4, 50)]]
+            *[{**digits_row(m, k, 0, 5.0, split="test"), **extra} for m in ("base DDIM", "LCM") for k in (4, 50)],
+            {**digits_row(quality.LCM_DDIM, 4, 0, 4.0, split="test"), **extra}]  # the ddim arm's untrained start
     for name, (fields, _) in [*table["digits"].items(), *table["table1"].items()]:
         auc = {"critic_auc_warmup": 0.85, "critic_auc": 0.9} if fields.get("gan_weight", 0) > 0 else {}
         rows.append({**digits_row(name, 4, 0, 5.0, split="test"), **extra, **auc})
-    main, table1, _, _ = quality.headlines(rows, plan, table)
+    main, table1, verdicts, _ = quality.headlines(rows, plan, table)
+    assert table1["table1/lcm_ddim_untrained/nfe4/cfd_ratio_vs_lcm"] == pytest.approx(0.8)
+    for name, (fields, _) in table["table1"].items():  # a DDIM recipe is also measured against its own start
+        through_ddim = fields["lcm_update"] == "ddim"
+        assert (f"table1/{name}/nfe4/cfd_ratio_vs_lcm_ddim" in table1) == through_ddim
+        assert (f"table1/{name}/nfe4 vs {quality.LCM_DDIM} 4" in verdicts) == through_ddim
+        if through_ddim:
+            assert table1[f"table1/{name}/nfe4/cfd_ratio_vs_lcm_ddim"] == pytest.approx(1.25)
+            assert table1[f"table1/{name}/nfe4/cfd_ratio_vs_lcm"] == pytest.approx(1.0)
     for prefix, names in (("digits", table["digits"]), ("table1", table["table1"])):
         for name in names:
             keys = set(main if prefix == "digits" else table1)
