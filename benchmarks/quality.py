@@ -56,14 +56,18 @@ records its held-out AUC after the warm-up and at the end; fine-tunes of CRITIC_
 declared: nothing is swept) at 4 NFE, on CRITIC_REPORTING_SEEDS. Table 2's shape from the diffusion base (L2, L2 + P,
 + PatchGAN, + base-feature critic), and Table 1 from the LCM through its own update and through DDIM, with a
 GAN-only row. Extra headline keys: .../hf_ratio (Laplacian power of samples / real: detail), and for every GAN
-recipe .../critic_auc_warmup and .../critic_auc. Files: quality-critic.json, quality-critic-table1.json;
-quality-critic-pilot*.json for its validation pilot.
+recipe .../critic_auc_warmup and .../critic_auc. A DDIM recipe also faces its own untrained start, the LCM through
+DDIM (LCM_DDIM, a row of every base): table1/R/nfe4/cfd_ratio_vs_lcm_ddim, .../pixel_ratio_vs_lcm_ddim,
+.../recall_delta_vs_lcm_ddim, and table1/lcm_ddim_untrained/nfe4/cfd_ratio_vs_lcm. Files: quality-critic.json,
+quality-critic-table1.json; quality-critic-pilot*.json for its validation pilot. How long each critic's warm-up
+would need to be against each student: benchmarks/critic_warmup.py.
 
     python benchmarks/quality.py --study critic --pilot --work W    # every recipe on tuning seed 100, validation
     python benchmarks/quality.py --study critic --work W            # its report (reporting seeds, test split)
 
 Jobs (a seed's base, then one fine-tune each) run in a pool of one-thread processes, one per core; a
---work folder keeps every checkpoint, so a run again in it skips what is done.
+--work folder keeps every checkpoint, so a run again in it skips the training that is done and evaluates every
+row again (the JSON then says so: reused_work, and wall_seconds is that run's alone).
 """
 from __future__ import annotations
 
@@ -334,7 +338,7 @@ def row(dataset, split, seed, model, nfe, metrics):
 def digits_config(plan, seed, split, folder, **fields):
     if "finetune_steps" in fields:  # a recipe's own length (the critic study's); --quick caps it, and its warm-up
         fields["finetune_steps"] = min(fields["finetune_steps"], plan.get("max_finetune_steps", fields["finetune_steps"]))
-        if "critic_warmup_steps" in fields:
+        if "critic_warmup_steps" in fields and "max_finetune_steps" in plan:
             fields["critic_warmup_steps"] = min(fields["critic_warmup_steps"], fields["finetune_steps"] // 2)
     fields = {"finetune_steps": plan["digits_finetune_steps"], **fields}
     return make_config(
@@ -396,15 +400,20 @@ def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
     return rows
 
 
-def finetune_digits(plan, seed, split, work, name, fields, nfes):
-    """Fine-tune the seed's base (or LCM) with one recipe, one model per NFE; rows of each at its NFE."""
+def recipe_folder(work, split, seed, name) -> str:
+    """<work>/<split>/digits-seed<seed>/<name>, holding links to the seed's base, LCM, backbone and pairs."""
     root = seed_folder(work, "digits", split, seed)
     folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)
     for file in os.listdir(os.path.join(root, "base")):  # base, LCM, backbone, pairs: shared
         if file.endswith(".pt") and not file.startswith("finetune") and not os.path.exists(os.path.join(folder, file)):
             os.link(os.path.join(root, "base", file), os.path.join(folder, file))
-    config = digits_config(plan, seed, split, folder, nfe=tuple(nfes), **fields)
+    return folder
+
+
+def finetune_digits(plan, seed, split, work, name, fields, nfes):
+    """Fine-tune the seed's base (or LCM) with one recipe, one model per NFE; rows of each at its NFE."""
+    config = digits_config(plan, seed, split, recipe_folder(work, split, seed, name), nfe=tuple(nfes), **fields)
     device, data = torch.device("cpu"), toy_training.build_dataset(config)
     toy_training.finetune(config, data, device)
     meter = DigitsMeter(config, data)
@@ -746,6 +755,7 @@ def main(argv=None) -> dict:
         plan = {**plan, "reporting_seeds": study.get("reporting_seeds", plan["reporting_seeds"])}
         if only is None and not args.tune:
             check_frozen(study["tuned"], args.study)
+    reused = args.work is not None and os.path.isdir(args.work) and any(os.scandir(args.work))
     temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
     work = args.work or temporary.name
     os.makedirs(args.out, exist_ok=True)
@@ -755,7 +765,9 @@ def main(argv=None) -> dict:
                                                                  f"{plan['reporting_seeds'][0]}, against the validation "
                                                                  "split"} if args.pilot else {}),
               "protocol": {**PROTOCOL, "tuning_seeds": plan["tuning_seeds"], "reporting_seeds": plan["reporting_seeds"]},
-              "plan": plan, "torch": torch.__version__, "cores": os.cpu_count()}
+              "plan": plan, "torch": torch.__version__, "cores": os.cpu_count(),
+              **({"reused_work": "wall_seconds is this run's alone: the stages already finished in --work were "
+                                 "evaluated, not trained again"} if reused else {})}
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         tuned = study["tuned"]
         if (args.tune or args.quick) and not args.pilot:

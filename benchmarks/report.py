@@ -35,7 +35,7 @@ DOCUMENTS = ("README.md", "docs/guide.md", "benchmarks/README.md", "related/READ
 def headline_line(headline: dict) -> str:
     """The headline as the benchmarks print it last: one JSON object, numbers rounded to 4 decimals (a sweep's
     chosen value may also be a string or a bool)."""
-    return json.dumps({key: value if isinstance(value, (str, bool)) else round(value, 4)
+    return json.dumps({key: value if value is None or isinstance(value, (str, bool)) else round(value, 4)
                        for key, value in headline.items()})
 
 
@@ -585,7 +585,8 @@ def quality_critic_table1(record: dict) -> str:
             cells.append("–" if own is None else ratio_cells(own) + (" (beats it)" if own["beats"] else " (**does not beat it**)"))
         rows.append(cells + critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor))
     header = ["recipe", "CFD ratio / pixel ratio / recall Δ vs the LCM"] + (
-        ["… vs the untrained LCM through DDIM"] if controlled else []) + ["hf ratio", "critic AUC: warm-up → end", "goal"]
+        ["… vs the untrained LCM through DDIM"] if controlled else []) + [
+        "hf ratio", "critic AUC: warm-up → end", "goal (vs the LCM)" if controlled else "goal"]
     caption = ""
     if controlled:
         own = record["verdicts"][f"table1/{control}/nfe4 vs LCM 4"]
@@ -597,6 +598,24 @@ def quality_critic_table1(record: dict) -> str:
             "through deterministic DDIM on its grid), against the same seed's LCM at its own 4 steps. Goal: CFD ratio "
             "≤ 0.85 with pixel ratio ≤ 1.0 and recall Δ ≥ −0.05; hf ratio nearer 1 than the same update's "
             f"`teacher-L2+P`.{caption}\n\n" + table(header, rows))
+
+
+def critic_warmup_table(record: dict) -> str:
+    """critic-warmup.json: per critic and frozen student, the held-out AUC after the critic study's warm-up and
+    after this probe's, and the first logged step at which it reached the goal."""
+    headline, rows = record["headline"], []
+    for result in record["results"]:
+        prefix = f"{result['critic']}/{result['student']}"
+        reached = headline[f"{prefix}/steps_to_goal"]
+        rows.append([result["critic"], result["student"], f"{headline[f'{prefix}/auc_at_study_warmup']:.3f}",
+                     f"{headline[f'{prefix}/auc_final']:.3f}", "**never**" if reached is None else number(reached),
+                     number(round(result["seconds"]))])
+    return (f"Tuning seed {record['seed']}, {record['split']} split, {record['nfe']} NFE; the critic alone, "
+            f"{record['warmup_steps']:,} steps, its held-out AUC logged every {record['log_every']} steps "
+            f"({number(round(record['wall_seconds']))} s on {record['cores']} cores).\n\n"
+            + table(["critic", "frozen student", f"AUC after {record['study_warmup_steps']} steps (the study's warm-up)",
+                     f"AUC after {record['warmup_steps']:,}", f"first step at AUC ≥ {record['auc_goal']}",
+                     "seconds (one thread)"], rows))
 
 
 def ratio_cells(result: dict) -> str:
@@ -656,6 +675,7 @@ RENDERERS = {
     "quality-critic": ("quality-critic.json", quality_tables),
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
+    "critic-warmup": ("critic-warmup.json", critic_warmup_table),
 }
 # Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
 PENDING: dict = {}

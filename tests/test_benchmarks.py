@@ -105,6 +105,23 @@ def test_quality_critic_study_quick_logs_every_critics_auc_and_every_rows_detail
     # every critic logged a held-out AUC in [0, 1] that is no coin flip after its (quick) warm-up
     aucs = [value for key, value in {**headline, **table1["headline"]}.items() if key.endswith("critic_auc_warmup")]
     assert len(aucs) == len(gan) + 6 and all(0.5 < value <= 1.0 for value in aucs), aucs
+    # the ddim arm is measured against its own untrained start too
+    assert "table1/lcm_ddim_untrained/nfe4/cfd_ratio_vs_lcm" in table1["headline"]
+    assert_finite_keys(table1["headline"], [f"table1/{name}/nfe4/cfd_ratio_vs_lcm_ddim"
+                                            for name in record["recipes"]["table1"] if name.startswith("lcm-ddim")])
+
+
+@pytest.mark.slow
+def test_critic_warmup_quick_logs_each_critics_auc_against_each_student_during_the_warmup_only(tmp_path):
+    headline = run_benchmark("critic_warmup.py", "--quick", "--out", str(tmp_path), timeout=900)
+    record = json.loads((tmp_path / "critic-warmup-quick.json").read_text())
+    assert (tmp_path / "critic-warmup-quick.png").exists()
+    assert len(record["results"]) == 6  # 2 critics x 3 students
+    for result in record["results"]:
+        steps = [step for step, _ in result["curve"]]
+        assert steps and steps[-1] == record["warmup_steps"]  # logged through the warm-up, never past it
+        assert all(0.0 <= auc <= 1.0 for _, auc in result["curve"])
+    assert_finite_keys(headline, [key for key in headline if key.endswith("auc_final")])
 
 
 @pytest.mark.slow

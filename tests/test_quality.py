@@ -230,3 +230,18 @@ def test_critic_study_declares_its_choices_and_reports_on_fresh_seeds(tmp_path, 
     with pytest.raises(SystemExit):
         quality.main(["--study", "critic", "--tune", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()  # refused before anything is created
+
+
+# ---------------------------------------------------------------- the critic warm-up probe
+
+
+def test_warmup_headline_names_the_first_step_at_the_goal_or_none_and_the_study_warmups_auc():
+    from benchmarks import critic_warmup
+    study = quality.CRITIC_WARMUP_STEPS
+    learns = {"critic": "PatchGAN", "student": "LCM", "curve": [[study, 0.6], [2 * study, 0.79], [3 * study, 0.81],
+                                                                [4 * study, 0.7]]}
+    stuck = {"critic": "basefeat", "student": "LCM", "curve": [[study, 0.55], [2 * study, 0.6]]}
+    values = critic_warmup.headline([learns, stuck], 4 * study)
+    assert values["PatchGAN/LCM/steps_to_goal"] == 3 * study  # the first step at >= 0.8, though it falls after
+    assert values["PatchGAN/LCM/auc_at_study_warmup"] == 0.6 and values["PatchGAN/LCM/auc_final"] == 0.7
+    assert values["basefeat/LCM/steps_to_goal"] is None and values["basefeat/LCM/auc_final"] == 0.6
