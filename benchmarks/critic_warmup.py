@@ -3,15 +3,15 @@
 The critic study (quality.py --study critic) gave every critic CRITIC_WARMUP_STEPS = 200 critic-only steps. Against
 the diffusion base's 4-step samples that was plenty (held-out AUC 0.997 for the PatchGAN, 0.957 for the base-feature
 critic, on the reporting seeds); against the distilled LCM's, which are close to the data, it left every critic at
-0.59-0.67, short of the issue's 0.8. This probe trains each critic alone against a frozen student for WARMUP_STEPS
-and logs its held-out AUC every LOG_EVERY steps (toy_training.CriticHealth: 256 held-out real digits against the
+0.59-0.67, short of the issue's 0.8. This probe trains each critic alone against a frozen student for
+WARMUP_STEPS[critic] steps and logs its held-out AUC every LOG_EVERY steps (toy_training.CriticHealth: 256 held-out real digits against the
 student's samples from fixed noise): how many steps each critic needs to reach AUC_GOAL, or where it levels off.
 
 The setting is the critic study's (quality.CRITIC_TERM: its GAN weight and CRITIC_DISC_STEPS critic updates per
 step; the toy's PatchGAN or the base-feature critic, quality.BASEFEAT), at 4 NFE, on tuning seed 100 against the
 validation split: a warm-up length is a tuning choice, never made on the test split. Students, all frozen: the
 diffusion base through 4-step DDIM, the LCM through its own update, the LCM through deterministic DDIM. Each run is a
-fine-tune of WARMUP_STEPS + 1 steps whose first WARMUP_STEPS are the warm-up; its one generator step is ignored.
+fine-tune whose warm-up is all but its last step; that one generator step is ignored.
 
     python benchmarks/critic_warmup.py --work W   # -> results/critic-warmup.json; W may already hold seed 100's base
                                                   #    (quality.py --study critic --pilot --work W makes it)
@@ -34,7 +34,9 @@ from benchmarks import quality
 from benchmarks.report import write_results
 from train_utils import changed
 
-WARMUP_STEPS = 1000  # five times the critic study's CRITIC_WARMUP_STEPS
+# 15 and 5 times the critic study's CRITIC_WARMUP_STEPS: a first run of 1,000 steps each left the PatchGAN still
+# rising against the LCM (0.75-0.78), the base-feature critic level from step 500 on (0.71-0.72) at twice the cost
+WARMUP_STEPS = {"PatchGAN": 3000, "basefeat": 1000}
 LOG_EVERY = 50
 AUC_GOAL = 0.8  # issue 32: a critic's held-out AUC at the end of its warm-up
 SEED = quality.PROTOCOL["tuning_seeds"][0]
@@ -49,7 +51,7 @@ CRITICS = {"PatchGAN": {}, "basefeat": quality.BASEFEAT}
 def probe(plan, work, student, critic, warmup, log_every) -> dict:
     """One critic warmed up against one student: {"student", "critic", "curve": [[step, AUC], ...], "seconds"}."""
     torch.set_num_threads(1)
-    name = f"warmup-{critic}-{student}".replace(" ", "-")
+    name = f"warmup{warmup}-{critic}-{student}".replace(" ", "-")
     log = os.path.join(work, "logs", f"{name}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     fields = {"coupling": "teacher", **quality.CRITIC_TERM, **CRITICS[critic], **STUDENTS[student],
@@ -68,23 +70,23 @@ def probe(plan, work, student, critic, warmup, log_every) -> dict:
     with open(os.path.join(folder, "metrics.jsonl")) as file:
         rows = [row for row in map(json.loads, file) if row.get("stage") == stage and "critic_auc" in row]
     warmed = [row for row in rows if row["step"] <= config.e2e.critic_warmup_steps]
-    return {"student": student, "critic": critic, "curve": [[row["step"], row["critic_auc"]] for row in warmed],
-            "seconds": warmed[-1]["seconds"]}
+    return {"student": student, "critic": critic, "warmup_steps": warmup,
+            "curve": [[row["step"], row["critic_auc"]] for row in warmed], "seconds": warmed[-1]["seconds"]}
 
 
-def headline(results: list, warmup: int) -> dict:
+def headline(results: list) -> dict:
     """Per critic and student: the first logged step at which the AUC reaches AUC_GOAL (None: never within the
     warm-up), the AUC at the critic study's warm-up length, and at the end of this one."""
     values = {}
     for result in results:
         prefix, curve = f"{result['critic']}/{result['student']}", dict(map(tuple, result["curve"]))
         values[f"{prefix}/steps_to_goal"] = next((step for step, auc in sorted(curve.items()) if auc >= AUC_GOAL), None)
-        values[f"{prefix}/auc_at_study_warmup"] = curve.get(min(quality.CRITIC_WARMUP_STEPS, warmup))
+        values[f"{prefix}/auc_at_study_warmup"] = curve.get(min(quality.CRITIC_WARMUP_STEPS, result["warmup_steps"]))
         values[f"{prefix}/auc_final"] = curve[max(curve)]
     return values
 
 
-def plot(results: list, warmup: int, path: str) -> None:
+def plot(results: list, path: str) -> None:
     """Held-out AUC against critic-only steps, one panel per critic, one line per student."""
     import matplotlib
 
@@ -97,7 +99,7 @@ def plot(results: list, warmup: int, path: str) -> None:
             steps, aucs = zip(*result["curve"])
             ax.plot(steps, aucs, marker=".", label=result["student"])
         ax.axhline(AUC_GOAL, color="grey", linestyle="--", linewidth=1)
-        ax.axvline(min(quality.CRITIC_WARMUP_STEPS, warmup), color="grey", linestyle=":", linewidth=1)
+        ax.axvline(quality.CRITIC_WARMUP_STEPS, color="grey", linestyle=":", linewidth=1)
         ax.set(title=critic, xlabel="critic-only steps", ylim=(0.4, 1.02))
     axes[0].set_ylabel("held-out AUC (validation)")
     axes[0].legend(loc="lower right")
@@ -108,7 +110,7 @@ def plot(results: list, warmup: int, path: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny base, 1 warm-up step: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny base, 1 warm-up step each: a smoke run")
     parser.add_argument("--out", default=quality.RESULTS, help="folder for the JSON")
     parser.add_argument("--work", default=None, help="folder for the checkpoints, kept (seed 100's base is reused "
                         "from it when there); default a temporary one, deleted after")
@@ -116,16 +118,17 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     start = time.time()
     plan = {**quality.PLANS["quick" if args.quick else "full"], "nfe": (4,)}
-    warmup, log_every = (1, 1) if args.quick else (WARMUP_STEPS, LOG_EVERY)
+    warmup, log_every = ({critic: 1 for critic in CRITICS}, 1) if args.quick else (WARMUP_STEPS, LOG_EVERY)
+    reused = args.work is not None and os.path.isdir(args.work) and any(os.scandir(args.work))
     temporary = tempfile.TemporaryDirectory(prefix="critic-warmup-") if args.work is None else None
     work = args.work or temporary.name
     os.makedirs(args.out, exist_ok=True)
-    print(f"critic warm-up probe: seed {SEED}, validation split, {warmup} critic-only steps, work folder {work}",
+    print(f"critic warm-up probe: seed {SEED}, validation split, critic-only steps {warmup}, work folder {work}",
           flush=True)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         pool.apply(quality.run_job, (quality.prepare_jobs(plan, (SEED,), "validation", work, ("digits",), lcm=True,
                                                           couplings=("teacher",))[0],))
-        jobs = [(plan, work, student, critic, warmup, log_every) for critic in CRITICS for student in STUDENTS]
+        jobs = [(plan, work, student, critic, warmup[critic], log_every) for critic in CRITICS for student in STUDENTS]
         results = pool.starmap(probe, jobs)
         pool.close()
         pool.join()
@@ -136,10 +139,12 @@ def main(argv=None) -> dict:
     record = {"mode": "quick" if args.quick else "full", "seed": SEED, "split": "validation", "nfe": 4,
               "warmup_steps": warmup, "log_every": log_every, "auc_goal": AUC_GOAL,
               "study_warmup_steps": quality.CRITIC_WARMUP_STEPS, "critic_term": quality.CRITIC_TERM,
-              "torch": torch.__version__, "cores": os.cpu_count(), "results": results}
-    values = headline(results, warmup)
+              "torch": torch.__version__, "cores": os.cpu_count(), "results": results,
+              **({"reused_work": "wall_seconds is this run's alone: runs already finished in --work were read, not "
+                                 "trained again (each run's own time: its seconds)"} if reused else {})}
+    values = headline(results)
     name = "critic-warmup" + ("-quick" if args.quick else "")
-    plot(results, warmup, os.path.join(args.out, f"{name}.png"))
+    plot(results, os.path.join(args.out, f"{name}.png"))
     write_results(args.out, name, record, values, start)
     return values
 

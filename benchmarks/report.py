@@ -602,19 +602,20 @@ def quality_critic_table1(record: dict) -> str:
 
 def critic_warmup_table(record: dict) -> str:
     """critic-warmup.json: per critic and frozen student, the held-out AUC after the critic study's warm-up and
-    after this probe's, and the first logged step at which it reached the goal."""
+    at the end of this probe's, and the first logged step at which it reached the goal."""
     headline, rows = record["headline"], []
     for result in record["results"]:
         prefix = f"{result['critic']}/{result['student']}"
         reached = headline[f"{prefix}/steps_to_goal"]
         rows.append([result["critic"], result["student"], f"{headline[f'{prefix}/auc_at_study_warmup']:.3f}",
-                     f"{headline[f'{prefix}/auc_final']:.3f}", "**never**" if reached is None else number(reached),
-                     number(round(result["seconds"]))])
-    return (f"Tuning seed {record['seed']}, {record['split']} split, {record['nfe']} NFE; the critic alone, "
-            f"{record['warmup_steps']:,} steps, its held-out AUC logged every {record['log_every']} steps "
-            f"({number(round(record['wall_seconds']))} s on {record['cores']} cores).\n\n"
+                     number(result["warmup_steps"]), f"{headline[f'{prefix}/auc_final']:.3f}",
+                     "**never**" if reached is None else number(reached), number(round(result["seconds"]))])
+    return (f"Tuning seed {record['seed']}, {record['split']} split, {record['nfe']} NFE; the critic alone, its held-out "
+            f"AUC logged every {record['log_every']} steps; each run's own time in the last column"
+            + (" (runs finished earlier in the work folder were read, not trained again)" if "reused_work" in record
+               else f" ({number(round(record['wall_seconds']))} s in all on {record['cores']} cores)") + ".\n\n"
             + table(["critic", "frozen student", f"AUC after {record['study_warmup_steps']} steps (the study's warm-up)",
-                     f"AUC after {record['warmup_steps']:,}", f"first step at AUC ≥ {record['auc_goal']}",
+                     "probe's warm-up (steps)", "AUC at its end", f"first step at AUC ≥ {record['auc_goal']}",
                      "seconds (one thread)"], rows))
 
 
