@@ -60,7 +60,8 @@ recipe .../critic_auc_warmup and .../critic_auc. A DDIM recipe also faces its ow
 DDIM (LCM_DDIM, a row of every base): table1/R/nfe4/cfd_ratio_vs_lcm_ddim, .../pixel_ratio_vs_lcm_ddim,
 .../recall_delta_vs_lcm_ddim, and table1/lcm_ddim_untrained/nfe4/cfd_ratio_vs_lcm. Files: quality-critic.json,
 quality-critic-table1.json; quality-critic-pilot*.json for its validation pilot. How long each critic's warm-up
-would need to be against each student: benchmarks/critic_warmup.py.
+would need to be against each student: benchmarks/critic_warmup.py, from which CRITIC_LONG_WARMUP_STEPS is declared
+(the GAN-only Table 1 rows again, -GAN-warm1500).
 
     python benchmarks/quality.py --study critic --pilot --work W    # every recipe on tuning seed 100, validation
     python benchmarks/quality.py --study critic --work W            # its report (reporting seeds, test split)

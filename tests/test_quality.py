@@ -179,12 +179,20 @@ def test_gan_report_refuses_an_unfrozen_sweep(tmp_path, monkeypatch):
 def test_critic_study_recipes_carry_the_frozen_length_and_every_gan_recipe_warms_its_critic_up():
     table = quality.critic_recipes({"critic_finetune_steps": 1500})
     recipes = {name: fields for part in table.values() for name, (fields, _) in part.items()}
-    assert all(fields["finetune_steps"] == 1500 for fields in recipes.values())
+    long = {name: fields for name, fields in recipes.items() if name.endswith(f"-warm{quality.CRITIC_LONG_WARMUP_STEPS}")}
+    assert all(fields["finetune_steps"] == 1500 for name, fields in recipes.items() if name not in long)
     gan = {name: fields for name, fields in recipes.items() if fields.get("gan_weight", 0) > 0}
-    assert set(gan) == {name for name in recipes if "GAN" in name or "basefeat" in name} and len(gan) == 8
-    for fields in gan.values():
-        assert fields["critic_warmup_steps"] == quality.CRITIC_WARMUP_STEPS < 1000 <= fields["finetune_steps"]
+    assert set(gan) == {name for name in recipes if "GAN" in name or "basefeat" in name} and len(gan) == 10
+    for name, fields in gan.items():
+        warmup = quality.CRITIC_LONG_WARMUP_STEPS if name in long else quality.CRITIC_WARMUP_STEPS
+        assert fields["critic_warmup_steps"] == warmup < fields["finetune_steps"]
+        assert fields["finetune_steps"] - warmup == 1500 - quality.CRITIC_WARMUP_STEPS  # the same generator steps
         assert fields["disc_steps"] == quality.CRITIC_DISC_STEPS
+    assert set(long) == {"lcm-GAN-warm1500", "lcm-ddim-GAN-warm1500"}
+    for name in long:  # the GAN-only row it repeats, but for the warm-up
+        twin = recipes[name.removesuffix(f"-warm{quality.CRITIC_LONG_WARMUP_STEPS}")]
+        assert {k: v for k, v in long[name].items() if k not in ("critic_warmup_steps", "finetune_steps")} == \
+            {k: v for k, v in twin.items() if k not in ("critic_warmup_steps", "finetune_steps")}
     assert {fields["lcm_update"] for fields, _ in table["table1"].values()} == {"lcm", "ddim"}  # both update arms
     assert all(fields["finetune_lr"] == quality.TUNED["lcm_lr"] for fields, _ in table["table1"].values())
     for name in ("lcm-GAN", "lcm-ddim-GAN"):  # no regression term at all
