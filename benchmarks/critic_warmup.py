@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -119,9 +118,7 @@ def main(argv=None) -> dict:
     start = time.time()
     plan = {**quality.PLANS["quick" if args.quick else "full"], "nfe": (4,)}
     warmup, log_every = ({critic: 1 for critic in CRITICS}, 1) if args.quick else (WARMUP_STEPS, LOG_EVERY)
-    reused = args.work is not None and os.path.isdir(args.work) and any(os.scandir(args.work))
-    temporary = tempfile.TemporaryDirectory(prefix="critic-warmup-") if args.work is None else None
-    work = args.work or temporary.name
+    work, temporary, reused = quality.work_folder(args.work, "critic-warmup-")
     os.makedirs(args.out, exist_ok=True)
     print(f"critic warm-up probe: seed {SEED}, validation split, critic-only steps {warmup}, work folder {work}",
           flush=True)

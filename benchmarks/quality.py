@@ -88,7 +88,7 @@ import toy2d
 import toy_data
 import toy_nets
 import toy_training
-from benchmarks.report import write_results
+from benchmarks.report import LCM_DDIM, write_results
 from train_utils import changed, flat_config, make_config
 
 
@@ -378,9 +378,6 @@ class DigitsMeter:
 
     def images(self, images):
         return {"cfd": self.cfd(images), **toy_training.pixel_metrics(images, self.data.test_images)}
-
-
-LCM_DDIM = "LCM through DDIM"  # the untrained LCM sampled by deterministic DDIM on its grid: the ddim arm's start
 
 
 def prepare_digits(plan, seed, split, work, nfes, couplings, lcm):
@@ -726,6 +723,15 @@ def check_frozen(tuned, study="main"):
                          f"freeze them in {name} before the report")
 
 
+def work_folder(work: str | None, prefix: str):
+    """The folder a benchmark keeps its checkpoints in: `work` when given (`reused` when it already holds some:
+    finished stages are evaluated, not trained again), else a temporary one the caller cleans up."""
+    if work is not None:
+        return work, None, os.path.isdir(work) and any(os.scandir(work))
+    temporary = tempfile.TemporaryDirectory(prefix=prefix)
+    return temporary.name, temporary, False
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", choices=tuple(STUDIES), default="main", help="main = couplings and the loss zoo "
@@ -764,9 +770,7 @@ def main(argv=None) -> dict:
         plan = {**plan, "reporting_seeds": study.get("reporting_seeds", plan["reporting_seeds"])}
         if only is None and not args.tune:
             check_frozen(study["tuned"], args.study)
-    reused = args.work is not None and os.path.isdir(args.work) and any(os.scandir(args.work))
-    temporary = tempfile.TemporaryDirectory(prefix="quality-") if args.work is None else None
-    work = args.work or temporary.name
+    work, temporary, reused = work_folder(args.work, "quality-")
     os.makedirs(args.out, exist_ok=True)
     print(f"quality benchmark ({args.study} study, {plan_name}): {args.workers} one-thread workers, work folder {work}",
           flush=True)

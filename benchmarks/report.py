@@ -39,6 +39,10 @@ def headline_line(headline: dict) -> str:
                        for key, value in headline.items()})
 
 
+# A row label the benchmarks write and the renderers key on: the untrained LCM sampled by deterministic DDIM on
+# its grid, the start of every `--lcm-update ddim` fine-tune (benchmarks/quality.py makes it a row of every base).
+LCM_DDIM = "LCM through DDIM"
+
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
     """Write <out>/<name>.json (record + headline + wall time) and print the headline JSON last."""
     record = {**record, "headline": headline, "wall_seconds": time.time() - start}
@@ -572,8 +576,7 @@ def quality_critic_table1(record: dict) -> str:
     """Table 1 of the critic study: each recipe from the LCM against the LCM's own 4 steps (goal <= 0.85 with the
     pixel and recall checks), its hf ratio against its update's L2 + P row, its critic's AUC; a DDIM recipe also
     against its own start, the untrained LCM through DDIM (where the record has that control)."""
-    control = "LCM through DDIM"  # benchmarks.quality.LCM_DDIM
-    controlled = f"table1/{control}/nfe4 vs LCM 4" in record["verdicts"]
+    controlled = f"table1/{LCM_DDIM}/nfe4 vs LCM 4" in record["verdicts"]
     rows = []
     for recipe in record["recipes"]["table1"]:
         result = record["verdicts"][f"table1/{recipe}/nfe4 vs LCM 4"]
@@ -581,7 +584,7 @@ def quality_critic_table1(record: dict) -> str:
         anchor = f"table1/{arm}-teacher-L2+P/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
         cells = [f"`{recipe}`", ratio_cells(result)]
         if controlled:
-            own = record["verdicts"].get(f"table1/{recipe}/nfe4 vs {control} 4")
+            own = record["verdicts"].get(f"table1/{recipe}/nfe4 vs {LCM_DDIM} 4")
             cells.append("–" if own is None else ratio_cells(own) + (" (beats it)" if own["beats"] else " (**does not beat it**)"))
         rows.append(cells + critic_goal_cells(record, recipe, f"table1/{recipe}/nfe4", result["meets_goal"], anchor))
     header = ["recipe", "CFD ratio / pixel ratio / recall Δ vs the LCM"] + (
@@ -589,7 +592,7 @@ def quality_critic_table1(record: dict) -> str:
         "hf ratio", "critic AUC: warm-up → end", "goal (vs the LCM)" if controlled else "goal"]
     caption = ""
     if controlled:
-        own = record["verdicts"][f"table1/{control}/nfe4 vs LCM 4"]
+        own = record["verdicts"][f"table1/{LCM_DDIM}/nfe4 vs LCM 4"]
         caption = (f" The control: the untrained LCM sampled through deterministic DDIM on its grid is "
                    f"{ratio_cells(own)} its own update's (CFD ratio / pixel ratio / recall Δ), so a `lcm-ddim-` row "
                    "improves on its own start only where it beats that control.")
