@@ -223,6 +223,44 @@ def plot(steps_list, times, memory, memory_mmap, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def print_table(steps_list, times, memory, memory_mmap) -> None:
+    """The per-T table: seconds per step of each mode, its ratio to the floor, peak and held memory, page faults."""
+    trained = ("plain", "ckpt", "sel")
+    header = ([f"{m} (s)" for m in (*trained, "trunc", "floor")] + [f"{m}/floor" for m in trained]
+              + [f"peak MiB {m}" for m in trained] + [f"peak MiB {m} (mmap)" for m in trained]
+              + [f"held MiB {m}" for m in trained] + ["sampling (s)", "T bare calls (s)", "faults/step plain", "faults/step floor"])
+    print("\n| T | " + " | ".join(header) + " |\n|" + "---|" * (len(header) + 1))
+    for k in steps_list:
+        def mib(mode, field, probes=memory):
+            return f"{probes[f'{mode}_T{k}'][field] / 2**20:.1f}" if probes else "-"
+        cells = ([f"{times[f'{m}_T{k}']:.3f}" for m in (*trained, "trunc", "floor")]
+                 + [f"{times[f'{m}_T{k}'] / times[f'floor_T{k}']:.2f}" for m in trained]
+                 + [mib(m, "peak_bytes") for m in trained] + [mib(m, "peak_bytes", memory_mmap) for m in trained]
+                 + [mib(m, "held_bytes") for m in trained]
+                 + [f"{times[f'sample_T{k}']:.4f}", f"{times[f'bare_T{k}']:.4f}", f"{times[f'faults_plain_T{k}']:.0f}",
+                    f"{times[f'faults_floor_T{k}']:.0f}"])
+        print(f"| {k} | " + " | ".join(cells) + " |")
+
+
+def print_goals(headline, times, memory_mmap) -> None:
+    """Each goal against its measured headline value, and what the page faults and the mmap probes say."""
+    goals = {"cost_ratio_T4_plain": 1.10, "cost_ratio_T4_ckpt": 1.45, "mem_ratio_T4_ckpt": 1.3, "sampler_overhead": 0.05,
+             "cost_ratio_T4_selective": 1.20, "mem_ratio_T4_selective": 2.0}
+    print()
+    for key, goal in goals.items():
+        print(f"goal {key} <= {goal}: measured {headline[key]:.3f} -> {'met' if headline[key] <= goal else 'MISSED'}")
+    print(f"  minor page faults per step at T = 4 (medians): plain {times['faults_plain_T4']:.0f}, "
+          f"checkpointed {times['faults_ckpt_T4']:.0f}, floor {times['faults_floor_T4']:.0f} "
+          f"(each fault maps one fresh page: time the kernel spends, not the network)")
+    if memory_mmap:
+        mmap_ratio = headline["mem_ratio_T4_ckpt_mmap"]
+        print(f"  the same with {' '.join(f'{k}={v}' for k, v in MMAP_ENV.items())} (freed blocks go back to the OS at once): "
+              f"checkpointed peak memory T4/T1 = {mmap_ratio:.3f}")
+        if headline["mem_ratio_T4_ckpt"] > goals["mem_ratio_T4_ckpt"] >= mmap_ratio:
+            print("  -> mem_ratio_T4_ckpt is missed only with glibc's default allocator: the excess is freed memory "
+                  "the allocator keeps for reuse, not tensors alive at the peak")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small UNet, T in 1, 2, 4, 2 repeats: a smoke run")
@@ -254,21 +292,7 @@ def main(argv=None) -> dict:
     glibc_cpu = device.type == "cpu" and platform.libc_ver()[0] == "glibc"
     memory_mmap = measure_memory(setup, steps_list, args.device, MMAP_ENV) if glibc_cpu else None
 
-    trained = ("plain", "ckpt", "sel")
-    header = ([f"{m} (s)" for m in (*trained, "trunc", "floor")] + [f"{m}/floor" for m in trained]
-              + [f"peak MiB {m}" for m in trained] + [f"peak MiB {m} (mmap)" for m in trained]
-              + [f"held MiB {m}" for m in trained] + ["sampling (s)", "T bare calls (s)", "faults/step plain", "faults/step floor"])
-    print("\n| T | " + " | ".join(header) + " |\n|" + "---|" * (len(header) + 1))
-    for k in steps_list:
-        def mib(mode, field, probes=memory):
-            return f"{probes[f'{mode}_T{k}'][field] / 2**20:.1f}" if probes else "-"
-        cells = ([f"{times[f'{m}_T{k}']:.3f}" for m in (*trained, "trunc", "floor")]
-                 + [f"{times[f'{m}_T{k}'] / times[f'floor_T{k}']:.2f}" for m in trained]
-                 + [mib(m, "peak_bytes") for m in trained] + [mib(m, "peak_bytes", memory_mmap) for m in trained]
-                 + [mib(m, "held_bytes") for m in trained]
-                 + [f"{times[f'sample_T{k}']:.4f}", f"{times[f'bare_T{k}']:.4f}", f"{times[f'faults_plain_T{k}']:.0f}",
-                    f"{times[f'faults_floor_T{k}']:.0f}"])
-        print(f"| {k} | " + " | ".join(cells) + " |")
+    print_table(steps_list, times, memory, memory_mmap)
     headline = {
         "cost_ratio_T4_plain": times["plain_T4"] / times["floor_T4"],
         "cost_ratio_T4_ckpt": times["ckpt_T4"] / times["floor_T4"],
@@ -282,21 +306,7 @@ def main(argv=None) -> dict:
     }
     if memory_mmap:
         headline["mem_ratio_T4_ckpt_mmap"] = memory_mmap["ckpt_T4"]["peak_bytes"] / max(memory_mmap["ckpt_T1"]["peak_bytes"], 1)
-    goals = {"cost_ratio_T4_plain": 1.10, "cost_ratio_T4_ckpt": 1.45, "mem_ratio_T4_ckpt": 1.3, "sampler_overhead": 0.05,
-             "cost_ratio_T4_selective": 1.20, "mem_ratio_T4_selective": 2.0}
-    print()
-    for key, goal in goals.items():
-        print(f"goal {key} <= {goal}: measured {headline[key]:.3f} -> {'met' if headline[key] <= goal else 'MISSED'}")
-    print(f"  minor page faults per step at T = 4 (medians): plain {times['faults_plain_T4']:.0f}, "
-          f"checkpointed {times['faults_ckpt_T4']:.0f}, floor {times['faults_floor_T4']:.0f} "
-          f"(each fault maps one fresh page: time the kernel spends, not the network)")
-    if memory_mmap:
-        mmap_ratio = headline["mem_ratio_T4_ckpt_mmap"]
-        print(f"  the same with {' '.join(f'{k}={v}' for k, v in MMAP_ENV.items())} (freed blocks go back to the OS at once): "
-              f"checkpointed peak memory T4/T1 = {mmap_ratio:.3f}")
-        if headline["mem_ratio_T4_ckpt"] > goals["mem_ratio_T4_ckpt"] >= mmap_ratio:
-            print("  -> mem_ratio_T4_ckpt is missed only with glibc's default allocator: the excess is freed memory "
-                  "the allocator keeps for reuse, not tensors alive at the peak")
+    print_goals(headline, times, memory_mmap)
     os.makedirs(args.out, exist_ok=True)
     name = "cost-quick" if args.quick else "cost"
     plot(steps_list, times, memory, memory_mmap, os.path.join(args.out, f"{name}.png"))

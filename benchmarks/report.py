@@ -43,6 +43,12 @@ def headline_line(headline: dict) -> str:
 # its grid, the start of every `--lcm-update ddim` fine-tune (benchmarks/quality.py makes it a row of every base).
 LCM_DDIM = "LCM through DDIM"
 
+
+def has_critic(recipe: dict) -> bool:
+    """Whether a recorded recipe ({"fields", "why"}) trains with a GAN term, either critic: its fields say so."""
+    return recipe["fields"].get("gan_weight", 0) > 0
+
+
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
     """Write <out>/<name>.json (record + headline + wall time) and print the headline JSON last."""
     record = {**record, "headline": headline, "wall_seconds": time.time() - start}
@@ -560,7 +566,7 @@ def quality_critic_goals(record: dict) -> str:
     rule, rows = record["verdict_rule"], []
     for recipe in record["recipes"]["digits"]:
         result = record["verdicts"][f"digits/{recipe}/nfe4 vs base DDIM 50"]
-        anchor = "digits/teacher-L2/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
+        anchor = "digits/teacher-L2/nfe4" if has_critic(record["recipes"]["digits"][recipe]) else None
         rows.append([f"`{recipe}`", ratio_cells(result),
                      *critic_goal_cells(record, recipe, f"digits/{recipe}/nfe4", result["beats"], anchor)])
     return (f"4 NFE, {where(record)}. "
@@ -581,7 +587,7 @@ def quality_critic_table1(record: dict) -> str:
     for recipe in record["recipes"]["table1"]:
         result = record["verdicts"][f"table1/{recipe}/nfe4 vs LCM 4"]
         arm = recipe.split("-teacher")[0].split("-GAN")[0]  # lcm or lcm-ddim: the update it trains through
-        anchor = f"table1/{arm}-teacher-L2+P/nfe4" if "GAN" in recipe or "basefeat" in recipe else None
+        anchor = f"table1/{arm}-teacher-L2+P/nfe4" if has_critic(record["recipes"]["table1"][recipe]) else None
         cells = [f"`{recipe}`", ratio_cells(result)]
         if controlled:
             own = record["verdicts"].get(f"table1/{recipe}/nfe4 vs {LCM_DDIM} 4")

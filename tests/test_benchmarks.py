@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from benchmarks.report import has_critic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -98,11 +100,8 @@ def test_quality_critic_study_quick_logs_every_critics_auc_and_every_rows_detail
     headline = run_benchmark("quality.py", "--study", "critic", "--quick", "--out", str(tmp_path), timeout=1800)
     record = json.loads((tmp_path / "quality-critic-quick.json").read_text())
     table1 = json.loads((tmp_path / "quality-critic-table1-quick.json").read_text())
-    def is_gan(name):
-        return "GAN" in name or "basefeat" in name
-
-    gan = [name for name in record["recipes"]["digits"] if is_gan(name)]
-    table1_gan = [name for name in record["recipes"]["table1"] if is_gan(name)]
+    gan, table1_gan = ([name for name, recipe in record["recipes"][part].items() if has_critic(recipe)]
+                       for part in ("digits", "table1"))
     assert_finite_keys(headline, [f"digits/{name}/nfe4/{key}" for name in gan for key in ("critic_auc_warmup", "critic_auc")]
                        + [f"digits/{name}/nfe4/hf_ratio" for name in record["recipes"]["digits"]])
     assert {"lcm-ddim-GAN", "lcm-GAN", "lcm-ddim-GAN-warm1500", "lcm-GAN-warm1500"} <= set(table1_gan)
