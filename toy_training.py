@@ -50,7 +50,7 @@ TOY_METHOD = dict(
     coupling="inversion",  # a well-posed regression: Alg. 1's independent pairs under L2 collapse (README)
     update="ddim",  # the base is a plain diffusion model, not an LCM: its own sampler is DDIM
     lpips_weight=0.0,  # LPIPS needs ImageNet backbone weights, which an offline machine lacks
-    ema_decay=0.99,  # 600 steps at lr 1e-4: averages the last ~100 (the paper's 0.95, at lr 1e-6, ~20)
+    ema_decay=0.99,  # 400 steps at lr 1e-4: averages the last ~100 (the paper's 0.95, at lr 1e-6, ~20)
     # the adversarial term, a recipe measured on digits (benchmarks/quality.py's GAN ablation): real samples
     # are data with every coupling; the discriminator judges p(x | label) through a projection
     gan_adaptive=False,  # a fixed weight (--gan-weight 0.5 measured best): the adaptive one settles at ~0.001 here
@@ -113,7 +113,8 @@ class Config:
                              "steps, as PixArt-delta's), or ddim (deterministic)", UPDATES)
     # stage 2: end-to-end fine-tuning (the method's options: e2e)
     nfe: tuple[int, ...] = option((1, 2, 4), "fine-tune one model per sampler length T (1-4 NFE)", valid="[1, 4]")
-    finetune_steps: int = option(600, "a short fine-tune already beats base DDIM at the same NFE", valid=">= 1")
+    finetune_steps: int = option(400, "a short fine-tune already beats base DDIM at the same NFE; 400 keeps "
+                                "README's command 1 within 10 minutes on 2 cores", valid=">= 1")
     finetune_batch_size: int = option(64, "the cost of a step grows with T: batch 64 keeps T = 4 cheap", valid=">= 1")
     finetune_lr: float = option(1e-4, "small: we start from a good model and regress to data", valid="> 0")
     teacher_pool: int = option(4, "with --coupling teacher: teacher pairs made once per training image, before "
@@ -205,6 +206,19 @@ PRESETS = {
 # The fields that fix the model's shape, meaning and training data: a checkpoint must agree on all of them.
 MODEL_FIELDS = ("dataset", "eval_split", "model_channels", "channel_mult", "num_res_blocks", "class_conditional",
                 "schedule", "zero_terminal_snr", "num_train_timesteps", "prediction_type")
+
+# What each stage trains, beyond its length ("e2e" = every method field but the per-model T and the memory-only
+# recomputation switches). A stage's checkpoint, continued or kept as finished under other values, would mix two
+# recipes in one model and record the new one: open_checkpoint refuses it.
+RECIPE_FIELDS = {
+    "pretrain": ("seed", "cond_drop_prob", "pretrain_batch_size", "pretrain_lr", "warmup_steps", "pretrain_ema_decay",
+                 "e2e.grad_clip"),
+    "distill": ("seed", "guidance_scale", "distill_batch_size", "distill_lr", "distill_target_decay", "e2e.grad_clip",
+                "e2e.original_steps"),
+    "finetune": ("seed", "base", "lcm_update", "guidance_scale", "finetune_batch_size", "finetune_lr", "teacher_pool",
+                 "perceptual_net", "e2e"),
+}
+RECIPE_EXEMPT = ("e2e.num_steps", "e2e.grad_checkpoint", "e2e.checkpoint_policy")
 
 
 def parse_config(argv=None, description: str = ""):
@@ -309,6 +323,32 @@ def check_compatible(saved_config, config, path):
                          f"Pass the same flags, or choose another --out-dir.")
 
 
+def recipe_values(config_dict: dict, stage: str) -> dict:
+    """{dotted field: value} of RECIPE_FIELDS[stage] in a config as asdict() writes it (tuples as lists)."""
+    values = {}
+    for name in RECIPE_FIELDS[stage]:
+        value = config_dict
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            values.update({f"{name}.{key}": item for key, item in value.items()})
+        else:
+            values[name] = value
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in values.items()
+            if name not in RECIPE_EXEMPT}
+
+
+def check_same_recipe(saved_config, config, stage, path):
+    """UsageError naming every flag of `stage`'s recipe where the checkpoint differs from ours; a field the
+    checkpoint lacks (written before the flag existed) cannot be checked and passes."""
+    saved, now = recipe_values(saved_config, stage), recipe_values(asdict(config), stage)
+    differing = [f"{flag(name.split('.')[-1])}: checkpoint {saved[name]!r} vs now {now[name]!r}"
+                 for name in now if name in saved and saved[name] != now[name]]
+    if differing:
+        raise UsageError(f"{path} was trained with other {stage} flags ({'; '.join(differing)}). Pass the same "
+                         f"flags to continue or reuse it, or choose another --out-dir.")
+
+
 def read_checkpoint(path, config, stage):
     """A checkpoint of `stage` made with our model flags; UsageError, with how to recover, otherwise."""
     hint = (f"Move it away (mv {path} {path}.bad) and rerun with --resume: finished stages are kept and the "
@@ -329,6 +369,7 @@ def open_checkpoint(path, config, stage, steps):
         raise UsageError(f"{path} exists. Pass --resume to continue it (finished stages are skipped), or "
                          f"choose another --out-dir to start over.")
     checkpoint = read_checkpoint(path, config, stage)
+    check_same_recipe(checkpoint["config"], config, stage, path)
     return checkpoint, checkpoint["step"] >= steps
 
 
@@ -766,10 +807,12 @@ def finetuned_critic_auc(config, num_steps) -> dict:
 
 
 def load_finetuned(config, data, device, num_steps):
-    """The EMA weights of the model fine-tuned for num_steps sampler steps."""
-    checkpoint = finished_checkpoint(config.out / f"{finetune_name(config, num_steps)}.pt", config, "finetune",
-                                     config.finetune_steps, f"run --stage finetune --nfe {num_steps} first, or leave "
-                                     f"{num_steps} out of --nfe")
+    """The EMA weights of the model fine-tuned for num_steps sampler steps, trained with our recipe (the
+    results record it)."""
+    path = config.out / f"{finetune_name(config, num_steps)}.pt"
+    checkpoint = finished_checkpoint(path, config, "finetune", config.finetune_steps,
+                                     f"run --stage finetune --nfe {num_steps} first, or leave {num_steps} out of --nfe")
+    check_same_recipe(checkpoint["config"], config, "finetune", path)
     ema = EMA(build_model(config, data).to(device), decay=config.e2e.ema_decay)
     ema.load_state_dict(checkpoint["ema"])
     return ema.module.eval().requires_grad_(False)
@@ -990,7 +1033,9 @@ def preflight(config):
              "eval": [pretrained] + [distilled] * lcm + tuned}[config.stage]
     finished = [open_checkpoint(path, config, stage, steps)[1] for stage, path, steps, _ in writes]
     for stage, path, steps, how in reads:
-        finished_checkpoint(path, config, stage, steps, how)
+        checkpoint = finished_checkpoint(path, config, stage, steps, how)
+        if stage == "finetune":  # the models the table is about: its results record our recipe as theirs
+            check_same_recipe(checkpoint["config"], config, stage, path)
     return device, all(finished)
 
 

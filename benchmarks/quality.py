@@ -112,7 +112,7 @@ PLANS = {
     "full": dict(
         tuning_seeds=PROTOCOL["tuning_seeds"], reporting_seeds=PROTOCOL["reporting_seeds"],
         digits_pretrain_steps=3000,  # the quickstart's base: 1,000 steps left it at 1.82x the floor (validation, quality-tune-pretrain1000.json)
-        digits_finetune_steps=200,  # a third of the quickstart's 600: the budget of 2 cores
+        digits_finetune_steps=200,  # half the quickstart's 400: the budget of 2 cores
         digits_eval_samples=1000,  # the quickstart's
         classifier_epochs=30,  # train_toy's default (the perceptual backbone)
         teacher_steps=25, teacher_pool=4,  # teacher pairs made once per base: 4 x 1,437 samples of 25 DDIM steps

@@ -136,6 +136,13 @@ CASES = [
     Case("train_toy.py", ["--resume", "--model-channels", "16"], "--model-channels: checkpoint 32 vs now 16",
          setup="finished_pretrain"),
     Case("train_toy.py", ["--resume"], "is not a pretrain checkpoint", setup="finetune_as_pretrain"),
+    # a checkpoint continued, kept as finished, or evaluated under another recipe than it was trained with
+    Case("train_toy.py", ["--resume", "--pretrain-lr", "2e-3"], "--pretrain-lr: checkpoint 0.001 vs now 0.002",
+         setup="finished_pretrain"),
+    Case("train_toy.py", ["--resume", "--stage", "finetune", "--nfe", "2", "--gan-weight", "0.5"],
+         "--gan-weight: checkpoint 0.0 vs now 0.5", setup="unfinished_finetune"),
+    Case("train_toy.py", ["--stage", "eval", "--nfe", "2", "--finetune-lr", "2e-4"],
+         "--finetune-lr: checkpoint 0.0001 vs now 0.0002", setup="finished_finetune"),
     Case("train_toy.py", ["--stage", "finetune"], "no pretrain checkpoint at {run}/pretrain.pt"),
     Case("train_toy.py", ["--stage", "finetune"], "stopped at step 5 of 3000", setup="unfinished_pretrain"),
     Case("train_toy.py", ["--stage", "eval", "--nfe", "1"], "--stage finetune --nfe 1", setup="finished_pretrain"),
@@ -186,6 +193,10 @@ SETUPS = {
     "corrupt_finetune": lambda run, monkeypatch: (
         fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000), (run / "finetune-nfe2.pt").write_bytes(b"PK\x03")),
     "finished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000),
+    "unfinished_finetune": lambda run, monkeypatch: (
+        fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000), fake_toy_checkpoint(run / "finetune-nfe2.pt", "finetune", 5)),
+    "finished_finetune": lambda run, monkeypatch: (
+        fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 3000), fake_toy_checkpoint(run / "finetune-nfe2.pt", "finetune", 400)),
     "unfinished_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "pretrain", 5),
     "finetune_as_pretrain": lambda run, monkeypatch: fake_toy_checkpoint(run / "pretrain.pt", "finetune", 600),
     "lcm_scheduler": lambda run, monkeypatch: lcm_scheduler(run.parent / "pipeline", original_inference_steps=50),
