@@ -857,6 +857,16 @@ class EndToEndLoss(nn.Module):
         return loss, logs, image, target_image
 
 
+def coupled_pair(batch: dict, loss: EndToEndLoss, base_model: Denoiser | None, generator: torch.Generator | None):
+    """Alg. 1 line 6, one micro-batch: (z_T, target), coupled now or cached ("z_T"; "paired_target" if not the data)."""
+    if batch.get("z_T") is not None:
+        paired = batch.get("paired_target")
+        return batch["z_T"], batch["target"] if paired is None else paired
+    return couple(loss.config.coupling, batch["target"], base_model=base_model, schedule=loss.schedule,
+                  cond=batch.get("cond"), prediction_type=loss.sampler_options["prediction_type"],
+                  inversion_steps=loss.config.inversion_steps, teacher_steps=loss.config.teacher_steps, generator=generator)
+
+
 def train_step(
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -875,17 +885,15 @@ def train_step(
     warm-up, that alone). Returns the logs averaged over the micro-batches, and the gradient norm.
 
     :param loss_fn: an `EndToEndLoss`, or DDP wrapping one.
-    :param micro_batches: G dicts (an iterable; G > 1: gradient accumulation), each with "target" (B, ...) =
-        z0 of line 4, optional "cond", "uncond" (line 5), "images" (the target's pixels, in a latent space),
-        "z_T" (a cached coupling) and "paired_target" (its target when that is not the data, e.g. a
-        teacher's sample; "target" stays the data, the discriminator's real samples).
+    :param micro_batches: G dicts (an iterable; G > 1: gradient accumulation), each with "target" (B, ...) = z0
+        of line 4 (the data), optional "cond", "uncond" (line 5), "images" (the target's pixels, in a latent
+        space) and a cached coupling (`coupled_pair`).
     :param accumulation: G, when `micro_batches` has no len(). base_model: the frozen model of the couplings.
     :param no_sync: module -> DDP's no_sync context, on every micro-batch but the last (None: one process).
     :param autocast: () -> the forward passes' mixed-precision context; generator: the couplings' noise.
     """
     inner = unwrap(loss_fn)
-    config, schedule = inner.config, inner.schedule
-    prediction_type = inner.sampler_options["prediction_type"]
+    config = inner.config
     count = len(micro_batches) if accumulation is None else accumulation
     warming = gan is not None and gan.warming_up(step)  # the critic's warm-up: it alone trains this step
     gan_on, totals, seen, critic_batches = gan is not None and (warming or gan.active(step)), {}, 0, []
@@ -898,17 +906,9 @@ def train_step(
         return disc.detach()
     for batch in micro_batches:
         sync = seen == count - 1 or no_sync is None  # DDP all-reduces the gradients once, after the last
-        target, cond = batch["target"], batch.get("cond")
-        data = target  # z0 of the data: the discriminator's real samples, whatever the coupling makes the target
-        if batch.get("z_T") is not None:  # a cached coupling
-            z_T = batch["z_T"]
-            if batch.get("paired_target") is not None:
-                target = batch["paired_target"]
-        else:  # Alg. 1 line 6: the coupling pairs noise z_T with the target
-            with autocast():
-                z_T, target = couple(config.coupling, target, base_model=base_model, schedule=schedule, cond=cond,
-                                     prediction_type=prediction_type, inversion_steps=config.inversion_steps,
-                                     teacher_steps=config.teacher_steps, generator=generator)
+        data, cond = batch["target"], batch.get("cond")  # data: the discriminator's real z0, whatever the target
+        with autocast():
+            z_T, target = coupled_pair(batch, inner, base_model, generator)  # Alg. 1 line 6
         # a teacher's target is the base's sample, not the data: its image is decoded from it
         target_image = batch.get("images") if config.coupling != "teacher" else None
         if warming:  # the generator frozen: no loss, no graph; its samples are the critic's fakes
