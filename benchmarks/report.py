@@ -132,6 +132,75 @@ def quickstart_table(record: dict) -> str:
             f"({e2e['coupling']} coupling, {loss}), {config['eval_samples']:,} samples per row, seed {config['seed']}.")
 
 
+# commands.json (benchmarks/commands.py): README's two commands, timed from a fresh clone and a fresh venv.
+
+def runs_of(record: dict, command: int) -> list[dict]:
+    """The recorded runs of README's command 1 or 2, oldest first."""
+    return [run for run in record["runs"] if run["command"] == command]
+
+
+def minutes(seconds: float) -> str:
+    """'13 min 3 s'."""
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
+
+
+def projected(run: dict, steps: int) -> float | None:
+    """Command 1 at this run's stage speeds with `steps` fine-tune steps per NFE: pip, pretraining and the other
+    stages as this run measured them, its fine-tunes scaled by steps / its own; None without its stage times."""
+    if "finetune_s" not in run:
+        return None
+    return run["total_s"] + run["finetune_s"] * (steps / run["finetune_steps"] - 1)
+
+
+def measured_by(run: dict) -> str:
+    """The commit a run measured, or (a run transcribed from a script's printed output) the one that reported it."""
+    return f"`{run['commit']}`" if "commit" in run else f"`{run['reported_in']}` (transcribed)"
+
+
+def commands_readme(record: dict) -> str:
+    """README's line beside the two commands: the latest run of each, the range over the runs of the quickstart
+    as it is, and command 1 at the slowest stage speeds measured."""
+    first, second = runs_of(record, 1), runs_of(record, 2)
+    latest, steps = first[-1], first[-1]["finetune_steps"]
+    now = [run["total_s"] for run in first if run["finetune_steps"] == steps]
+    slowest = max((value for value in (projected(run, steps) for run in first) if value is not None), default=None)
+    tiers = {tier["name"]: tier["seconds"] for tier in second[-1]["tiers"]}
+    totals = [run["total_s"] for run in second]
+    return (f"Measured from a fresh clone and a fresh venv on 2 cores (`python benchmarks/commands.py 1 2`; every run "
+            f"in [docs/guide.md](docs/guide.md#how-long-the-two-commands-take)): command 1 took {latest['total_s']:,.0f} s "
+            f"on {latest['date']} (pip {latest['install_s']:,.0f} s, the run {latest['run_s']:,.0f} s)"
+            + (f", {min(now):,.0f}–{max(now):,.0f} s over the {len(now)} runs of the quickstart as it is" * (len(now) > 1))
+            + (f", ≈ {slowest:,.0f} s at the stage speeds of the slowest run measured" if slowest else "")
+            + f"; command 2 took {minutes(totals[-1])} (default tier {tiers['default']:,.0f} s, slow tier "
+            f"{tiers['slow']:,.0f} s)"
+            + (f", {minutes(min(totals))} to {minutes(max(totals))} over {len(totals)} runs" * (len(totals) > 1)) + ".")
+
+
+def tier_cell(tier: dict) -> str:
+    """'719 passed in 80 s' from a pytest tier's summary (its counts were not always recorded)."""
+    passed = tier["counts"] and ", ".join(re.findall(r"\d+ (?:passed|failed|errors?)", tier["counts"]))
+    return f"{passed} in {tier['seconds']:,.0f} s" if passed else f"{tier['seconds']:,.0f} s"
+
+
+def commands_tables(record: dict) -> str:
+    """Every recorded run of each command."""
+    steps = runs_of(record, 1)[-1]["finetune_steps"]
+    first = [[run["date"], measured_by(run), number(run["finetune_steps"]), f"{run['install_s']:,.0f} s",
+              f"{run['run_s']:,.0f} s", f"{run['total_s']:,.0f} s",
+              "–" if "pretrain_s" not in run else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
+              "–" if "finetune_s" not in run else f"{run['finetune_s']:,.0f} s",
+              "–" if projected(run, steps) is None else f"{projected(run, steps):,.0f} s",
+              {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]]
+             for run in runs_of(record, 1)]
+    second = [[run["date"], measured_by(run), *(tier_cell(tier) for tier in run["tiers"]), minutes(run["total_s"])]
+              for run in runs_of(record, 2)]
+    return ("Command 1:\n\n" + table(["date", "commit", "fine-tune steps per NFE", "pip", "the run", "in all",
+                                      "pretraining", "the fine-tunes", f"in all, at {steps:,} fine-tune steps",
+                                      "results.json = quickstart.json"], first)
+            + "\n\nCommand 2 (`.ci/run`):\n\n" + table(["date", "commit", "default tier", "slow tier", "in all"], second))
+
+
 # spread.json (benchmarks/spread.py): the quickstart's columns under each CPU setting, and their spread.
 
 SPREAD_COLUMNS = {"cfd": "CFD", "pixel_energy": "pixel energy", "precision": "precision", "recall": "recall"}
@@ -652,6 +721,8 @@ def toy2d_table(record: dict) -> str:
 
 RENDERERS = {
     "quickstart": ("quickstart.json", quickstart_table),
+    "commands": ("commands.json", commands_readme),
+    "commands-runs": ("commands.json", commands_tables),
 
     "cost": ("cost.json", cost_table),
     "cost-headline": ("cost.json", headline_block),
