@@ -1032,10 +1032,8 @@ def preflight(config):
     reads = {"all": [], "pretrain": [], "distill": [pretrained], "finetune": [pretrained] + [distilled] * lcm,
              "eval": [pretrained] + [distilled] * lcm + tuned}[config.stage]
     finished = [open_checkpoint(path, config, stage, steps)[1] for stage, path, steps, _ in writes]
-    for stage, path, steps, how in reads:
-        checkpoint = finished_checkpoint(path, config, stage, steps, how)
-        if stage == "finetune":  # the models the table is about: its results record our recipe as theirs
-            check_same_recipe(checkpoint["config"], config, stage, path)
+    for stage, path, steps, how in reads:  # what this run builds on or evaluates: its results record our recipe as theirs
+        check_same_recipe(finished_checkpoint(path, config, stage, steps, how)["config"], config, stage, path)
     return device, all(finished)
 
 
