@@ -678,6 +678,35 @@ def quality_critic_table1(record: dict) -> str:
             f"`teacher-L2+P`.{caption}\n\n" + table(header, rows))
 
 
+def critic_table1_summary(record: dict) -> str:
+    """README's sentence on the critic study's Table 1: what the DDIM rows gain against the LCM, what the sampler
+    switch alone gains (the untrained LCM through DDIM), their recall against that start, and whether any recipe
+    beats the model it starts from (the LCM under its own update, or that control for a DDIM recipe)."""
+    verdicts, recipes = record["verdicts"], record["recipes"]["table1"]
+    ddim = [recipe for recipe in recipes if recipe.startswith("lcm-ddim-")]
+    start = {recipe: f"{LCM_DDIM} 4" if recipe in ddim else "LCM 4" for recipe in recipes}
+    against_start = {recipe: verdicts[f"table1/{recipe}/nfe4 vs {start[recipe]}"] for recipe in recipes}
+    gains = [verdicts[f"table1/{recipe}/nfe4 vs LCM 4"]["distance_ratio_mean"] for recipe in ddim]
+    losing = sum(against_start[recipe]["recall_delta_mean"] < 0 for recipe in ddim)
+    winners = [f"`{recipe}`" for recipe in recipes if against_start[recipe]["beats"]]
+    return (f"From a distilled LCM, what looked like a gain through DDIM ({number(min(gains))}–{number(max(gains))}× its CFD) is mostly "
+            f"the switch of sampler (the untrained LCM through DDIM: "
+            f"{number(verdicts[f'table1/{LCM_DDIM}/nfe4 vs LCM 4']['distance_ratio_mean'])}×), and against that start "
+            + ("every" if losing == len(ddim) else f"{losing} of {len(ddim)}") + " DDIM recipe"
+            + ("" if losing == len(ddim) else "s") + f" {'loses' if losing == len(ddim) else 'lose'} recall: "
+            + (f"only {', '.join(winners)} beat{'s' * (len(winners) == 1)} the model it starts from" if winners
+               else "no recipe enhances the model it starts from")
+            + " ([the critic study](benchmarks/README.md#the-adversarial-term-acting-qualitypy---study-critic)).")
+
+
+def spread_sentence(record: dict) -> str:
+    """README's sentence on the spread across CPU settings: the largest relative spread of any column."""
+    largest = max(record["headline"][f"{phase}/{column}_max_relative"]
+                  for phase in ("evaluation", "training") for column in SPREAD_COLUMNS)
+    return (f"The numbers are the same on every CPU setting we could vary, to {relative(largest)} relative "
+            "([docs/guide.md](docs/guide.md#the-same-numbers-on-every-machine)).")
+
+
 def critic_warmup_table(record: dict) -> str:
     """critic-warmup.json: per critic and frozen student, the held-out AUC after the critic study's warm-up and
     at the end of this probe's, and the first logged step at which it reached the goal."""
@@ -757,6 +786,8 @@ RENDERERS = {
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
     "critic-warmup": ("critic-warmup.json", critic_warmup_table),
+    "critic-table1-summary": ("quality-critic-table1.json", critic_table1_summary),
+    "spread-sentence": ("spread.json", spread_sentence),
 }
 # Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
 PENDING: dict = {}

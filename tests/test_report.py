@@ -109,3 +109,13 @@ def test_gan_goals_need_each_nfe_s_cfd_ratio_and_the_pixel_and_recall_checks():
     row = report.quality_gan_goals(record).splitlines()[-1]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1].endswith(": met") and cells[2].endswith("**missed**") and cells[3].endswith("**missed**")
+
+
+def test_readmes_table1_sentence_follows_the_verdicts_not_a_fixed_text():
+    record = json.loads((report.RESULTS / "quality-critic-table1.json").read_text())
+    assert "every DDIM recipe loses recall: no recipe enhances" in report.critic_table1_summary(record)
+    start = record["verdicts"][f"table1/lcm-ddim-GAN/nfe4 vs {report.LCM_DDIM} 4"]
+    start.update(beats=True, recall_delta_mean=0.01)
+    sentence = report.critic_table1_summary(record)
+    ddim = sum(recipe.startswith("lcm-ddim-") for recipe in record["recipes"]["table1"])
+    assert f"{ddim - 1} of {ddim} DDIM recipes lose recall: only `lcm-ddim-GAN` beats the model it starts from" in sentence
