@@ -16,6 +16,12 @@ fine-tune whose warm-up is all but its last step; that one generator step is ign
     python benchmarks/critic_warmup.py --work W   # -> results/critic-warmup.json; W may already hold seed 100's base
                                                   #    (quality.py --study critic --pilot --work W makes it)
     python benchmarks/critic_warmup.py --quick    # tiny step counts: a smoke run (-quick file)
+
+--stronger asks the next question: is it the critic's length of training that falls short against the LCM, or
+the critic itself? The study's PatchGAN and three stronger ones, one change each (STRONGER: 4x wider, 3x the
+learning rate, 4x the batch), each warmed up for STRONGER_STEPS against the two LCM students:
+
+    python benchmarks/critic_warmup.py --stronger --work W   # -> results/critic-stronger.json
 """
 from __future__ import annotations
 
@@ -45,15 +51,22 @@ STUDENTS = {  # the frozen student whose samples are the critic's fakes, and the
     quality.LCM_DDIM: dict(base="lcm", lcm_update="ddim", finetune_lr=quality.TUNED["lcm_lr"]),
 }
 CRITICS = {"PatchGAN": {}, "basefeat": quality.BASEFEAT}
+# --stronger: the study's PatchGAN (64 channels, one strided layer, the most that fits 8x8 digits; lr 1e-3, batch 64)
+# and one change each. The batch is the fine-tune's (its critic's real and fake batches), unused by a frozen student.
+STRONGER = {"PatchGAN": {}, "PatchGAN 256 wide": dict(disc_channels=256), "PatchGAN lr 3e-3": dict(disc_lr=3e-3),
+            "PatchGAN batch 256": dict(finetune_batch_size=256)}
+STRONGER_STEPS = 1000  # the PatchGAN's first probe length: it was still rising against the LCM (0.75-0.78)
+STRONGER_STUDENTS = ("LCM", quality.LCM_DDIM)
 
 
-def probe(plan, work, student, critic, warmup, log_every) -> dict:
-    """One critic warmed up against one student: {"student", "critic", "curve": [[step, AUC], ...], "seconds"}."""
+def probe(plan, work, student, critic, critic_fields, warmup, log_every) -> dict:
+    """One critic (`critic_fields` over the study's) warmed up against one student:
+    {"student", "critic", "curve": [[step, AUC], ...], "seconds"}."""
     torch.set_num_threads(1)
     name = f"warmup{warmup}-{critic}-{student}".replace(" ", "-")
     log = os.path.join(work, "logs", f"{name}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    fields = {"coupling": "teacher", **quality.CRITIC_TERM, **CRITICS[critic], **STUDENTS[student],
+    fields = {"coupling": "teacher", **quality.CRITIC_TERM, **critic_fields, **STUDENTS[student],
               "critic_warmup_steps": warmup, "finetune_steps": warmup + 1}
     folder = quality.recipe_folder(work, "validation", SEED, name)
     config = changed(quality.digits_config(plan, SEED, "validation", folder, nfe=(4,), **fields), log_every=log_every)
@@ -85,21 +98,25 @@ def headline(results: list) -> dict:
     return values
 
 
-def plot(results: list, path: str) -> None:
-    """Held-out AUC against critic-only steps, one panel per critic, one line per student."""
+def plot(results: list, path: str, by: str = "critic") -> None:
+    """Held-out AUC against critic-only steps, one panel per critic (or per student: by="student"), one line per
+    student (or critic)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CRITICS), figsize=(5 * len(CRITICS), 3.6), sharey=True)
-    for ax, critic in zip(axes, CRITICS):
-        for result in (r for r in results if r["critic"] == critic):
+    line = "student" if by == "critic" else "critic"
+    panels = list(dict.fromkeys(result[by] for result in results))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, panel in zip(axes, panels):
+        for result in (r for r in results if r[by] == panel):
             steps, aucs = zip(*result["curve"])
-            ax.plot(steps, aucs, marker=".", label=result["student"])
+            ax.plot(steps, aucs, marker=".", label=result[line])
         ax.axhline(AUC_GOAL, color="grey", linestyle="--", linewidth=1)
         ax.axvline(quality.CRITIC_WARMUP_STEPS, color="grey", linestyle=":", linewidth=1)
-        ax.set(title=critic, xlabel="critic-only steps", ylim=(0.4, 1.02))
+        ax.set(title=panel if by == "critic" else f"against the {panel}", xlabel="critic-only steps", ylim=(0.4, 1.02))
     axes[0].set_ylabel("held-out AUC (validation)")
     axes[0].legend(loc="lower right")
     fig.tight_layout()
@@ -110,6 +127,8 @@ def plot(results: list, path: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny base, 1 warm-up step each: a smoke run")
+    parser.add_argument("--stronger", action="store_true", help="the study's PatchGAN and three stronger ones "
+                        f"(STRONGER) against the LCM's students for {STRONGER_STEPS} steps -> critic-stronger.json")
     parser.add_argument("--out", default=quality.RESULTS, help="folder for the JSON")
     parser.add_argument("--work", default=None, help="folder for the checkpoints, kept (seed 100's base is reused "
                         "from it when there); default a temporary one, deleted after")
@@ -117,7 +136,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     start = time.time()
     plan = {**quality.PLANS["quick" if args.quick else "full"], "nfe": (4,)}
-    warmup, log_every = ({critic: 1 for critic in CRITICS}, 1) if args.quick else (WARMUP_STEPS, LOG_EVERY)
+    critics, students = (STRONGER, STRONGER_STUDENTS) if args.stronger else (CRITICS, tuple(STUDENTS))
+    steps = {critic: STRONGER_STEPS for critic in STRONGER} if args.stronger else WARMUP_STEPS
+    warmup, log_every = ({critic: 1 for critic in critics}, 1) if args.quick else (steps, LOG_EVERY)
     work, temporary, reused = quality.work_folder(args.work, "critic-warmup-")
     os.makedirs(args.out, exist_ok=True)
     print(f"critic warm-up probe: seed {SEED}, validation split, critic-only steps {warmup}, work folder {work}",
@@ -125,7 +146,8 @@ def main(argv=None) -> dict:
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         pool.apply(quality.run_job, (quality.prepare_jobs(plan, (SEED,), "validation", work, ("digits",), lcm=True,
                                                           couplings=("teacher",))[0],))
-        jobs = [(plan, work, student, critic, warmup[critic], log_every) for critic in CRITICS for student in STUDENTS]
+        jobs = [(plan, work, student, critic, fields, warmup[critic], log_every)
+                for critic, fields in critics.items() for student in students]
         results = pool.starmap(probe, jobs)
         pool.close()
         pool.join()
@@ -134,14 +156,14 @@ def main(argv=None) -> dict:
     for result in results:
         print(f"{result['critic']:>9} vs {result['student']:<17} AUC " + " ".join(f"{auc:.2f}" for _, auc in result["curve"]))
     record = {"mode": "quick" if args.quick else "full", "seed": SEED, "split": "validation", "nfe": 4,
-              "warmup_steps": warmup, "log_every": log_every, "auc_goal": AUC_GOAL,
+              "critics": critics, "warmup_steps": warmup, "log_every": log_every, "auc_goal": AUC_GOAL,
               "study_warmup_steps": quality.CRITIC_WARMUP_STEPS, "critic_term": quality.CRITIC_TERM,
               "torch": torch.__version__, "cores": os.cpu_count(), "results": results,
               **({"reused_work": "wall_seconds is this run's alone: runs already finished in --work were read, not "
                                  "trained again (each run's own time: its seconds)"} if reused else {})}
     values = headline(results)
-    name = "critic-warmup" + ("-quick" if args.quick else "")
-    plot(results, os.path.join(args.out, f"{name}.png"))
+    name = ("critic-stronger" if args.stronger else "critic-warmup") + ("-quick" if args.quick else "")
+    plot(results, os.path.join(args.out, f"{name}.png"), by="student" if args.stronger else "critic")
     write_results(args.out, name, record, values, start)
     return values
 

@@ -786,6 +786,7 @@ RENDERERS = {
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
     "critic-warmup": ("critic-warmup.json", critic_warmup_table),
+    "critic-stronger": ("critic-stronger.json", critic_warmup_table),
     "critic-table1-summary": ("quality-critic-table1.json", critic_table1_summary),
     "spread-sentence": ("spread.json", spread_sentence),
 }

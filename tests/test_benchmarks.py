@@ -128,6 +128,19 @@ def test_critic_warmup_quick_logs_each_critics_auc_against_each_student_during_t
 
 
 @pytest.mark.slow
+def test_critic_warmup_stronger_quick_probes_every_stronger_critic_against_the_lcms_students(tmp_path):
+    from benchmarks import critic_warmup
+
+    headline = run_benchmark("critic_warmup.py", "--stronger", "--quick", "--out", str(tmp_path), timeout=900)
+    record = json.loads((tmp_path / "critic-stronger-quick.json").read_text())
+    assert (tmp_path / "critic-stronger-quick.png").exists()
+    assert record["critics"] == critic_warmup.STRONGER
+    assert sorted((r["critic"], r["student"]) for r in record["results"]) == sorted(
+        (critic, student) for critic in critic_warmup.STRONGER for student in critic_warmup.STRONGER_STUDENTS)
+    assert_finite_keys(headline, [key for key in headline if key.endswith("auc_final")])
+
+
+@pytest.mark.slow
 def test_spread_quick_measures_every_column_under_two_cpu_settings(tmp_path):
     headline = run_benchmark("spread.py", "--quick", "--out", str(tmp_path), timeout=900)
     record = json.loads((tmp_path / "spread-quick.json").read_text())
