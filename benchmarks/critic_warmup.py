@@ -55,7 +55,7 @@ CRITICS = {"PatchGAN": {}, "basefeat": quality.BASEFEAT}
 # and one change each. The batch is the fine-tune's (its critic's real and fake batches), unused by a frozen student.
 STRONGER = {"PatchGAN": {}, "PatchGAN 256 wide": dict(disc_channels=256), "PatchGAN lr 3e-3": dict(disc_lr=3e-3),
             "PatchGAN batch 256": dict(finetune_batch_size=256)}
-STRONGER_STEPS = 1000  # the PatchGAN's first probe length: it was still rising against the LCM (0.75-0.78)
+STRONGER_STEPS = 1000  # the length of the PatchGAN's first probe, where it stood at 0.75-0.78 against the LCM, rising
 STRONGER_STUDENTS = ("LCM", quality.LCM_DDIM)
 
 
