@@ -5,7 +5,8 @@ Each measurement starts from a fresh clone of this repository's HEAD and a fresh
   command 2: `bash .ci/run`, its venv (E2EDIFF_VENV) a fresh one beside the clone.
 A measurement that succeeds is appended to benchmarks/results/commands.json, which README.md and
 docs/guide.md render (`python benchmarks/report.py --write`); one that fails prints its log's tail and
-records nothing. Run it on an idle machine: whatever else runs is in the figure.
+records nothing. Run it on an idle machine (whatever else runs is in the figure), from the project's venv like
+every benchmark here: a venv made from inside another is still a fresh one (its home is the base Python).
 
     python benchmarks/commands.py 1          # ~8 min on 2 cores
     python benchmarks/commands.py 2          # ~15-20 min on 2 cores
@@ -24,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.report import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "results" / "commands.json"
@@ -84,7 +87,7 @@ def measure(number: int, work: Path) -> dict:
                             text=True).stdout.strip()
     log = work / "command.log"
     record = {"command": number, "date": datetime.date.today().isoformat(), "commit": commit,
-              "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+              "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
               "source": "benchmarks/commands.py"}
     if number == 1:
         install = timed(INSTALL, work, log)
@@ -101,16 +104,6 @@ def measure(number: int, work: Path) -> dict:
         total = timed(CI.format(venv=venv), work, log)
         record.update(total_s=round(total, 1), tiers=pytest_tiers(log.read_text()))
     return record
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it (the platform's name elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

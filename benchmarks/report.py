@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import re
 import sys
 import time
@@ -47,6 +48,14 @@ LCM_DDIM = "LCM through DDIM"
 def has_critic(recipe: dict) -> bool:
     """Whether a recorded recipe ({"fields", "why"}) trains with a GAN term, either critic: its fields say so."""
     return recipe["fields"].get("gan_weight", 0) > 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the platform's name where there is none), for a record."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
@@ -186,13 +195,15 @@ def tier_cell(tier: dict) -> str:
 def commands_tables(record: dict) -> str:
     """Every recorded run of each command."""
     steps = runs_of(record, 1)[-1]["finetune_steps"]
-    first = [[run["date"], measured_by(run), number(run["finetune_steps"]), f"{run['install_s']:,.0f} s",
-              f"{run['run_s']:,.0f} s", f"{run['total_s']:,.0f} s",
-              "–" if "pretrain_s" not in run else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
-              "–" if "finetune_s" not in run else f"{run['finetune_s']:,.0f} s",
-              "–" if projected(run, steps) is None else f"{projected(run, steps):,.0f} s",
-              {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]]
-             for run in runs_of(record, 1)]
+    first = []
+    for run in runs_of(record, 1):
+        scaled = projected(run, steps)
+        first.append([run["date"], measured_by(run), number(run["finetune_steps"]), f"{run['install_s']:,.0f} s",
+                      f"{run['run_s']:,.0f} s", f"{run['total_s']:,.0f} s",
+                      "–" if "pretrain_s" not in run else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
+                      "–" if "finetune_s" not in run else f"{run['finetune_s']:,.0f} s",
+                      "–" if scaled is None else f"{scaled:,.0f} s",
+                      {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]])
     second = [[run["date"], measured_by(run), *(tier_cell(tier) for tier in run["tiers"]), minutes(run["total_s"])]
               for run in runs_of(record, 2)]
     return ("Command 1:\n\n" + table(["date", "commit", "fine-tune steps per NFE", "pip", "the run", "in all",
@@ -689,14 +700,14 @@ def critic_table1_summary(record: dict) -> str:
     gains = [verdicts[f"table1/{recipe}/nfe4 vs LCM 4"]["distance_ratio_mean"] for recipe in ddim]
     losing = sum(against_start[recipe]["recall_delta_mean"] < 0 for recipe in ddim)
     winners = [f"`{recipe}`" for recipe in recipes if against_start[recipe]["beats"]]
-    return (f"From a distilled LCM, what looked like a gain through DDIM ({number(min(gains))}–{number(max(gains))}× its CFD) is mostly "
-            f"the switch of sampler (the untrained LCM through DDIM: "
-            f"{number(verdicts[f'table1/{LCM_DDIM}/nfe4 vs LCM 4']['distance_ratio_mean'])}×), and against that start "
-            + ("every" if losing == len(ddim) else f"{losing} of {len(ddim)}") + " DDIM recipe"
-            + ("" if losing == len(ddim) else "s") + f" {'loses' if losing == len(ddim) else 'lose'} recall: "
-            + (f"only {', '.join(winners)} beat{'s' * (len(winners) == 1)} the model it starts from" if winners
+    recall = "every DDIM recipe loses" if losing == len(ddim) else f"{losing} of {len(ddim)} DDIM recipes lose"
+    verdict = (f"only {', '.join(winners)} beat{'s' * (len(winners) == 1)} the model it starts from" if winners
                else "no recipe enhances the model it starts from")
-            + " ([the critic study](benchmarks/README.md#the-adversarial-term-acting-qualitypy---study-critic)).")
+    control = verdicts[f"table1/{LCM_DDIM}/nfe4 vs LCM 4"]["distance_ratio_mean"]
+    return (f"From a distilled LCM, what looked like a gain through DDIM ({number(min(gains))}–{number(max(gains))}× "
+            f"its CFD) is mostly the switch of sampler (the untrained LCM through DDIM: {number(control)}×), and "
+            f"against that start {recall} recall: {verdict} "
+            "([the critic study](benchmarks/README.md#the-adversarial-term-acting-qualitypy---study-critic)).")
 
 
 def spread_sentence(record: dict) -> str:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import write_results
+from benchmarks.report import cpu_name, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("cfd", "pixel_energy", "precision", "recall")
@@ -136,13 +136,6 @@ def main(argv=None) -> None:
                 for phase in measured for column in COLUMNS}
     headline["evaluation/cfd_goal_met"] = headline["evaluation/cfd_max_relative"] <= GOAL
     write_results(args.out, "spread-quick" if args.quick else "spread", record, headline, start)
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 def torch_version() -> str:
