@@ -459,6 +459,15 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
+def descend(optimizer, loss, model, grad_clip):
+    """One optimiser step on loss, the gradient norm of model's parameters clipped at grad_clip (0: off)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 1: pretrain the base model with the standard diffusion loss.
 
@@ -489,11 +498,7 @@ def pretrain(config, data, device):
         set_learning_rate(optimizer, learning_rate(step, config.pretrain_lr, config.warmup_steps))
         with autocast(device):
             loss = diffusion_loss(model, x0, schedule, config.prediction_type, cond=cond).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.e2e.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.e2e.grad_clip)
-        optimizer.step()
+        descend(optimizer, loss, model, config.e2e.grad_clip)
         ema.update(model)
         return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
 
@@ -586,11 +591,7 @@ def distill(config, data, device):
         with autocast(device):
             prediction = consistency_function(model, z_t, t, cond, abar, config.prediction_type).float()
         loss = F.mse_loss(prediction, target_output)  # LCD's d: L2 (the LCM code also offers Huber)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.e2e.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.e2e.grad_clip)
-        optimizer.step()
+        descend(optimizer, loss, model, config.e2e.grad_clip)
         target.update(model)
         return {"loss": loss.item()}
 
