@@ -32,11 +32,13 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 import toy_training
 from benchmarks import quality
 from benchmarks.report import write_results
+from critics import auc_standard_error
 from train_utils import changed
 
 # 15 and 5 times the critic study's CRITIC_WARMUP_STEPS: a first run of 1,000 steps each left the PatchGAN still
@@ -72,10 +74,11 @@ def probe(plan, work, student, critic, critic_fields, warmup, log_every) -> dict
     config = changed(quality.digits_config(plan, SEED, "validation", folder, nfe=(4,), **fields), log_every=log_every)
     if config.e2e.critic_warmup_steps != warmup:
         raise ValueError(f"{name}: the warm-up is {config.e2e.critic_warmup_steps} steps, not {warmup}")
+    data = toy_training.build_dataset(config)
     with open(log, "w") as stream:
         sys.stdout = sys.stderr = stream
         try:
-            toy_training.finetune(config, toy_training.build_dataset(config), torch.device("cpu"))
+            toy_training.finetune(config, data, torch.device("cpu"))
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     stage = toy_training.finetune_name(config, 4)
@@ -83,18 +86,27 @@ def probe(plan, work, student, critic, critic_fields, warmup, log_every) -> dict
         rows = [row for row in map(json.loads, file) if row.get("stage") == stage and "critic_auc" in row]
     warmed = [row for row in rows if row["step"] <= config.e2e.critic_warmup_steps]
     return {"student": student, "critic": critic, "warmup_steps": warmup,
-            "curve": [[row["step"], row["critic_auc"]] for row in warmed], "seconds": warmed[-1]["seconds"]}
+            "curve": [[row["step"], row["critic_auc"]] for row in warmed], "seconds": warmed[-1]["seconds"],
+            "auc_samples": toy_training.critic_auc_samples(data)}
 
 
 def headline(results: list) -> dict:
     """Per critic and student: the first logged step at which the AUC reaches AUC_GOAL (None: never within the
-    warm-up), the AUC at the critic study's warm-up length, and at the end of this one."""
+    warm-up), the AUC at the critic study's warm-up length and at the end of this one, and its mean and standard
+    deviation over the last half of the warm-up (how much it moves from step to step once level). And how far an
+    AUC near the goal would move on another held-out batch of the size measured (critics.auc_standard_error): the
+    same batch at every step, so a curve's points share that error."""
     values = {}
     for result in results:
         prefix, curve = f"{result['critic']}/{result['student']}", dict(map(tuple, result["curve"]))
         values[f"{prefix}/steps_to_goal"] = next((step for step, auc in sorted(curve.items()) if auc >= AUC_GOAL), None)
         values[f"{prefix}/auc_at_study_warmup"] = curve.get(min(quality.CRITIC_WARMUP_STEPS, result["warmup_steps"]))
         values[f"{prefix}/auc_final"] = curve[max(curve)]
+        last_half = [auc for step, auc in curve.items() if step > result["warmup_steps"] / 2]
+        values[f"{prefix}/auc_last_half_mean"] = float(np.mean(last_half))
+        values[f"{prefix}/auc_last_half_std"] = float(np.std(last_half))
+    (samples,) = {result["auc_samples"] for result in results}
+    values["auc_standard_error_at_goal"] = auc_standard_error(AUC_GOAL, samples, samples)
     return values
 
 
