@@ -720,21 +720,28 @@ def spread_sentence(record: dict) -> str:
 
 def critic_warmup_table(record: dict) -> str:
     """critic-warmup.json: per critic and frozen student, the held-out AUC after the critic study's warm-up and
-    at the end of this probe's, and the first logged step at which it reached the goal."""
+    at the end of this probe's, its mean ± std over the probe's last half, and the first logged step at which it
+    reached the goal; the caption gives the held-out batch and the AUC's standard error near the goal."""
     headline, rows = record["headline"], []
     for result in record["results"]:
         prefix = f"{result['critic']}/{result['student']}"
         reached = headline[f"{prefix}/steps_to_goal"]
         rows.append([result["critic"], result["student"], f"{headline[f'{prefix}/auc_at_study_warmup']:.3f}",
                      number(result["warmup_steps"]), f"{headline[f'{prefix}/auc_final']:.3f}",
+                     mean_std(headline[f"{prefix}/auc_last_half_mean"], headline[f"{prefix}/auc_last_half_std"]),
                      "**never**" if reached is None else number(reached), number(round(result["seconds"]))])
+    (samples,) = {result["auc_samples"] for result in record["results"]}
     return (f"Tuning seed {record['seed']}, {record['split']} split, {record['nfe']} NFE; the critic alone, its held-out "
-            f"AUC logged every {record['log_every']} steps; each run's own time in the last column"
+            f"AUC logged every {record['log_every']} steps on the same {samples} real digits and {samples} samples of "
+            f"the student; each run's own time in the last column"
             + (" (runs finished earlier in the work folder were read, not trained again)" if "reused_work" in record
-               else f" ({number(round(record['wall_seconds']))} s in all on {record['cores']} cores)") + ".\n\n"
+               else f" ({number(round(record['wall_seconds']))} s in all on {record['cores']} cores)") + ". "
+            f"On another held-out batch of that size an AUC near {record['auc_goal']} would move by "
+            f"{headline['auc_standard_error_at_goal']:.3f} (one standard error, `critics.auc_standard_error`), at "
+            "every step of a curve alike.\n\n"
             + table(["critic", "frozen student", f"AUC after {record['study_warmup_steps']} steps (the study's warm-up)",
-                     "probe's warm-up (steps)", "AUC at its end", f"first step at AUC ≥ {record['auc_goal']}",
-                     "seconds (one thread)"], rows))
+                     "probe's warm-up (steps)", "AUC at its end", "AUC over its last half (mean ± std)",
+                     f"first step at AUC ≥ {record['auc_goal']}", "seconds (one thread)"], rows))
 
 
 def ratio_cells(result: dict) -> str:

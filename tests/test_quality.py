@@ -11,6 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import critics
 from benchmarks import quality
 
 
@@ -246,10 +247,16 @@ def test_critic_study_declares_its_choices_and_reports_on_fresh_seeds(tmp_path, 
 def test_warmup_headline_names_the_first_step_at_the_goal_or_none_and_the_study_warmups_auc():
     from benchmarks import critic_warmup
     study = quality.CRITIC_WARMUP_STEPS
-    learns = {"critic": "PatchGAN", "student": "LCM", "warmup_steps": 4 * study, "curve": [[study, 0.6], [2 * study, 0.79], [3 * study, 0.81],
-                                                                [4 * study, 0.7]]}
-    stuck = {"critic": "basefeat", "student": "LCM", "warmup_steps": 2 * study, "curve": [[study, 0.55], [2 * study, 0.6]]}
+    learns = {"critic": "PatchGAN", "student": "LCM", "warmup_steps": 4 * study, "auc_samples": 256,
+              "curve": [[study, 0.6], [2 * study, 0.79], [3 * study, 0.81], [4 * study, 0.7]]}
+    stuck = {"critic": "basefeat", "student": "LCM", "warmup_steps": 2 * study, "auc_samples": 256,
+             "curve": [[study, 0.55], [2 * study, 0.6]]}
     values = critic_warmup.headline([learns, stuck])
     assert values["PatchGAN/LCM/steps_to_goal"] == 3 * study  # the first step at >= 0.8, though it falls after
     assert values["PatchGAN/LCM/auc_at_study_warmup"] == 0.6 and values["PatchGAN/LCM/auc_final"] == 0.7
     assert values["basefeat/LCM/steps_to_goal"] is None and values["basefeat/LCM/auc_final"] == 0.6
+    # the last half: the steps past half the warm-up (0.81, 0.7; and 0.6 alone)
+    assert values["PatchGAN/LCM/auc_last_half_mean"] == pytest.approx(0.755)
+    assert values["PatchGAN/LCM/auc_last_half_std"] == pytest.approx(0.055)
+    assert values["basefeat/LCM/auc_last_half_mean"] == 0.6 and values["basefeat/LCM/auc_last_half_std"] == 0.0
+    assert values["auc_standard_error_at_goal"] == critics.auc_standard_error(critic_warmup.AUC_GOAL, 256, 256)
