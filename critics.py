@@ -6,7 +6,8 @@ what the toy's study (benchmarks/README.md, "The adversarial term, acting") need
 - BaseFeatureDiscriminator: trainable conv heads on the frozen base's features of re-noised inputs (LADD,
   SANA-Sprint, DMD2), at low t; e2ediff.GANLoss uses it like a PatchGAN (`--disc-kind basefeat`).
 - critic_auc: a critic's held-out real-vs-fake AUC, the number that says whether it learns (its loss does not),
-  and auc_standard_error, how far it moves with the held-out batch; student_auc: that AUC against the current student's samples, as both scripts log it.
+  and auc_standard_error, how far it moves with the held-out batch; student_auc: that AUC against the current
+  student's samples, as both scripts log it.
 """
 from __future__ import annotations
 

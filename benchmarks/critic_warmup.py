@@ -4,10 +4,10 @@ The critic study (quality.py --study critic) gave every critic CRITIC_WARMUP_STE
 the diffusion base's 4-step samples that was plenty (held-out AUC 0.997 for the PatchGAN, 0.957 for the base-feature
 critic, on the reporting seeds); against the distilled LCM's, which are close to the data, it left every critic at
 0.59-0.67, short of the issue's 0.8. This probe trains each critic alone against a frozen student for
-WARMUP_STEPS[critic] steps and logs its held-out AUC every LOG_EVERY steps (toy_training.CriticHealth: 256 held-out real digits against the
-student's samples from fixed noise): how many steps each critic needs to reach AUC_GOAL, or where it levels off
-(each curve's mean and std over its last half), and how far the held-out batch alone moves an AUC near the goal
-(critics.auc_standard_error).
+WARMUP_STEPS[critic] steps and logs its held-out AUC every LOG_EVERY steps (toy_training.CriticHealth: 256
+held-out real digits against the student's samples from fixed noise): how many steps each critic needs to reach
+AUC_GOAL, or where it levels off (each curve's mean and std over its last half), and how far the held-out batch
+alone moves an AUC near the goal (critics.auc_standard_error).
 
 The setting is the critic study's (quality.CRITIC_TERM: its GAN weight and CRITIC_DISC_STEPS critic updates per
 step; the toy's PatchGAN or the base-feature critic, quality.BASEFEAT), at 4 NFE, on tuning seed 100 against the

@@ -179,11 +179,13 @@ def commands_readme(record: dict) -> str:
     return (f"Measured from a fresh clone and a fresh venv on 2 cores (`python benchmarks/commands.py 1 2`; every run "
             f"in [docs/guide.md](docs/guide.md#how-long-the-two-commands-take)): command 1 took {latest['total_s']:,.0f} s "
             f"on {latest['date']} (pip {latest['install_s']:,.0f} s, the run {latest['run_s']:,.0f} s)"
-            + (f", {min(now):,.0f}–{max(now):,.0f} s over the {len(now)} runs of the quickstart as it is" * (len(now) > 1))
+            + (f", {min(now):,.0f}–{max(now):,.0f} s over the {len(now)} runs of the quickstart as it is" if len(now) > 1
+               else "")
             + (f", ≈ {slowest:,.0f} s at the stage speeds of the slowest run measured" if slowest else "")
             + f"; command 2 took {minutes(totals[-1])} (default tier {tiers['default']:,.0f} s, slow tier "
             f"{tiers['slow']:,.0f} s)"
-            + (f", {minutes(min(totals))} to {minutes(max(totals))} over {len(totals)} runs" * (len(totals) > 1)) + ".")
+            + (f", {minutes(min(totals))} to {minutes(max(totals))} over {len(totals)} runs" if len(totals) > 1 else "")
+            + ".")
 
 
 def tier_cell(tier: dict) -> str:

@@ -5,7 +5,10 @@ controls that guard every table: a fine-tune at a vanishing learning rate reprod
 """
 import copy
 import json
+import math
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,7 +105,6 @@ def test_critic_auc_is_one_for_a_perfect_score_and_a_half_for_a_constant_one():
     assert critics.critic_auc(Sign(), real, real.clone()) == 0.5
 
 
-
 @pytest.mark.parametrize("scores, auc, n_real, n_fake, within", [
     ("exponential", 0.9, 40, 400, 0.05), ("exponential", 0.6, 400, 40, 0.05), ("exponential", 0.8, 256, 256, 0.05),
     ("binormal", 0.6, 256, 256, 0.1), ("binormal", 0.8, 256, 256, 0.1), ("binormal", 0.9, 256, 256, 0.1)])
@@ -111,11 +113,6 @@ def test_auc_standard_error_is_how_far_the_auc_moves_between_held_out_batches(sc
     Hanley-McNeil's model is exponential scores: there it holds within 2 %, unbalanced batches included (swapping
     the counts is off by 12-46 %); for binormal scores of equal variance, balanced as the toy measures, 2-7 %.
     The simulation's own error is ~1 %."""
-    import math
-    from statistics import NormalDist
-
-    import numpy as np
-
     generator = np.random.default_rng(0)
     if scores == "exponential":  # P(real > fake) = scale / (scale + 1)
         real, fake = generator.exponential(auc / (1 - auc), (4000, n_real)), generator.exponential(1, (4000, n_fake))
@@ -126,6 +123,7 @@ def test_auc_standard_error_is_how_far_the_auc_moves_between_held_out_batches(sc
     aucs = (ranks[:, :n_real].sum(axis=1) - n_real * (n_real + 1) / 2) / (n_real * n_fake)
     assert abs(aucs.mean() - auc) < 0.003
     assert aucs.std() == pytest.approx(critics.auc_standard_error(auc, n_real, n_fake), rel=within)
+
 
 # --- the critic's warm-up -------------------------------------------------------------------------
 
