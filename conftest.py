@@ -1,6 +1,8 @@
 """Shared test setup (tests/ and related/tests/; the modules come from the in-place install, pip install -e .): no
-network (hub calls fail fast), session fixtures for what is expensive to build, and no silent skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or module fails, with its reason, so
-that a missing extra (diffusers, transformers, webdataset) cannot turn the strongest tests into skips."""
+network (hub calls fail fast), the checkout under test first on every child process's import path, session fixtures
+for what is expensive to build, and no silent skips in CI: with E2EDIFF_NO_SKIPS=1 (set by .ci/run) a skipped test or
+module fails, with its reason, so that a missing extra (diffusers, transformers, webdataset) cannot turn the strongest
+tests into skips."""
 import os
 
 import pytest
@@ -8,6 +10,9 @@ import pytest
 ROOT = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The scripts, torchrun's ranks and the notebook's kernel that the tests start import this checkout's modules, even when
+# the venv's editable install points at another clone (one venv shared by two checkouts would test the other's code).
+os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 pytest_plugins = ["pytester"]  # tests/test_conftest.py runs pytest on small files to check the hooks below
 NO_SKIPS = "E2EDIFF_NO_SKIPS"
