@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The scripts, torchrun's ranks and the notebook's kernel that the tests start import this checkout's modules, even when
 # the venv's editable install points at another clone (one venv shared by two checkouts would test the other's code).
-os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 pytest_plugins = ["pytester"]  # tests/test_conftest.py runs pytest on small files to check the hooks below
 NO_SKIPS = "E2EDIFF_NO_SKIPS"

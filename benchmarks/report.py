@@ -53,7 +53,8 @@ def has_critic(recipe: dict) -> bool:
 def cpu_name() -> str:
     """The CPU's model name as /proc/cpuinfo gives it (the platform's name where there is none), for a record."""
     try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -703,7 +704,8 @@ def critic_table1_summary(record: dict) -> str:
     losing = sum(against_start[recipe]["recall_delta_mean"] < 0 for recipe in ddim)
     winners = [f"`{recipe}`" for recipe in recipes if against_start[recipe]["beats"]]
     recall = "every DDIM recipe loses" if losing == len(ddim) else f"{losing} of {len(ddim)} DDIM recipes lose"
-    verdict = (f"only {', '.join(winners)} beat{'s' * (len(winners) == 1)} the model it starts from" if winners
+    beat = "beats" if len(winners) == 1 else "beat"
+    verdict = (f"only {', '.join(winners)} {beat} the model it starts from" if winners
                else "no recipe enhances the model it starts from")
     control = verdicts[f"table1/{LCM_DDIM}/nfe4 vs LCM 4"]["distance_ratio_mean"]
     return (f"From a distilled LCM, what looked like a gain through DDIM ({number(min(gains))}–{number(max(gains))}× "
