@@ -15,7 +15,7 @@ validation split: a warm-up length is a tuning choice, never made on the test sp
 diffusion base through 4-step DDIM, the LCM through its own update, the LCM through deterministic DDIM. Each run is a
 fine-tune whose warm-up is all but its last step; that one generator step is ignored.
 
-    python benchmarks/critic_warmup.py --work W   # -> results/critic-warmup.json; W may already hold seed 100's base
+    python benchmarks/critic_warmup.py --work W   # -> results/critic_warmup.json; W may already hold seed 100's base
                                                   #    (quality.py --study critic --pilot --work W makes it)
     python benchmarks/critic_warmup.py --quick    # tiny step counts: a smoke run (-quick file)
 
@@ -23,7 +23,7 @@ fine-tune whose warm-up is all but its last step; that one generator step is ign
 the critic itself? The study's PatchGAN and three stronger ones, one change each (STRONGER: 4x wider, 3x the
 learning rate, 4x the batch), each warmed up for STRONGER_STEPS against the two LCM students:
 
-    python benchmarks/critic_warmup.py --stronger --work W   # -> results/critic-stronger.json
+    python benchmarks/critic_warmup.py --stronger --work W   # -> results/critic_warmup-stronger.json
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny base, 1 warm-up step each: a smoke run")
     parser.add_argument("--stronger", action="store_true", help="the study's PatchGAN and three stronger ones "
-                        f"(STRONGER) against the LCM's students for {STRONGER_STEPS} steps -> critic-stronger.json")
+                        f"(STRONGER) against the LCM's students for {STRONGER_STEPS} steps -> critic_warmup-stronger.json")
     parser.add_argument("--out", default=quality.RESULTS, help="folder for the JSON")
     parser.add_argument("--work", default=None, help="folder for the checkpoints, kept (seed 100's base is reused "
                         "from it when there); default a temporary one, deleted after")
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
               **({"reused_work": "wall_seconds is this run's alone: runs already finished in --work were read, not "
                                  "trained again (each run's own time: its seconds)"} if reused else {})}
     values = headline(results)
-    name = ("critic-stronger" if args.stronger else "critic-warmup") + ("-quick" if args.quick else "")
+    name = "critic_warmup" + ("-stronger" if args.stronger else "") + ("-quick" if args.quick else "")
     plot(results, os.path.join(args.out, f"{name}.png"), by="student" if args.stronger else "critic")
     write_results(args.out, name, record, values, start)
     return values

@@ -723,7 +723,7 @@ def spread_sentence(record: dict) -> str:
 
 
 def critic_warmup_table(record: dict) -> str:
-    """critic-warmup.json: per critic and frozen student, the held-out AUC after the critic study's warm-up and
+    """critic_warmup.json (and critic_warmup-stronger.json): per critic and frozen student, the held-out AUC after the critic study's warm-up and
     at the end of this probe's, its mean ± std over the probe's last half, and the first logged step at which it
     reached the goal; the caption gives the held-out batch and the AUC's standard error near the goal."""
     headline, rows = record["headline"], []
@@ -807,8 +807,8 @@ RENDERERS = {
     "quality-critic": ("quality-critic.json", quality_tables),
     "quality-critic-goals": ("quality-critic.json", quality_critic_goals),
     "quality-critic-table1": ("quality-critic-table1.json", quality_critic_table1),
-    "critic-warmup": ("critic-warmup.json", critic_warmup_table),
-    "critic-stronger": ("critic-stronger.json", critic_warmup_table),
+    "critic-warmup": ("critic_warmup.json", critic_warmup_table),
+    "critic-stronger": ("critic_warmup-stronger.json", critic_warmup_table),
     "critic-table1-summary": ("quality-critic-table1.json", critic_table1_summary),
     "spread-sentence": ("spread.json", spread_sentence),
 }

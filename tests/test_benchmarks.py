@@ -117,8 +117,8 @@ def test_quality_critic_study_quick_logs_every_critics_auc_and_every_rows_detail
 @pytest.mark.slow
 def test_critic_warmup_quick_logs_each_critics_auc_against_each_student_during_the_warmup_only(tmp_path):
     headline = run_benchmark("critic_warmup.py", "--quick", "--out", str(tmp_path), timeout=900)
-    record = json.loads((tmp_path / "critic-warmup-quick.json").read_text())
-    assert (tmp_path / "critic-warmup-quick.png").exists()
+    record = json.loads((tmp_path / "critic_warmup-quick.json").read_text())
+    assert (tmp_path / "critic_warmup-quick.png").exists()
     assert len(record["results"]) == 6  # 2 critics x 3 students
     for result in record["results"]:
         steps = [step for step, _ in result["curve"]]
@@ -132,8 +132,8 @@ def test_critic_warmup_stronger_quick_probes_every_stronger_critic_against_the_l
     from benchmarks import critic_warmup
 
     headline = run_benchmark("critic_warmup.py", "--stronger", "--quick", "--out", str(tmp_path), timeout=900)
-    record = json.loads((tmp_path / "critic-stronger-quick.json").read_text())
-    assert (tmp_path / "critic-stronger-quick.png").exists()
+    record = json.loads((tmp_path / "critic_warmup-stronger-quick.json").read_text())
+    assert (tmp_path / "critic_warmup-stronger-quick.png").exists()
     assert record["critics"] == critic_warmup.STRONGER
     assert sorted((r["critic"], r["student"]) for r in record["results"]) == sorted(
         (critic, student) for critic in critic_warmup.STRONGER for student in critic_warmup.STRONGER_STUDENTS)
