@@ -36,8 +36,9 @@ from toy_data import (
     load_metric_classifier, validation_split,
 )
 from train_utils import (
-    INCEPTION_WEIGHTS, PREDICTION_RULE, Rule, StopRequest, UsageError, atomic_write, check_readable_file, exit_with,
-    flag, load_checkpoint, parse_config as parse_flags, rng_state, save_checkpoint, select_device, set_rng_state, validate,
+    INCEPTION_WEIGHTS, PREDICTION_RULE, Rule, StopRequest, UsageError, atomic_write, check_readable_file, descend,
+    exit_with, flag, load_checkpoint, parse_config as parse_flags, rng_state, save_checkpoint, select_device,
+    set_rng_state, validate,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -459,15 +460,6 @@ def set_learning_rate(optimizer, lr):
         group["lr"] = lr
 
 
-def descend(optimizer, loss, model, grad_clip):
-    """One optimiser step on loss, the gradient norm of model's parameters clipped at grad_clip (0: off)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
 # ----------------------------------------------------------------------------------------------
 # Stage 1: pretrain the base model with the standard diffusion loss.
 
@@ -498,7 +490,7 @@ def pretrain(config, data, device):
         set_learning_rate(optimizer, learning_rate(step, config.pretrain_lr, config.warmup_steps))
         with autocast(device):
             loss = diffusion_loss(model, x0, schedule, config.prediction_type, cond=cond).mean()
-        descend(optimizer, loss, model, config.e2e.grad_clip)
+        descend(optimizer, loss, config.e2e.grad_clip)
         ema.update(model)
         return {"loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
 
@@ -591,7 +583,7 @@ def distill(config, data, device):
         with autocast(device):
             prediction = consistency_function(model, z_t, t, cond, abar, config.prediction_type).float()
         loss = F.mse_loss(prediction, target_output)  # LCD's d: L2 (the LCM code also offers Huber)
-        descend(optimizer, loss, model, config.e2e.grad_clip)
+        descend(optimizer, loss, config.e2e.grad_clip)
         target.update(model)
         return {"loss": loss.item()}
 

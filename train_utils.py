@@ -1,8 +1,8 @@
 """train_utils — the run plumbing that train_toy.py and train_t2i.py share, kept out of the method module.
 
 Command-line flags from a config dataclass, atomic checkpoints, every RNG's state for an exact resume,
-Ctrl-C / SIGTERM as a flag the training loop reads between steps, device choice, and where the
-Inception FID weights live. Nothing here is E2EDiff; e2ediff.py holds the method.
+Ctrl-C / SIGTERM as a flag the training loop reads between steps, one clipped optimiser step, device choice,
+and where the Inception FID weights live. Nothing here is E2EDiff; e2ediff.py holds the method.
 """
 from __future__ import annotations
 
@@ -279,6 +279,19 @@ def flat_config(config) -> dict:
     for name, value in dataclasses.asdict(config).items():
         flat.update(value if isinstance(value, dict) else {name: value})
     return flat
+
+
+# ----------------------------------------------------------------------------------------------
+# One optimiser step of the stages outside Algorithm 1 (e2ediff.train_step has its own).
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """Backpropagate loss and step the optimiser, the gradient norm of its parameters clipped at grad_clip (0: off)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    optimizer.step()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -203,7 +203,8 @@ def commands_tables(record: dict) -> str:
         scaled = projected(run, steps)
         first.append([run["date"], measured_by(run), number(run["finetune_steps"]), f"{run['install_s']:,.0f} s",
                       f"{run['run_s']:,.0f} s", f"{run['total_s']:,.0f} s",
-                      "–" if "pretrain_s" not in run else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
+                      "–" if "pretrain_s" not in run
+                      else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
                       "–" if "finetune_s" not in run else f"{run['finetune_s']:,.0f} s",
                       "–" if scaled is None else f"{scaled:,.0f} s",
                       {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]])
@@ -723,9 +724,10 @@ def spread_sentence(record: dict) -> str:
 
 
 def critic_warmup_table(record: dict) -> str:
-    """critic_warmup.json (and critic_warmup-stronger.json): per critic and frozen student, the held-out AUC after the critic study's warm-up and
-    at the end of this probe's, its mean ± std over the probe's last half, and the first logged step at which it
-    reached the goal; the caption gives the held-out batch and the AUC's standard error near the goal."""
+    """critic_warmup.json (and critic_warmup-stronger.json): per critic and frozen student, the held-out AUC after
+    the critic study's warm-up and at the end of this probe's, its mean ± std over the probe's last half, and the
+    first logged step at which it reached the goal; the caption gives the held-out batch and the AUC's standard
+    error near the goal."""
     headline, rows = record["headline"], []
     for result in record["results"]:
         prefix = f"{result['critic']}/{result['student']}"

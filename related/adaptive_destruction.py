@@ -55,7 +55,7 @@ import torch.nn as nn
 
 import e2ediff
 import toy2d
-from train_utils import UsageError, exit_with, parse_config, validate
+from train_utils import UsageError, descend, exit_with, parse_config, validate
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -461,14 +461,6 @@ class SamplerConfig:
         validate(self)
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
-    optimizer.step()
-
-
 def train(config: SamplerConfig, log: Callable[[str], None] | None = None) -> tuple[DiffusionSampler, dict]:
     """Train one sampler. Returns it and a record: the config, the curve (iteration, elbo, eubo, gap,
     log_Z_hat, seconds), the final metrics, and `diverged` (a non-finite loss stopped the run)."""
@@ -512,7 +504,7 @@ def train(config: SamplerConfig, log: Callable[[str], None] | None = None) -> tu
         if not torch.isfinite(generation_loss):
             record["diverged"] = True
             break
-        _step(generation_optimizer, generation_loss, config.grad_clip)
+        descend(generation_optimizer, generation_loss, config.grad_clip)
         if learned and (on_policy or config.destruction_objective != "tlm"):
             if config.destruction_objective == "tlm":
                 destruction_loss = trajectory_likelihood(log_probs["log_pB"]).mean()
@@ -523,7 +515,7 @@ def train(config: SamplerConfig, log: Callable[[str], None] | None = None) -> tu
             if not torch.isfinite(destruction_loss):
                 record["diverged"] = True
                 break
-            _step(destruction_optimizer, destruction_loss, config.grad_clip)
+            descend(destruction_optimizer, destruction_loss, config.grad_clip)
             target_network.update(sampler.destruction_head)
     record["seconds"] = time.time() - start
     if record["diverged"]:
