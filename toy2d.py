@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import e2ediff
 from toy_nets import energy_distance  # noqa: F401  (toy2d.energy_distance: the ring's metric)
+from train_utils import descend
 
 
 def ring_of_gaussians(n: int, generator: torch.Generator | None = None, modes: int = 8, radius: float = 1.0, std: float = 0.05) -> torch.Tensor:
@@ -76,9 +77,7 @@ def pretrain(steps: int = 2000, batch: int = 256, lr: float = 2e-3, seed: int = 
     lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in range(steps):
         loss = e2ediff.diffusion_loss(model, ring_of_gaussians(batch, generator), schedule, "v_prediction", generator=generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        descend(optimizer, loss)
         lr_decay.step()
     return model.eval().requires_grad_(False)
 

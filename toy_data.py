@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from toy_nets import CIFAR10_FOLDER, Classifier
-from train_utils import UsageError, load_checkpoint, save_checkpoint
+from train_utils import UsageError, descend, load_checkpoint, save_checkpoint
 
 IMAGE_SIZE = {"digits": 8, "cifar10": 32}  # pixels per side of each dataset's images, as the loaders below return them
 CHANNELS = {"digits": 1, "cifar10": 3}
@@ -131,9 +131,7 @@ def fit_classifier(classifier, path, data, device, seed, epochs, eval_batch_size
             indices = order[start:start + batch_size]
             logits = classifier(data.train_images[indices].to(device))
             loss = F.cross_entropy(logits, data.train_labels[indices].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(optimizer, loss)
     classifier.eval().requires_grad_(False)
     with torch.no_grad():
         predictions = torch.cat([classifier(chunk.to(device)).argmax(1).cpu()

@@ -285,7 +285,7 @@ def flat_config(config) -> dict:
 # One optimiser step of the stages outside Algorithm 1 (e2ediff.train_step has its own).
 
 
-def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float = 0.0) -> None:
     """Backpropagate loss and step the optimiser, the gradient norm of its parameters clipped at grad_clip (0: off)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

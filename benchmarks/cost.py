@@ -47,7 +47,7 @@ import torch
 import e2ediff
 from benchmarks.counters import SETUPS, TensorMemory
 from benchmarks.report import write_results
-from train_utils import select_device
+from train_utils import descend, select_device
 from toy_nets import UNet
 
 
@@ -78,17 +78,13 @@ def train_step(mode: str, num_steps: int, model, optimizer, schedule, z_T, targe
     if mode == "floor":
         for _ in range(num_steps):
             loss = e2ediff.diffusion_loss(model, target, schedule).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            descend(optimizer, loss)
         return
     config = e2ediff.EndToEndConfig(num_steps=num_steps, update="ddim", lpips_weight=0.0, grad_checkpoint=mode in ("ckpt", "sel"),
                                     checkpoint_policy="selective" if mode == "sel" else "full",
                                     backprop_steps=1 if mode == "trunc" else 0)
     loss = e2ediff.EndToEndLoss(model, schedule, config)(z_T, target, step=0)[0]  # Alg. 1 lines 7-13
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    descend(optimizer, loss)
 
 
 def synchronize(device: torch.device) -> None:

@@ -60,7 +60,7 @@ import toy2d
 import toy_data
 from e2ediff import option
 from toy_nets import ClassifierFrechetDistance, timestep_embedding
-from train_utils import UsageError, exit_with, parse_config
+from train_utils import UsageError, descend, exit_with, parse_config
 
 ROLES = ("encode", "decode", "denoise")
 TRAININGS = ("naive", "dsd", "two_stage")
@@ -231,9 +231,7 @@ def fit(config: Config, images: torch.Tensor, parameters, step_loss, probe, seed
             break
         batch = images[torch.randint(0, len(images), (config.batch_size,), generator=generator)]
         loss = step_loss(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        descend(optimizer, loss)
     return history
 
 
