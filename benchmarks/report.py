@@ -447,6 +447,24 @@ def dsd_tables(record: dict) -> str:
     return "\n\n".join(parts)
 
 
+# What each of dsd.json's goals (related/benchmarks/dsd.py's GOALS: headline key -> [relation, limit]) says.
+DSD_GOALS = {
+    "dsd/latent_std_naive_vs_two_stage": "naive joint training collapses the latents: its latent std ÷ the two-stage's",
+    "dsd/cfd4_vs_two_stage": "DSD matches the two-stage baseline at 4 NFE with half the parameters: CFD ratio",
+    "dsd/e2e_cfd4_vs_dsd4": "end-to-end fine-tuning improves DSD's own 4-NFE CFD: CFD ratio",
+}
+
+
+def dsd_goals(record: dict) -> str:
+    """Each goal, the headline value it is measured by, met or missed."""
+    meets = {"<=": lambda value, limit: value <= limit, "<": lambda value, limit: value < limit}
+    rows = []
+    for key, (relation, limit) in record["goals"].items():
+        value = record["headline"][key]
+        rows.append([DSD_GOALS[key], f"{relation.replace('<=', '≤')} {limit:g}", number(value),
+                     "met" if meets[relation](value, limit) else "**missed**"])
+    return table(["goal", "limit", "measured", ""], rows)
+
 # ----------------------------------------------------------------------------------------------
 # destruction.json (related/benchmarks/destruction.py): per (target, destruction, T) a summary of [mean, std] over seeds.
 
@@ -789,6 +807,7 @@ RENDERERS = {
     "scale-headline": ("scale.json", headline_block),
     "dsd": ("dsd.json", dsd_tables),
     "dsd-headline": ("dsd.json", headline_block),
+    "dsd-goals": ("dsd.json", dsd_goals),
     "destruction": ("destruction.json", destruction_tables),
     "destruction-goals": ("destruction.json", destruction_goals),
     "destruction-headline": ("destruction.json", headline_block),

@@ -2,7 +2,7 @@
 encodes, decodes and denoises, trained end to end on scikit-learn's 8x8 digits (offline, CPU).
 
     python related/dsd.py                          # one seed: the three trainings, the ablation, the end-to-end
-                                           # fine-tune, indicators and few-step quality (~5 min, 1 CPU thread)
+                                           # fine-tune, indicators and few-step quality (~2 min, 1 CPU thread)
     python related/dsd.py --seed 1 --steps 1000    # another seed, a shorter run; --help lists every flag and why
     python related/benchmarks/dsd.py               # 3 seeds, mean ± std, plot: benchmarks/results/dsd.{json,png}
     python -m pytest -q related/tests/test_dsd.py  # the tests (< 60 s on 2 CPU cores)
@@ -82,7 +82,7 @@ class Config:
     diffusion_weight: float = option(1.0, "weight of the diffusion / self-distillation term against reconstruction")
     log_every: int = option(100, "steps between collapse-indicator rows")
     # end-to-end fine-tuning of the DSD network (Algorithm 1 in latent space, loss on decoded images)
-    finetune_steps: int = option(400, "a short fine-tune, as in the toy quickstart (600 there)")
+    finetune_steps: int = option(400, "a short fine-tune, as long as the toy quickstart's")
     finetune_lr: float = option(1e-4, "small: the network starts from a trained DSD model")
     finetune_batch_size: int = option(64, "train_toy's fine-tuning batch")
     finetune_nfe: int = option(4, "T of the unrolled sampler being trained (the headline compares at 4 NFE)")

@@ -2,7 +2,7 @@
 training collapse the latents, does DSD avoid it and match the two-stage baseline's few-step quality with
 half the parameters, and does end-to-end fine-tuning through its own sampler and decoder improve it?
 
-    python related/benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (~17 minutes, one thread, 2 shared cores)
+    python related/benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (~5 minutes, one thread, idle 2 cores)
     python related/benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
 
 Per seed, dsd.run trains naive joint, DSD and the two-stage baseline from scratch (same network, data order,
