@@ -226,6 +226,17 @@ def relative(value: float) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
 
+def settings_caption(record: dict) -> str:
+    """'Settings: ...; Machine: ...' of a record measured under benchmarks/cpu_settings.py's settings."""
+    def setting(name, env):
+        variables = " ".join(f"{key}={value}" for key, value in env.items())
+        return name if not env or variables in name else f"{name} (`{variables}`)"
+
+    machine = record["machine"]
+    return ("Settings: " + "; ".join(setting(name, env) for name, env in record["settings"].items())
+            + f". Machine: {machine['cpu']}, torch {machine['torch']}.")
+
+
 def spread_table(record: dict) -> str:
     """Per phase (evaluation of the same models; the whole quickstart trained again at a reduced budget) and
     row: the largest relative spread of each column across the CPU settings, and the goal's verdict."""
@@ -240,13 +251,7 @@ def spread_table(record: dict) -> str:
                      + table(["row", *SPREAD_COLUMNS.values()], rows))
     largest = record["headline"]["evaluation/cfd_max_relative"]
     verdict = "met" if largest <= record["goal_relative_cfd"] else "**missed**"
-    machine = record["machine"]
-    def setting(name, env):
-        variables = " ".join(f"{key}={value}" for key, value in env.items())
-        return name if not env or variables in name else f"{name} (`{variables}`)"
-
-    return ("Settings: " + "; ".join(setting(name, env) for name, env in record["settings"].items())
-            + f". Machine: {machine['cpu']}, torch {machine['torch']}.\n\n" + "\n\n".join(parts)
+    return (settings_caption(record) + "\n\n" + "\n\n".join(parts)
             + f"\n\nGoal: every CFD of the evaluation within {record['goal_relative_cfd']:.1%} across the settings: "
               f"largest {largest:.1e}, {verdict}. `python benchmarks/spread.py`: {record['wall_seconds']:.0f} s.")
 
@@ -417,25 +422,28 @@ def scale_validation(record: dict) -> str:
 # dsd.json (related/benchmarks/dsd.py): per-seed results, and their mean ± std in "summary".
 
 
-def dsd_labels(record: dict) -> dict:
+DSD_INDICATORS = ("latent_std", "effective_rank", "recon_mse")
+
+
+def dsd_labels(equal_steps: int, finetune_nfe: int) -> dict:
     """Each training's row label."""
-    equal_steps = record["results"][0]["final"]["dsd_equal_updates"]["step"]
     return {"naive": "naive joint", "dsd": "DSD", "two_stage": "two-stage",
             "dsd_no_latent_norm": "DSD without latent LayerNorm",
             "dsd_equal_updates": f"DSD, equal updates ({equal_steps:,} steps)",
-            "dsd+e2e": f"DSD + E2E (trained at {record['config']['finetune_nfe']} NFE)"}
+            "dsd+e2e": f"DSD + E2E (trained at {finetune_nfe} NFE)"}
 
 
 def dsd_tables(record: dict) -> str:
     """Collapse indicators at the end of training, then CFD and pixel energy distance against NFE."""
-    summary, labels, nfes = record["summary"], dsd_labels(record), record["config"]["nfe"]
+    summary, nfes = record["summary"], record["config"]["nfe"]
+    labels = dsd_labels(record["results"][0]["final"]["dsd_equal_updates"]["step"], record["config"]["finetune_nfe"])
     models = list(summary["parameters"])
 
     def cell(entry):
         return mean_std(entry["mean"], entry["std"])
 
     indicators = [[labels[m], number(summary["parameters"][m]),
-                   *(cell(summary["final"][m][key]) for key in ("latent_std", "effective_rank", "recon_mse"))]
+                   *(cell(summary["final"][m][key]) for key in DSD_INDICATORS)]
                   for m in models]
     parts = [table(["model", "parameters", "latent std", f"effective rank (of {record['config']['latent_dim']})",
                     "recon MSE"], indicators)]
@@ -464,6 +472,19 @@ def dsd_goals(record: dict) -> str:
         rows.append([DSD_GOALS[key], f"{relation.replace('<=', '≤')} {limit:g}", number(value),
                      "met" if meets[relation](value, limit) else "**missed**"])
     return table(["goal", "limit", "measured", ""], rows)
+
+
+def dsd_spread(record: dict) -> str:
+    """dsd-spread.json: per model, the largest relative spread of each column across the CPU settings."""
+    labels = dsd_labels(2 * record["config"]["steps"], record["config"]["finetune_nfe"])  # dsd.py: twice the steps
+    columns = ("cfd", "energy", *DSD_INDICATORS)
+    rows = [[labels[model], *(relative(record["headline"][f"dsd-spread/{model}/{column}"]) for column in columns)]
+            for model in record["final"]]
+    return (settings_caption(record) + f" Seed {record['seed']}, `python related/dsd.py` under each, "
+            f"`python related/benchmarks/dsd.py --spread`: {record['wall_seconds']:.0f} s. (max − min) / max over "
+            "the settings; CFD and energy: the largest over NFE " + ", ".join(map(str, record["config"]["nfe"])) + ":\n\n"
+            + table(["model", "CFD", "energy", "latent std", "effective rank", "recon MSE"], rows))
+
 
 # ----------------------------------------------------------------------------------------------
 # destruction.json (related/benchmarks/destruction.py): per (target, destruction, T) a summary of [mean, std] over seeds.
@@ -808,6 +829,7 @@ RENDERERS = {
     "dsd": ("dsd.json", dsd_tables),
     "dsd-headline": ("dsd.json", headline_block),
     "dsd-goals": ("dsd.json", dsd_goals),
+    "dsd-spread": ("dsd-spread.json", dsd_spread),
     "destruction": ("destruction.json", destruction_tables),
     "destruction-goals": ("destruction.json", destruction_goals),
     "destruction-headline": ("destruction.json", headline_block),

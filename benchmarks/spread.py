@@ -1,9 +1,7 @@
 """benchmarks/spread.py — how far the quickstart's numbers move from one CPU to another, measured on one machine.
 
 A CPU changes the numbers through the kernels that PyTorch, oneDNN and MKL pick for it, and through the
-thread count. Each can be switched on one machine (SETTINGS): ATEN_CPU_CAPABILITY (PyTorch's own
-vectorised kernels: default = no SIMD, avx2, avx512), DNNL_MAX_CPU_ISA (oneDNN's convolutions),
-MKL_ENABLE_INSTRUCTIONS and MKL_CBWR (MKL's matrix products), OMP_NUM_THREADS. Two measurements, each a
+thread count; benchmarks/cpu_settings.py switches each on one machine (SETTINGS). Two measurements, each a
 subprocess per setting:
 
 - evaluation: the quickstart's own evaluation (`train_toy.py --stage eval`) of one set of trained models,
@@ -22,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,30 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import cpu_name, write_results
+from benchmarks.cpu_settings import SETTINGS, environment, machine, quick_settings, relative_spread
+from benchmarks.report import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("cfd", "pixel_energy", "precision", "recall")
 GOAL = 1e-3  # relative spread of every CFD of the evaluation across SETTINGS
 
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-SETTINGS = {  # name -> environment on top of the machine's own (native kernels, 2 threads)
-    "native, 2 threads": {},
-    "native, 1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
-    "DNNL_MAX_CPU_ISA=AVX2": {"DNNL_MAX_CPU_ISA": "AVX2"},
-    "MKL_CBWR=COMPATIBLE": {"MKL_CBWR": "COMPATIBLE"},
-    "an AVX2-only CPU (all three capped)": AVX2,
-}
 REDUCED = ["--pretrain-steps", "400", "--finetune-steps", "60"]  # the training measurement's budget (~1 min a run)
 QUICK = ["--pretrain-steps", "20", "--finetune-steps", "3", "--nfe", "1", "--base-nfe", "1,2", "--eval-samples", "200"]
-
-
-def environment(setting: dict) -> dict:
-    """The machine's environment with 2 threads (CI's), hub offline, then the setting's variables."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}
-    return {**env, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **setting}
 
 
 def train_toy(args: list[str], env: dict, log: Path) -> None:
@@ -83,11 +64,6 @@ def spread(runs: dict[str, dict]) -> dict:
             for row, columns in table.items()}
 
 
-def relative_spread(values: list[float]) -> float:
-    largest_value = max(abs(value) for value in values)
-    return (max(values) - min(values)) / largest_value if largest_value else 0.0
-
-
 def largest(spreads: dict, column: str) -> float:
     return max(entry[column]["relative"] for entry in spreads.values())
 
@@ -100,7 +76,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON")
     args = parser.parse_args(argv)
     start = time.time()
-    settings = dict(list(SETTINGS.items())[::len(SETTINGS) - 1]) if args.quick else SETTINGS
+    settings = quick_settings() if args.quick else SETTINGS
     budget = QUICK if args.quick else []
     with tempfile.TemporaryDirectory(prefix="spread-") as work:
         work, log = Path(work), Path(work) / "train_toy.log"
@@ -128,19 +104,13 @@ def main(argv=None) -> None:
         "mode": "quick" if args.quick else "full", "settings": settings, "goal_relative_cfd": GOAL,
         "evaluated_run": {"config": evaluation[next(iter(settings))]["config"],
                           "metric_classifier": evaluation[next(iter(settings))]["metric_classifier"]},
-        "training_budget": budget or REDUCED, "machine": {"cpu": cpu_name(), "python": platform.python_version(),
-                                                          "torch": torch_version()},
+        "training_budget": budget or REDUCED, "machine": machine(),
         **measured,
     }
     headline = {f"{phase}/{column}_max_relative": largest(measured[phase], column)
                 for phase in measured for column in COLUMNS}
     headline["evaluation/cfd_goal_met"] = headline["evaluation/cfd_max_relative"] <= GOAL
     write_results(args.out, "spread-quick" if args.quick else "spread", record, headline, start)
-
-
-def torch_version() -> str:
-    import torch
-    return f"{torch.__version__}, native kernels {torch.backends.cpu.get_cpu_capability()}"
 
 
 if __name__ == "__main__":

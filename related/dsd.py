@@ -408,7 +408,7 @@ def main(argv=None):
         cfds = {r["nfe"]: r["cfd"] for r in result["rows"] if r["model"] == name}
         print(f"| {name} | {result['parameters'][name]:,} | {final['latent_std']:.3f} | {final['effective_rank']:.2f} | "
               f"{final['recon_mse']:.4f} | " + " | ".join(f"{cfds[k]:.1f}" for k in config.nfe) + " |")
-    print(json.dumps({"config": dataclasses.asdict(config), "rows": result["rows"]}))
+    print(json.dumps({"config": dataclasses.asdict(config), "rows": result["rows"], "final": result["final"]}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ half the parameters, and does end-to-end fine-tuning through its own sampler and
 
     python related/benchmarks/dsd.py            # full mode: 3 seeds, dsd.Config's defaults (~5 minutes, one thread, idle 2 cores)
     python related/benchmarks/dsd.py --quick    # 1 seed, tiny step counts: a smoke run of the contract (CI)
+    python related/benchmarks/dsd.py --spread   # seed 0 under each CPU setting: how far the numbers move (~18 min)
 
 Per seed, dsd.run trains naive joint, DSD and the two-stage baseline from scratch (same network, data order,
 steps, learning rate), trains the DSD objective without the latent LayerNorm (the ablation behind our reading)
@@ -22,17 +23,26 @@ indicators over training, CFD vs NFE); the last line printed is one JSON object 
   dsd/params_dsd_vs_two_stage        DSD's parameter count / two-stage's (encoder-decoder + denoiser)
   dsd/cfd4_equal_updates_vs_two_stage  as cfd4_vs_two_stage, DSD trained 2 x steps (as many updates as both stages)
 Goals are reported, never tuned for.
+
+--spread trains and measures seed 0 (`python related/dsd.py`, the plan's budget) once under each setting of
+benchmarks/cpu_settings.py, a subprocess each, and writes dsd-spread[-quick].json: per (model, NFE) and per
+model's final indicator, the values under each setting and their relative spread (max - min) / max. The
+headline: per model, the largest spread of each column. It says how far a row here moves on another CPU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+from benchmarks import cpu_settings
 from benchmarks.report import write_results
 from related import dsd
 
@@ -131,14 +141,62 @@ def plot(summary, nfes, path):
     fig.savefig(path, dpi=110)
 
 
+def flags(config: dict) -> list[str]:
+    """A plan's config as related/dsd.py's flags (tuples comma-separated)."""
+    return [item for key, value in config.items() for item in
+            (f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+
+
+def spread(plan: dict, settings: dict, start: float) -> tuple[dict, dict]:
+    """Seed 0 under each CPU setting (a subprocess each): per (model, NFE) column and per model's final
+    indicator, the values and their relative spread; the headline keeps each model's largest per column."""
+    runs = {}
+    for name, setting in settings.items():
+        completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "dsd.py"), "--seed", "0",
+                                    *flags(plan["config"])], cwd=ROOT, env=cpu_settings.environment(setting),
+                                   capture_output=True, text=True)
+        if completed.returncode != 0:
+            sys.exit(f"related/dsd.py failed under {name} ({completed.returncode}):\n{completed.stderr[-3000:]}")
+        runs[name] = json.loads(completed.stdout.strip().splitlines()[-1])
+        print(f"[{time.time() - start:.0f}s] {name}: 4-NFE CFD " + ", ".join(
+            f"{row['model']} {row['cfd']:.6g}" for row in runs[name]["rows"] if row["nfe"] == 4), flush=True)
+
+    def entry(values: dict) -> dict:
+        return {"values": values, "relative": cpu_settings.relative_spread(list(values.values()))}
+
+    first = next(iter(runs.values()))
+    rows = {f"{row['model']}@{row['nfe']}": {metric: entry({name: run["rows"][i][metric] for name, run in runs.items()})
+                                             for metric in ("cfd", "energy")}
+            for i, row in enumerate(first["rows"])}
+    final = {model: {key: entry({name: run["final"][model][key] for name, run in runs.items()}) for key in INDICATORS}
+             for model in first["final"]}
+    headline = {}
+    for model in final:
+        for metric in ("cfd", "energy"):
+            headline[f"dsd-spread/{model}/{metric}"] = max(columns[metric]["relative"] for key, columns in rows.items()
+                                                           if key.split("@")[0] == model)
+        for key in INDICATORS:
+            headline[f"dsd-spread/{model}/{key}"] = final[model][key]["relative"]
+    return {"rows": rows, "final": final}, headline
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny step counts: a smoke run")
+    parser.add_argument("--spread", action="store_true", help="seed 0 under each CPU setting (benchmarks/cpu_settings.py)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a small MLP: one thread is fastest, and leaves a core to whatever runs beside
     start, mode = time.time(), "quick" if args.quick else "full"
     plan = PLANS[mode]
+    if args.spread:
+        settings = cpu_settings.quick_settings() if args.quick else cpu_settings.SETTINGS
+        measured, headline = spread(plan, settings, start)
+        record = {"mode": mode, "seed": 0, "config": dataclasses.asdict(dsd.Config(seed=0, **plan["config"])),
+                  "settings": settings, "machine": cpu_settings.machine(), **measured}
+        os.makedirs(args.out, exist_ok=True)
+        write_results(args.out, "dsd-spread-quick" if args.quick else "dsd-spread", record, headline, start)
+        return headline
     configs = [dsd.Config(seed=seed, **plan["config"]) for seed in plan["seeds"]]
     results = [dsd.run(config, log=lambda line: print(f"[{time.time() - start:.0f}s] {line}", flush=True))
                for config in configs]

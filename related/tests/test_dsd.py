@@ -5,8 +5,9 @@
 They prove: one network holds every role; DSD's target latent gets no gradient while the naive loss
 sends its gradient into the encoder through the target; the effective rank is right on known spectra;
 a short naive run shrinks the latents while DSD's does not; the two-stage baseline has twice the
-parameters; the end-to-end fine-tune trains the sampler and the decoder; the metric's classifier is a
-function of the seed; the --quick benchmark writes its JSON and plot and prints the headline last.
+parameters; the end-to-end fine-tune trains the sampler and the decoder; the metric is the committed
+instrument whatever the random state; the --quick benchmark writes its JSON and plot and prints the headline
+last; --spread hands each subprocess the plan's config and records every column under each CPU setting.
 """
 import json
 import math
@@ -18,6 +19,8 @@ import pytest
 import torch
 
 from related import dsd
+from related.benchmarks import dsd as dsd_benchmark
+from train_utils import parse_config
 import e2ediff
 import toy_data
 from toy_nets import ClassifierFrechetDistance
@@ -167,3 +170,24 @@ def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
     record = json.loads((tmp_path / "dsd-quick.json").read_text())
     assert {key: round(value, 4) for key, value in record["headline"].items()} == headline
     assert (tmp_path / "dsd-quick.png").is_file()
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_spread_hands_each_subprocess_the_plans_config(mode):
+    config = dsd_benchmark.PLANS[mode]["config"]
+    assert parse_config(dsd.Config, ["--seed", "0", *dsd_benchmark.flags(config)]) == dsd.Config(seed=0, **config)
+
+
+@pytest.mark.slow
+def test_spread_quick_records_every_column_under_two_cpu_settings(tmp_path):
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "benchmarks", "dsd.py"), "--spread", "--quick",
+                                "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads((tmp_path / "dsd-spread-quick.json").read_text())
+    assert len(record["settings"]) == 2 and record["config"]["steps"] == dsd_benchmark.PLANS["quick"]["config"]["steps"]
+    assert set(record["final"]) == set(dsd_benchmark.MODELS)
+    entries = [*(e for row in record["rows"].values() for e in row.values()),
+               *(e for row in record["final"].values() for e in row.values())]
+    assert all(len(e["values"]) == 2 and 0 <= e["relative"] <= 1 for e in entries)
+    assert set(record["headline"]) == {f"dsd-spread/{model}/{column}" for model in dsd_benchmark.MODELS
+                                       for column in ("cfd", "energy", *dsd_benchmark.INDICATORS)}
