@@ -255,6 +255,12 @@ def as_flags(name: str, value) -> str:
     return f"{flag(name)} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
 
 
+def command_line(values: dict) -> list[str]:
+    """The arguments that parse_config reads back as these field values: a config handed to a script that
+    runs as a subprocess."""
+    return [part for name, value in values.items() for part in as_flags(name, value).split(" ", 1)]
+
+
 def make_config(config_class, **values):
     """config_class from flat {field: value}, named as the flags are: the fields of a nested config go
     into it, on top of the defaults that the outer config gives it. Validated (OptionError, RuleError)."""

@@ -8,11 +8,17 @@ OMP_NUM_THREADS. Each is read when a process starts, so every setting runs in a 
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
 from benchmarks.report import cpu_name
+
+ROOT = Path(__file__).resolve().parent.parent
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 SETTINGS = {  # name -> environment on top of the machine's own (native kernels, 2 threads)
@@ -41,6 +47,22 @@ def relative_spread(values: list[float]) -> float:
     """(max - min) / max |value|; 0 when every value is 0."""
     largest_value = max(abs(value) for value in values)
     return (max(values) - min(values)) / largest_value if largest_value else 0.0
+
+
+def entry(values: dict[str, float]) -> dict:
+    """One quantity measured under several settings: its values by setting, and their relative spread."""
+    return {"values": values, "relative": relative_spread(list(values.values()))}
+
+
+def run_script(script: str, args: list[str], setting: dict) -> dict:
+    """`python <script> <args>` (a path from the repository root) in a fresh process under `setting`: the JSON
+    object its last line prints. A failed run ends the benchmark with its stderr."""
+    completed = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=environment(setting),
+                               capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.exit(f"{script} {' '.join(args)} failed ({completed.returncode}) under {setting}:\n"
+                 f"{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict:

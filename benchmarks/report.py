@@ -531,6 +531,27 @@ DESTRUCTION_GOALS = (
 )
 
 
+def destruction_spread(record: dict) -> str:
+    """destruction-spread.json: per target, each headline ratio's range over the CPU settings (seed 0), and the
+    largest relative spread of its runs' metrics."""
+    ratios, runs = record["ratios"], record["runs"]
+    rows = []
+    for target in record["plan"]["targets"]:
+        cells = []
+        for reference in ("fixed5", "fixed20"):
+            values = list(ratios[f"{target}/gap_learned5_vs_{reference}"]["values"].values())
+            cells += [f"{number(min(values))}–{number(max(values))}",
+                      relative(ratios[f"{target}/gap_learned5_vs_{reference}"]["relative"])]
+        mine = [run for key, run in runs.items() if key.split("/")[0] == target]
+        cells += [relative(max(run[metric]["relative"] for run in mine)) for metric in ("gap", "w1")]
+        rows.append([target, *cells])
+    return (settings_caption(record) + f" Seed {record['seed']}, `python related/adaptive_destruction.py` per run "
+            f"({record['config']['iterations']:,} iterations), `python related/benchmarks/destruction.py --spread`: "
+            f"{record['wall_seconds']:.0f} s. Spread: (max − min) / max over the settings:\n\n"
+            + table(["target", "learned T=5 ÷ fixed T=5 (gap)", "spread", "learned T=5 ÷ fixed T=20 (gap)", "spread",
+                     "largest spread of a run's EUBO − ELBO", "… of its W1"], rows))
+
+
 def destruction_goals(record: dict) -> str:
     """Each goal, the headline value it is measured by, met or missed."""
     rows = [[goal, number(record["headline"][key]), "met" if record["headline"][key] <= limit else "**missed**"]
@@ -832,6 +853,7 @@ RENDERERS = {
     "dsd-spread": ("dsd-spread.json", dsd_spread),
     "destruction": ("destruction.json", destruction_tables),
     "destruction-goals": ("destruction.json", destruction_goals),
+    "destruction-spread": ("destruction-spread.json", destruction_spread),
     "destruction-headline": ("destruction.json", headline_block),
     "toy2d": ("toy2d.json", toy2d_table),
     "spread": ("spread.json", spread_table),

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.cpu_settings import SETTINGS, environment, machine, quick_settings, relative_spread
+from benchmarks.cpu_settings import SETTINGS, entry, environment, machine, quick_settings
 from benchmarks.report import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +58,7 @@ def spread(runs: dict[str, dict]) -> dict:
         for row in record["rows"]:
             for column in COLUMNS:
                 table.setdefault(f"{row['model']}@{row['nfe'] or '-'}", {}).setdefault(column, {})[setting] = row[column]
-    return {row: {column: {"values": values,
-                           "relative": relative_spread(list(values.values()))}
-                  for column, values in columns.items()}
-            for row, columns in table.items()}
+    return {row: {column: entry(values) for column, values in columns.items()} for row, columns in table.items()}
 
 
 def largest(spreads: dict, column: str) -> float:

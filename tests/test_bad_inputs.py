@@ -116,8 +116,7 @@ def checked_rules(config_class, rules, hidden=()):
 def rule_cases(script, config_class, rules, hidden=()):
     """One case per rule (train_utils.Rule) the script checks: the rule's `breaking` values as flags; the line
     must name every flag of the rule (as "class-conditional", which --no-class-conditional contains too)."""
-    return [Case(script, [part for name, value in rule.breaking.items()
-                          for part in train_utils.as_flags(name, value).split(" ", 1)],
+    return [Case(script, train_utils.command_line(rule.breaking),
                  tuple(train_utils.flag(name)[2:] for name in rule.fields), rule.fields[0])
             for rule in checked_rules(config_class, rules, hidden)]
 

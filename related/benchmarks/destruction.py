@@ -11,6 +11,7 @@ only the last of those, and with TLM as its objective.
 
     python related/benchmarks/destruction.py            # full mode: 3 seeds, 600 iterations a run (about 25 min, 1 thread)
     python related/benchmarks/destruction.py --quick    # 1 seed, 30 iterations, T in 5, 20, no ablation (a smoke run)
+    python related/benchmarks/destruction.py --spread   # seed 0 of the headline's runs under each CPU setting
 
 Writes benchmarks/results/destruction[-quick].json and .png (EUBO - ELBO against iteration, mean over
 seeds); the last line printed is one JSON object with, per target D, D/gap_learned5_vs_fixed5 and
@@ -18,6 +19,12 @@ D/gap_learned5_vs_fixed20 (mean gap of learned destruction at T = 5 over the fix
 and D/logz_error_learned5 (mean |log Z_hat - log Z| over seeds), plus diverged_runs. Goals (the issue):
 gap_learned5_vs_fixed5 <= 0.7 on gmm25 and funnel, gap_learned5_vs_fixed20 <= 1, no divergence,
 gmm25/logz_error_learned5 <= 0.1. Goals are reported, never tuned for.
+
+--spread runs seed 0 of the runs behind the headline's ratios (fixed T = 5, learned T = 5, fixed T = 20 on
+every target; `python related/adaptive_destruction.py`, the plan's budget) once under each setting of
+benchmarks/cpu_settings.py, a subprocess each, and writes destruction-spread[-quick].json: each run's
+metrics and each target's two gap ratios under every setting, and their relative spread (max - min) / max.
+It says how far these numbers move on another CPU.
 """
 from __future__ import annotations
 
@@ -30,8 +37,10 @@ import time
 
 import torch
 
+from benchmarks import cpu_settings
 from benchmarks.report import write_results
 from related import adaptive_destruction
+from train_utils import command_line
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +65,9 @@ ABLATION = {
     "learned, destruction on TB (log Z)": dict(destruction="learned", destruction_objective="same"),
     "learned, TLM": dict(destruction="learned", destruction_objective="tlm"),
 }
+RUN_SETTINGS = ("iterations", "eval_every", "batch_size", "eval_samples", "final_samples", "distance_samples")
 METRICS = ("elbo", "eubo", "gap", "log_Z_error", "w1", "modes", "seconds")
+SPREAD_RUNS = (("fixed", 5), ("learned", 5), ("fixed", 20))  # what the headline's gap ratios are made of
 GOALS = {"gap_learned5_vs_fixed5": 0.7, "gap_learned5_vs_fixed20": 1.0}
 
 
@@ -112,17 +123,63 @@ def plot(curves: dict, plan: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def spread(plan: dict, overrides: dict, settings: dict, start: float) -> tuple[dict, dict]:
+    """Seed 0 of SPREAD_RUNS on every target under each CPU setting (a subprocess each): every metric and each
+    target's two gap ratios, their values by setting and relative spread; the headline keeps the spreads of
+    the ratios and the largest of any run's gap and W1."""
+    finals = {}  # "target/destruction/T" -> setting -> final metrics
+    for name, setting in settings.items():
+        for target in plan["targets"]:
+            for destruction, steps in SPREAD_RUNS:
+                arguments = command_line({**overrides, "target": target, "destruction": destruction,
+                                          "num_steps": steps, "seed": 0})
+                finals.setdefault(f"{target}/{destruction}/T{steps}", {})[name] = cpu_settings.run_script(
+                    "related/adaptive_destruction.py", arguments, setting)["final"]
+        print(f"[{time.time() - start:.0f}s] {name}: gap " + ", ".join(
+            f"{key} {by_setting[name]['gap']:.6g}" for key, by_setting in finals.items()), flush=True)
+
+    runs = {key: {metric: cpu_settings.entry({name: final[metric] for name, final in by_setting.items()})
+                  for metric in METRICS if metric != "seconds" and next(iter(by_setting.values())).get(metric) is not None}
+            for key, by_setting in finals.items()}
+    ratios = {}
+    for target in plan["targets"]:
+        for reference in ("T5", "T20"):
+            learned, fixed = finals[f"{target}/learned/T5"], finals[f"{target}/fixed/{reference}"]
+            ratios[f"{target}/gap_learned5_vs_fixed{reference[1:]}"] = cpu_settings.entry(
+                {name: learned[name]["gap"] / fixed[name]["gap"] for name in settings})
+    headline = {f"destruction-spread/{key}": entry["relative"] for key, entry in ratios.items()}
+    for metric in ("gap", "w1"):
+        headline[f"destruction-spread/largest_run_{metric}"] = max(run[metric]["relative"] for run in runs.values())
+    return {"runs": runs, "ratios": ratios}, headline
+
+
+def measure_spread(args, plan: dict, overrides: dict, start: float) -> dict:
+    """--spread: the runs under each CPU setting (two settings and GMM25 alone with --quick), written as
+    destruction-spread[-quick].json; returns the headline."""
+    settings = cpu_settings.quick_settings() if args.quick else cpu_settings.SETTINGS
+    if args.quick:
+        plan = {**plan, "targets": plan["targets"][:1]}
+    measured, headline = spread(plan, overrides, settings, start)
+    record = {"plan": plan, "seed": 0, "config": dataclasses.asdict(adaptive_destruction.SamplerConfig(**overrides)),
+              "settings": settings, "machine": cpu_settings.machine(), **measured}
+    os.makedirs(args.out, exist_ok=True)
+    write_results(args.out, "destruction-spread-quick" if args.quick else "destruction-spread", record, headline, start)
+    return headline
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, 30 iterations, T in 5, 20: a smoke run")
+    parser.add_argument("--spread", action="store_true", help="seed 0 of the headline's runs under each CPU setting")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="folder for the JSON and plot")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small MLPs: one thread is fastest; the machine is shared
     plan = PLANS["quick" if args.quick else "full"]
-    overrides = {key: plan[key] for key in ("iterations", "eval_every", "batch_size", "eval_samples", "final_samples",
-                                             "distance_samples") if key in plan}
+    overrides = {key: plan[key] for key in RUN_SETTINGS if key in plan}
     base = adaptive_destruction.SamplerConfig(**overrides)
     start = time.time()
+    if args.spread:
+        return measure_spread(args, plan, overrides, start)
     print(f"destruction benchmark: {'quick' if args.quick else 'full'}, {base.iterations} iterations a run, "
           f"seeds {plan['seeds']}, torch threads {torch.get_num_threads()}", flush=True)
     results, curves = {}, {}

@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -45,6 +42,7 @@ import torch
 from benchmarks import cpu_settings
 from benchmarks.report import write_results
 from related import dsd
+from train_utils import command_line
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,35 +139,22 @@ def plot(summary, nfes, path):
     fig.savefig(path, dpi=110)
 
 
-def flags(config: dict) -> list[str]:
-    """A plan's config as related/dsd.py's flags (tuples comma-separated)."""
-    return [item for key, value in config.items() for item in
-            (f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
-
-
 def spread(plan: dict, settings: dict, start: float) -> tuple[dict, dict]:
     """Seed 0 under each CPU setting (a subprocess each): per (model, NFE) column and per model's final
     indicator, the values and their relative spread; the headline keeps each model's largest per column."""
     runs = {}
     for name, setting in settings.items():
-        completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "dsd.py"), "--seed", "0",
-                                    *flags(plan["config"])], cwd=ROOT, env=cpu_settings.environment(setting),
-                                   capture_output=True, text=True)
-        if completed.returncode != 0:
-            sys.exit(f"related/dsd.py failed under {name} ({completed.returncode}):\n{completed.stderr[-3000:]}")
-        runs[name] = json.loads(completed.stdout.strip().splitlines()[-1])
+        runs[name] = cpu_settings.run_script("related/dsd.py", ["--seed", "0", *command_line(plan["config"])], setting)
         print(f"[{time.time() - start:.0f}s] {name}: 4-NFE CFD " + ", ".join(
             f"{row['model']} {row['cfd']:.6g}" for row in runs[name]["rows"] if row["nfe"] == 4), flush=True)
 
-    def entry(values: dict) -> dict:
-        return {"values": values, "relative": cpu_settings.relative_spread(list(values.values()))}
+    def across(value) -> dict:  # value(run) under each setting, and their spread
+        return cpu_settings.entry({name: value(run) for name, run in runs.items()})
 
     first = next(iter(runs.values()))
-    rows = {f"{row['model']}@{row['nfe']}": {metric: entry({name: run["rows"][i][metric] for name, run in runs.items()})
-                                             for metric in ("cfd", "energy")}
+    rows = {f"{row['model']}@{row['nfe']}": {metric: across(lambda run: run["rows"][i][metric]) for metric in ("cfd", "energy")}
             for i, row in enumerate(first["rows"])}
-    final = {model: {key: entry({name: run["final"][model][key] for name, run in runs.items()}) for key in INDICATORS}
-             for model in first["final"]}
+    final = {model: {key: across(lambda run: run["final"][model][key]) for key in INDICATORS} for model in first["final"]}
     headline = {}
     for model in final:
         for metric in ("cfd", "energy"):
@@ -178,6 +163,18 @@ def spread(plan: dict, settings: dict, start: float) -> tuple[dict, dict]:
         for key in INDICATORS:
             headline[f"dsd-spread/{model}/{key}"] = final[model][key]["relative"]
     return {"rows": rows, "final": final}, headline
+
+
+def measure_spread(args, mode: str, start: float) -> dict:
+    """--spread: seed 0 under each CPU setting (two with --quick), written as dsd-spread[-quick].json;
+    returns the headline."""
+    plan, settings = PLANS[mode], cpu_settings.quick_settings() if args.quick else cpu_settings.SETTINGS
+    measured, headline = spread(plan, settings, start)
+    record = {"mode": mode, "seed": 0, "config": dataclasses.asdict(dsd.Config(seed=0, **plan["config"])),
+              "settings": settings, "machine": cpu_settings.machine(), **measured}
+    os.makedirs(args.out, exist_ok=True)
+    write_results(args.out, "dsd-spread-quick" if args.quick else "dsd-spread", record, headline, start)
+    return headline
 
 
 def main(argv=None) -> dict:
@@ -190,13 +187,7 @@ def main(argv=None) -> dict:
     start, mode = time.time(), "quick" if args.quick else "full"
     plan = PLANS[mode]
     if args.spread:
-        settings = cpu_settings.quick_settings() if args.quick else cpu_settings.SETTINGS
-        measured, headline = spread(plan, settings, start)
-        record = {"mode": mode, "seed": 0, "config": dataclasses.asdict(dsd.Config(seed=0, **plan["config"])),
-                  "settings": settings, "machine": cpu_settings.machine(), **measured}
-        os.makedirs(args.out, exist_ok=True)
-        write_results(args.out, "dsd-spread-quick" if args.quick else "dsd-spread", record, headline, start)
-        return headline
+        return measure_spread(args, mode, start)
     configs = [dsd.Config(seed=seed, **plan["config"]) for seed in plan["seeds"]]
     results = [dsd.run(config, log=lambda line: print(f"[{time.time() - start:.0f}s] {line}", flush=True))
                for config in configs]

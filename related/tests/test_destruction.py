@@ -1,6 +1,7 @@
 """Tests of adaptive_destruction.py and benchmarks/destruction.py: the targets' log Z and exact samples,
 the kernels, the objectives on a sampler that is exact by construction, the bounds, a stabilised
-learned run, and the benchmark's output contract.
+learned run, the benchmark's output contract, and its --spread mode (each subprocess gets the plan's config;
+every metric and ratio recorded under each CPU setting).
 
     OMP_NUM_THREADS=1 python -m pytest -q related/tests/test_destruction.py      # about 40 s on 2 CPU cores
 """
@@ -14,6 +15,8 @@ import pytest
 import torch
 
 from related import adaptive_destruction as ad
+from related.benchmarks import destruction as benchmark
+from train_utils import command_line, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -177,3 +180,28 @@ def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
     record = json.loads((tmp_path / "destruction-quick.json").read_text())
     assert {key: round(value, 4) for key, value in record["headline"].items()} == headline
     assert (tmp_path / "destruction-quick.png").is_file()
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_spread_hands_each_subprocess_the_plans_config(mode):
+    plan = benchmark.PLANS[mode]
+    run = {**{key: plan[key] for key in benchmark.RUN_SETTINGS if key in plan},
+           "target": "funnel", "destruction": "learned", "num_steps": 20, "seed": 0}
+    assert parse_config(ad.SamplerConfig, command_line(run)) == ad.SamplerConfig(**run)
+
+
+@pytest.mark.slow
+def test_spread_quick_records_every_metric_and_ratio_under_two_cpu_settings(tmp_path):
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, "related", "benchmarks", "destruction.py"), "--spread",
+                                "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    record = json.loads((tmp_path / "destruction-spread-quick.json").read_text())
+    assert len(record["settings"]) == 2 and record["config"]["iterations"] == benchmark.PLANS["quick"]["iterations"]
+    assert set(record["runs"]) == {f"gmm25/{destruction}/T{steps}" for destruction, steps in benchmark.SPREAD_RUNS}
+    assert set(record["ratios"]) == {"gmm25/gap_learned5_vs_fixed5", "gmm25/gap_learned5_vs_fixed20"}
+    entries = [*record["ratios"].values(), *(entry for run in record["runs"].values() for entry in run.values())]
+    assert all(len(entry["values"]) == 2 and 0 <= entry["relative"] <= 1 for entry in entries)
+    for name in record["settings"]:  # a ratio is made of the runs recorded beside it
+        gaps = {key: run["gap"]["values"][name] for key, run in record["runs"].items()}
+        assert record["ratios"]["gmm25/gap_learned5_vs_fixed5"]["values"][name] == pytest.approx(
+            gaps["gmm25/learned/T5"] / gaps["gmm25/fixed/T5"])

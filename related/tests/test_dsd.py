@@ -20,7 +20,7 @@ import torch
 
 from related import dsd
 from related.benchmarks import dsd as dsd_benchmark
-from train_utils import parse_config
+from train_utils import command_line, parse_config
 import e2ediff
 import toy_data
 from toy_nets import ClassifierFrechetDistance
@@ -175,7 +175,7 @@ def test_benchmark_quick_prints_finite_headline_and_writes_results(tmp_path):
 @pytest.mark.parametrize("mode", ["quick", "full"])
 def test_spread_hands_each_subprocess_the_plans_config(mode):
     config = dsd_benchmark.PLANS[mode]["config"]
-    assert parse_config(dsd.Config, ["--seed", "0", *dsd_benchmark.flags(config)]) == dsd.Config(seed=0, **config)
+    assert parse_config(dsd.Config, ["--seed", "0", *command_line(config)]) == dsd.Config(seed=0, **config)
 
 
 @pytest.mark.slow
