@@ -256,6 +256,26 @@ def spread_table(record: dict) -> str:
               f"largest {largest:.1e}, {verdict}. `python benchmarks/spread.py`: {record['wall_seconds']:.0f} s.")
 
 
+def spread_gan(record: dict) -> str:
+    """spread-gan.json: per row, each column's relative spread across the CPU settings, and the E2E row's
+    range of CFD and critic AUC."""
+    columns = {**SPREAD_COLUMNS, "critic_auc_warmup": "critic AUC after warm-up", "critic_auc": "critic AUC at the end"}
+    rows = [[row.replace("@-", "").replace("@", ", NFE "),
+             *(relative(cells[column]["relative"]) if column in cells else "–" for column in columns)]
+            for row, cells in record["training_gan"].items()]
+    student = next(cells for row, cells in record["training_gan"].items() if "critic_auc" in cells)
+
+    def span(column):
+        values = student[column]["values"].values()
+        return f"{number(min(values))}–{number(max(values))}"
+
+    return (settings_caption(record) + " The quickstart trained under each setting with the adversarial term ("
+            + " ".join(record["training_budget"]) + "); (max − min) / max over the settings:\n\n"
+            + table(["row", *columns.values()], rows)
+            + f"\n\nThe fine-tuned student's CFD ranges over {span('cfd')}, its critic's final AUC over "
+              f"{span('critic_auc')}. `python benchmarks/spread.py --gan`: {record['wall_seconds']:.0f} s.")
+
+
 def spread_summary(record: dict) -> str:
     """README's lines: per column, the largest relative spread across the CPU settings, per phase, and the goal."""
     rows = [[name, *(relative(record["headline"][f"{phase}/{column}_max_relative"]) for phase in ("evaluation", "training"))]
@@ -779,8 +799,16 @@ def spread_sentence(record: dict) -> str:
     """README's sentence on the spread across CPU settings: the largest relative spread of any column."""
     largest = max(record["headline"][f"{phase}/{column}_max_relative"]
                   for phase in ("evaluation", "training") for column in SPREAD_COLUMNS)
-    return (f"The numbers are the same on every CPU setting we could vary, to {relative(largest)} relative "
+    return (f"The quickstart's numbers are the same on every CPU setting we could vary, to {relative(largest)} relative "
             "([docs/guide.md](docs/guide.md#the-same-numbers-on-every-machine)).")
+
+
+def spread_gan_sentence(record: dict) -> str:
+    """README's sentence on an adversarial fine-tune's spread across CPU settings."""
+    headline = record["headline"]
+    return (f"An adversarial fine-tune's are not: its CFD moves by {headline['training_gan/cfd_max_relative']:.1%} "
+            f"across the same settings, its critic's final AUC by {headline['training_gan/critic_auc_max_relative']:.0%} "
+            "([benchmarks/README.md](benchmarks/README.md#an-adversarial-fine-tune-is-not-this-stable)).")
 
 
 def critic_warmup_table(record: dict) -> str:
@@ -858,6 +886,7 @@ RENDERERS = {
     "toy2d": ("toy2d.json", toy2d_table),
     "spread": ("spread.json", spread_table),
     "spread-summary": ("spread.json", spread_summary),
+    "spread-gan": ("spread-gan.json", spread_gan),
     "quality": ("quality.json", quality_tables),
     "quality-headline": ("quality.json", headline_block),
     "quality-table1": ("quality-table1.json", quality_table1),
@@ -876,6 +905,7 @@ RENDERERS = {
     "critic-stronger": ("critic_warmup-stronger.json", critic_warmup_table),
     "critic-table1-summary": ("quality-critic-table1.json", critic_table1_summary),
     "spread-sentence": ("spread.json", spread_sentence),
+    "spread-gan-sentence": ("spread-gan.json", spread_gan_sentence),
 }
 # Blocks whose JSON is not measured yet: they must stay empty. When it lands, the block moves to RENDERERS.
 PENDING: dict = {}

@@ -10,11 +10,17 @@ subprocess per setting:
   instrument (toy_data.METRIC_CLASSIFIER) is for;
 - training: the whole quickstart at a reduced budget (REDUCED) under each setting: how far training drifts.
 
+With --gan, a third measurement of its own (spread-gan.json): the quickstart trained again at a reduced
+budget with the critic study's adversarial term (GAN_BUDGET: benchmarks/quality.py's PatchGAN term, warmed up,
+two critic updates per step, and the perceptual loss), under each setting, the critic's held-out AUCs included:
+how far the numbers of an adversarial fine-tune move to another CPU.
+
 Every table column's spread is (max - min) / max |value| over the settings, per row (0 when all are 0). The goal (issue 31):
 every CFD of the evaluation within GOAL (0.1 %).
 
     python benchmarks/spread.py            # ~15 min on 2 cores, plus the quickstart when runs/toy-digits lacks it
     python benchmarks/spread.py --quick    # smoke: tiny budgets, two settings -> benchmarks/results/spread-quick.json
+    python benchmarks/spread.py --gan      # the adversarial fine-tune under each setting (~15 min) -> spread-gan.json
 """
 from __future__ import annotations
 
@@ -35,6 +41,13 @@ COLUMNS = ("cfd", "pixel_energy", "precision", "recall")
 GOAL = 1e-3  # relative spread of every CFD of the evaluation across SETTINGS
 
 REDUCED = ["--pretrain-steps", "400", "--finetune-steps", "60"]  # the training measurement's budget (~1 min a run)
+# quality.py's critic term (CRITIC_TERM: gan_weight 0.1, 200 critic-only steps, 2 critic updates per step) on the
+# quickstart's inversion coupling with L2 + LPIPS, 200 generator steps after the warm-up
+GAN_BUDGET = ["--pretrain-steps", "400", "--finetune-steps", "400", "--nfe", "4", "--base-nfe", "4", "--lpips-weight", "1.0",
+              "--gan-weight", "0.1", "--critic-warmup-steps", "200", "--disc-steps", "2"]
+GAN_QUICK = ["--pretrain-steps", "20", "--finetune-steps", "6", "--nfe", "4", "--base-nfe", "4", "--lpips-weight", "1.0",
+             "--gan-weight", "0.1", "--critic-warmup-steps", "2", "--disc-steps", "2", "--eval-samples", "200"]
+GAN_COLUMNS = (*COLUMNS, "critic_auc_warmup", "critic_auc")
 QUICK = ["--pretrain-steps", "20", "--finetune-steps", "3", "--nfe", "1", "--base-nfe", "1,2", "--eval-samples", "200"]
 
 
@@ -51,18 +64,37 @@ def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
-def spread(runs: dict[str, dict]) -> dict:
-    """Per row "model@nfe" and column: the values under each setting, and (max - min) / max |value|."""
+def spread(runs: dict[str, dict], columns: tuple = COLUMNS) -> dict:
+    """Per row "model@nfe" and column (where the row has it): the values under each setting, and (max - min) / max |value|."""
     table = {}
     for setting, record in runs.items():
         for row in record["rows"]:
-            for column in COLUMNS:
-                table.setdefault(f"{row['model']}@{row['nfe'] or '-'}", {}).setdefault(column, {})[setting] = row[column]
+            for column in columns:
+                if row.get(column) is not None:
+                    table.setdefault(f"{row['model']}@{row['nfe'] or '-'}", {}).setdefault(column, {})[setting] = row[column]
     return {row: {column: entry(values) for column, values in columns.items()} for row, columns in table.items()}
 
 
 def largest(spreads: dict, column: str) -> float:
-    return max(entry[column]["relative"] for entry in spreads.values())
+    return max(entry[column]["relative"] for entry in spreads.values() if column in entry)
+
+
+def gan_spread(args, settings: dict, start: float) -> None:
+    """--gan: the adversarial fine-tune (GAN_BUDGET) trained under each setting -> spread-gan[-quick].json."""
+    budget, runs = GAN_QUICK if args.quick else GAN_BUDGET, {}
+    with tempfile.TemporaryDirectory(prefix="spread-gan-") as work:
+        for name, setting in settings.items():
+            folder = Path(work) / f"train-{len(runs)}"
+            train_toy(["--out-dir", str(folder), *budget], environment(setting), Path(work) / "train_toy.log")
+            runs[name] = results(folder)
+            print(f"[{time.time() - start:.0f}s] adversarial fine-tune under {name}: "
+                  + ", ".join(f"CFD {row['cfd']:.6g}, AUC {row.get('critic_auc')}" for row in runs[name]["rows"]), flush=True)
+    measured = spread(runs, GAN_COLUMNS)
+    record = {"mode": "quick" if args.quick else "full", "settings": settings, "training_budget": budget,
+              "machine": machine(), "training_gan": measured}
+    headline = {f"training_gan/{column}_max_relative": largest(measured, column) for column in GAN_COLUMNS}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_results(args.out, "spread-gan-quick" if args.quick else "spread-gan", record, headline, start)
 
 
 def main(argv=None) -> None:
@@ -70,10 +102,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny budgets and two settings (a smoke test)")
     parser.add_argument("--run", default=str(ROOT / "runs" / "toy-digits"),
                         help="the quickstart's run folder to evaluate (trained there first when unfinished)")
+    parser.add_argument("--gan", action="store_true", help="only the adversarial fine-tune under each setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the JSON")
     args = parser.parse_args(argv)
     start = time.time()
     settings = quick_settings() if args.quick else SETTINGS
+    if args.gan:
+        return gan_spread(args, settings, start)
     budget = QUICK if args.quick else []
     with tempfile.TemporaryDirectory(prefix="spread-") as work:
         work, log = Path(work), Path(work) / "train_toy.log"
@@ -107,6 +142,7 @@ def main(argv=None) -> None:
     headline = {f"{phase}/{column}_max_relative": largest(measured[phase], column)
                 for phase in measured for column in COLUMNS}
     headline["evaluation/cfd_goal_met"] = headline["evaluation/cfd_max_relative"] <= GOAL
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     write_results(args.out, "spread-quick" if args.quick else "spread", record, headline, start)
 
 

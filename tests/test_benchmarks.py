@@ -150,3 +150,15 @@ def test_spread_quick_measures_every_column_under_two_cpu_settings(tmp_path):
             assert set(row) == {"cfd", "pixel_energy", "precision", "recall"}
             assert all(len(entry["values"]) == 2 and 0 <= entry["relative"] <= 1 for entry in row.values())
     assert_finite_keys(headline, [key for key in headline if key.endswith("_max_relative")])
+
+
+@pytest.mark.slow
+def test_spread_gan_quick_measures_the_adversarial_fine_tune_and_its_critic(tmp_path):
+    headline = run_benchmark("spread.py", "--gan", "--quick", "--out", str(tmp_path), timeout=900)
+    record = json.loads((tmp_path / "spread-gan-quick.json").read_text())
+    assert len(record["settings"]) == 2 and "--gan-weight" in record["training_budget"]
+    student = [cells for row, cells in record["training_gan"].items() if row.startswith("E2E")]
+    assert len(student) == 1 and {"critic_auc_warmup", "critic_auc"} <= set(student[0])
+    assert all(len(entry["values"]) == 2 and 0 <= entry["relative"] <= 1
+               for cells in record["training_gan"].values() for entry in cells.values())
+    assert_finite_keys(headline, [key for key in headline if key.endswith("_max_relative")])
