@@ -248,17 +248,22 @@ def parse_config(config_class, argv=None, description: str = "", presets: dict |
         raise UsageError(f"{flag(error.name)}: got {_show(error.value)}, need {error.need}") from None
 
 
+def flag_arguments(name: str, value) -> list[str]:
+    """The arguments that set a field to `value`: ["--nfe", "1,2"], ["--no-class-conditional"]."""
+    if isinstance(value, bool):
+        return [flag(name) if value else "--no-" + name.replace("_", "-")]
+    return [flag(name), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+
+
 def as_flags(name: str, value) -> str:
     """How a command line sets a field to `value`: "--nfe 1,2", "--no-class-conditional"."""
-    if isinstance(value, bool):
-        return flag(name) if value else "--no-" + name.replace("_", "-")
-    return f"{flag(name)} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+    return " ".join(flag_arguments(name, value))
 
 
 def command_line(values: dict) -> list[str]:
     """The arguments that parse_config reads back as these field values: a config handed to a script that
     runs as a subprocess."""
-    return [part for name, value in values.items() for part in as_flags(name, value).split(" ", 1)]
+    return [part for name, value in values.items() for part in flag_arguments(name, value)]
 
 
 def make_config(config_class, **values):

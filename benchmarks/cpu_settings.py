@@ -1,5 +1,6 @@
 """What differs between CPUs, switched on one machine: the settings under which benchmarks/spread.py (the
-quickstart) and related/benchmarks/dsd.py --spread (DSD) measure how far their numbers move to another CPU.
+quickstart, and an adversarial fine-tune with --gan), related/benchmarks/dsd.py --spread (DSD) and
+related/benchmarks/destruction.py --spread (adaptive destruction) measure how far their numbers move to another CPU.
 
 A CPU changes the numbers through the kernels that PyTorch, oneDNN and MKL pick for it, and through the
 thread count: ATEN_CPU_CAPABILITY (PyTorch's own vectorised kernels: default = no SIMD, avx2, avx512),
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +56,11 @@ def entry(values: dict[str, float]) -> dict:
     return {"values": values, "relative": relative_spread(list(values.values()))}
 
 
+def across(runs: dict, value) -> dict:
+    """entry() of value(run) for the run of each setting in `runs` (setting name -> what the run returned)."""
+    return entry({name: value(run) for name, run in runs.items()})
+
+
 def run_script(script: str, args: list[str], setting: dict) -> dict:
     """`python <script> <args>` (a path from the repository root) in a fresh process under `setting`: the JSON
     object its last line prints. A failed run ends the benchmark with its stderr."""
@@ -67,6 +74,5 @@ def run_script(script: str, args: list[str], setting: dict) -> dict:
 
 def machine() -> dict:
     """What a record names the machine by: its CPU, torch, and the kernels torch picks natively."""
-    import platform
     return {"cpu": cpu_name(), "python": platform.python_version(),
             "torch": f"{torch.__version__}, native kernels {torch.backends.cpu.get_cpu_capability()}"}

@@ -60,8 +60,10 @@ def cpu_name() -> str:
 
 
 def write_results(out: str, name: str, record: dict, headline: dict, start: float) -> None:
-    """Write <out>/<name>.json (record + headline + wall time) and print the headline JSON last."""
+    """Write <out>/<name>.json (record + headline + wall time; the folder made if missing) and print the headline
+    JSON last."""
     record = {**record, "headline": headline, "wall_seconds": time.time() - start}
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"wall time {record['wall_seconds']:.0f}s; wrote {os.path.join(out, name)}.json/.png")
@@ -226,6 +228,12 @@ def relative(value: float) -> str:
     return "0" if value == 0 else f"{value:.1e}"
 
 
+def value_range(entry: dict) -> str:
+    """'min–max' of a quantity measured under several settings (benchmarks/cpu_settings.py's entry)."""
+    values = entry["values"].values()
+    return f"{number(min(values))}–{number(max(values))}"
+
+
 def settings_caption(record: dict) -> str:
     """'Settings: ...; Machine: ...' of a record measured under benchmarks/cpu_settings.py's settings."""
     def setting(name, env):
@@ -264,16 +272,11 @@ def spread_gan(record: dict) -> str:
              *(relative(cells[column]["relative"]) if column in cells else "–" for column in columns)]
             for row, cells in record["training_gan"].items()]
     student = next(cells for row, cells in record["training_gan"].items() if "critic_auc" in cells)
-
-    def span(column):
-        values = student[column]["values"].values()
-        return f"{number(min(values))}–{number(max(values))}"
-
     return (settings_caption(record) + " The quickstart trained under each setting with the adversarial term ("
             + " ".join(record["training_budget"]) + "); (max − min) / max over the settings:\n\n"
             + table(["row", *columns.values()], rows)
-            + f"\n\nThe fine-tuned student's CFD ranges over {span('cfd')}, its critic's final AUC over "
-              f"{span('critic_auc')}. `python benchmarks/spread.py --gan`: {record['wall_seconds']:.0f} s.")
+            + f"\n\nThe fine-tuned student's CFD ranges over {value_range(student['cfd'])}, its critic's final AUC over "
+              f"{value_range(student['critic_auc'])}. `python benchmarks/spread.py --gan`: {record['wall_seconds']:.0f} s.")
 
 
 def spread_summary(record: dict) -> str:
@@ -559,9 +562,8 @@ def destruction_spread(record: dict) -> str:
     for target in record["plan"]["targets"]:
         cells = []
         for reference in ("fixed5", "fixed20"):
-            values = list(ratios[f"{target}/gap_learned5_vs_{reference}"]["values"].values())
-            cells += [f"{number(min(values))}–{number(max(values))}",
-                      relative(ratios[f"{target}/gap_learned5_vs_{reference}"]["relative"])]
+            ratio = ratios[f"{target}/gap_learned5_vs_{reference}"]
+            cells += [value_range(ratio), relative(ratio["relative"])]
         mine = [run for key, run in runs.items() if key.split("/")[0] == target]
         cells += [relative(max(run[metric]["relative"] for run in mine)) for metric in ("gap", "w1")]
         rows.append([target, *cells])

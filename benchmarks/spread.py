@@ -93,7 +93,6 @@ def gan_spread(args, settings: dict, start: float) -> None:
     record = {"mode": "quick" if args.quick else "full", "settings": settings, "training_budget": budget,
               "machine": machine(), "training_gan": measured}
     headline = {f"training_gan/{column}_max_relative": largest(measured, column) for column in GAN_COLUMNS}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     write_results(args.out, "spread-gan-quick" if args.quick else "spread-gan", record, headline, start)
 
 
@@ -142,7 +141,6 @@ def main(argv=None) -> None:
     headline = {f"{phase}/{column}_max_relative": largest(measured[phase], column)
                 for phase in measured for column in COLUMNS}
     headline["evaluation/cfd_goal_met"] = headline["evaluation/cfd_max_relative"] <= GOAL
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     write_results(args.out, "spread-quick" if args.quick else "spread", record, headline, start)
 
 

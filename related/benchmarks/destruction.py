@@ -138,8 +138,8 @@ def spread(plan: dict, overrides: dict, settings: dict, start: float) -> tuple[d
         print(f"[{time.time() - start:.0f}s] {name}: gap " + ", ".join(
             f"{key} {by_setting[name]['gap']:.6g}" for key, by_setting in finals.items()), flush=True)
 
-    runs = {key: {metric: cpu_settings.entry({name: final[metric] for name, final in by_setting.items()})
-                  for metric in METRICS if metric != "seconds" and next(iter(by_setting.values())).get(metric) is not None}
+    runs = {key: {metric: cpu_settings.across(by_setting, lambda final: final[metric]) for metric in METRICS
+                  if metric != "seconds" and next(iter(by_setting.values())).get(metric) is not None}
             for key, by_setting in finals.items()}
     ratios = {}
     for target in plan["targets"]:
@@ -153,16 +153,14 @@ def spread(plan: dict, overrides: dict, settings: dict, start: float) -> tuple[d
     return {"runs": runs, "ratios": ratios}, headline
 
 
-def measure_spread(args, plan: dict, overrides: dict, start: float) -> dict:
+def measure_spread(args, plan: dict, overrides: dict, base, start: float) -> dict:
     """--spread: the runs under each CPU setting (two settings and GMM25 alone with --quick), written as
     destruction-spread[-quick].json; returns the headline."""
     settings = cpu_settings.quick_settings() if args.quick else cpu_settings.SETTINGS
     if args.quick:
         plan = {**plan, "targets": plan["targets"][:1]}
     measured, headline = spread(plan, overrides, settings, start)
-    record = {"plan": plan, "seed": 0, "config": dataclasses.asdict(adaptive_destruction.SamplerConfig(**overrides)),
-              "settings": settings, "machine": cpu_settings.machine(), **measured}
-    os.makedirs(args.out, exist_ok=True)
+    record = {"plan": plan, "seed": 0, "config": dataclasses.asdict(base), "settings": settings, "machine": cpu_settings.machine(), **measured}
     write_results(args.out, "destruction-spread-quick" if args.quick else "destruction-spread", record, headline, start)
     return headline
 
@@ -179,7 +177,7 @@ def main(argv=None) -> dict:
     base = adaptive_destruction.SamplerConfig(**overrides)
     start = time.time()
     if args.spread:
-        return measure_spread(args, plan, overrides, start)
+        return measure_spread(args, plan, overrides, base, start)
     print(f"destruction benchmark: {'quick' if args.quick else 'full'}, {base.iterations} iterations a run, "
           f"seeds {plan['seeds']}, torch threads {torch.get_num_threads()}", flush=True)
     results, curves = {}, {}

@@ -148,13 +148,10 @@ def spread(plan: dict, settings: dict, start: float) -> tuple[dict, dict]:
         print(f"[{time.time() - start:.0f}s] {name}: 4-NFE CFD " + ", ".join(
             f"{row['model']} {row['cfd']:.6g}" for row in runs[name]["rows"] if row["nfe"] == 4), flush=True)
 
-    def across(value) -> dict:  # value(run) under each setting, and their spread
-        return cpu_settings.entry({name: value(run) for name, run in runs.items()})
-
-    first = next(iter(runs.values()))
-    rows = {f"{row['model']}@{row['nfe']}": {metric: across(lambda run: run["rows"][i][metric]) for metric in ("cfd", "energy")}
+    across, first = cpu_settings.across, next(iter(runs.values()))
+    rows = {f"{row['model']}@{row['nfe']}": {metric: across(runs, lambda run: run["rows"][i][metric]) for metric in ("cfd", "energy")}
             for i, row in enumerate(first["rows"])}
-    final = {model: {key: across(lambda run: run["final"][model][key]) for key in INDICATORS} for model in first["final"]}
+    final = {model: {key: across(runs, lambda run: run["final"][model][key]) for key in INDICATORS} for model in first["final"]}
     headline = {}
     for model in final:
         for metric in ("cfd", "energy"):
@@ -172,7 +169,6 @@ def measure_spread(args, mode: str, start: float) -> dict:
     measured, headline = spread(plan, settings, start)
     record = {"mode": mode, "seed": 0, "config": dataclasses.asdict(dsd.Config(seed=0, **plan["config"])),
               "settings": settings, "machine": cpu_settings.machine(), **measured}
-    os.makedirs(args.out, exist_ok=True)
     write_results(args.out, "dsd-spread-quick" if args.quick else "dsd-spread", record, headline, start)
     return headline
 
