@@ -18,7 +18,7 @@ The base (per seed): train_toy's model with the EMA warm-up, --pretrain-steps fr
 CFD is reported against the real-data floor measured in the same run (headline digits/base50_vs_floor).
 
 Metrics (toy_nets): digits — CFD (Fréchet distance in the features of the metric's fixed instrument,
-toy_data.METRIC_CLASSIFIER; the committed quality.json and quality-gan*.json predate it and used a classifier
+toy_data.METRIC_CLASSIFIER; the committed sweeps and quality-gan*.json predate it and used a classifier
 retrained per seed), and in pixel space, which no trained network shapes: energy distance, k-NN
 precision and recall; ring2d — energy distance, precision and recall of the 2D points. The verdict rule
 (toy_nets.verdict): a student *beats* a reference only if its CFD (ring: energy) ratio is <= 0.9, its
@@ -31,7 +31,7 @@ table1/R/nfe4/cfd_ratio_vs_lcm, .../pixel_ratio_vs_lcm, .../recall_delta_vs_lcm 
 4-step sampler (goal: <= 0.85 under the verdict rule's other two checks).
 
     python benchmarks/quality.py --tune     # the sweep -> quality-tune.json (2,549 s on 2 CPU cores, shared)
-    python benchmarks/quality.py            # the report -> quality.json, quality-table1.json (3,653 s)
+    python benchmarks/quality.py            # the report -> quality.json, quality-table1.json (1,813 s)
     python benchmarks/quality.py --quick    # both, 1 seed each, tiny step counts: a smoke run (-quick files)
 
 Two studies share this protocol, the bases and the metric. `--study main` (the default): couplings and the
