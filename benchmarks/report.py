@@ -893,6 +893,7 @@ RENDERERS = {
     "quality-headline": ("quality.json", headline_block),
     "quality-table1": ("quality-table1.json", quality_table1),
     "quality-tune": ("quality-tune.json", quality_tune),
+    "quality-tune-instrument": ("quality-tune-instrument.json", quality_tune),
     "quality-gan-tune": ("quality-gan-tune.json", quality_tune),
     "quality-gan": ("quality-gan.json", quality_tables),
     "quality-gan-headline": ("quality-gan.json", headline_block),
