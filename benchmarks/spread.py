@@ -43,10 +43,10 @@ GOAL = 1e-3  # relative spread of every CFD of the evaluation across SETTINGS
 REDUCED = ["--pretrain-steps", "400", "--finetune-steps", "60"]  # the training measurement's budget (~1 min a run)
 # quality.py's critic term (CRITIC_TERM: gan_weight 0.1, 200 critic-only steps, 2 critic updates per step) on the
 # quickstart's inversion coupling with L2 + LPIPS, 200 generator steps after the warm-up
-GAN_BUDGET = ["--pretrain-steps", "400", "--finetune-steps", "400", "--nfe", "4", "--base-nfe", "4", "--lpips-weight", "1.0",
-              "--gan-weight", "0.1", "--critic-warmup-steps", "200", "--disc-steps", "2"]
-GAN_QUICK = ["--pretrain-steps", "20", "--finetune-steps", "6", "--nfe", "4", "--base-nfe", "4", "--lpips-weight", "1.0",
-             "--gan-weight", "0.1", "--critic-warmup-steps", "2", "--disc-steps", "2", "--eval-samples", "200"]
+GAN_TERM = ["--nfe", "4", "--base-nfe", "4", "--lpips-weight", "1.0", "--gan-weight", "0.1"]
+GAN_BUDGET = ["--pretrain-steps", "400", "--finetune-steps", "400", *GAN_TERM, "--critic-warmup-steps", "200", "--disc-steps", "2"]
+GAN_QUICK = ["--pretrain-steps", "20", "--finetune-steps", "6", *GAN_TERM, "--critic-warmup-steps", "2", "--disc-steps", "2",
+             "--eval-samples", "200"]
 GAN_COLUMNS = (*COLUMNS, "critic_auc_warmup", "critic_auc")
 QUICK = ["--pretrain-steps", "20", "--finetune-steps", "3", "--nfe", "1", "--base-nfe", "1,2", "--eval-samples", "200"]
 
@@ -62,6 +62,19 @@ def train_toy(args: list[str], env: dict, log: Path) -> None:
 
 def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
+
+
+def train_under_each(settings: dict, budget: list[str], work: Path, log: Path, start: float, what: str) -> dict:
+    """train_toy.py with `budget` once under each setting, in a folder of its own under `work`: setting -> results."""
+    runs = {}
+    for name, setting in settings.items():
+        folder = work / f"train-{len(runs)}"
+        train_toy(["--out-dir", str(folder), *budget], environment(setting), log)
+        runs[name] = results(folder)
+        print(f"[{time.time() - start:.0f}s] {what} under {name}: " + ", ".join(
+            f"CFD {row['cfd']:.6g}" + (f", AUC {row['critic_auc']:.4g}" if row.get("critic_auc") is not None else "")
+            for row in runs[name]["rows"]), flush=True)
+    return runs
 
 
 def spread(runs: dict[str, dict], columns: tuple = COLUMNS) -> dict:
@@ -81,14 +94,9 @@ def largest(spreads: dict, column: str) -> float:
 
 def gan_spread(args, settings: dict, start: float) -> None:
     """--gan: the adversarial fine-tune (GAN_BUDGET) trained under each setting -> spread-gan[-quick].json."""
-    budget, runs = GAN_QUICK if args.quick else GAN_BUDGET, {}
+    budget = GAN_QUICK if args.quick else GAN_BUDGET
     with tempfile.TemporaryDirectory(prefix="spread-gan-") as work:
-        for name, setting in settings.items():
-            folder = Path(work) / f"train-{len(runs)}"
-            train_toy(["--out-dir", str(folder), *budget], environment(setting), Path(work) / "train_toy.log")
-            runs[name] = results(folder)
-            print(f"[{time.time() - start:.0f}s] adversarial fine-tune under {name}: "
-                  + ", ".join(f"CFD {row['cfd']:.6g}, AUC {row.get('critic_auc')}" for row in runs[name]["rows"]), flush=True)
+        runs = train_under_each(settings, budget, Path(work), Path(work) / "train_toy.log", start, "adversarial fine-tune")
     measured = spread(runs, GAN_COLUMNS)
     record = {"mode": "quick" if args.quick else "full", "settings": settings, "training_budget": budget,
               "machine": machine(), "training_gan": measured}
@@ -114,7 +122,7 @@ def main(argv=None) -> None:
         run = work / "quick-run" if args.quick else Path(args.run)
         print(f"[{time.time() - start:.0f}s] the models to evaluate: {run} (the quickstart, trained if unfinished)")
         train_toy(["--out-dir", str(run), "--resume", *budget], environment({}), log)
-        evaluation, training = {}, {}
+        evaluation = {}
         for name, setting in settings.items():
             folder = work / f"eval-{len(evaluation)}"
             folder.mkdir()
@@ -124,12 +132,7 @@ def main(argv=None) -> None:
             evaluation[name] = results(folder)
             print(f"[{time.time() - start:.0f}s] evaluation under {name}: CFD "
                   + ", ".join(f"{row['cfd']:.6g}" for row in evaluation[name]["rows"]), flush=True)
-        for name, setting in settings.items():
-            folder = work / f"train-{len(training)}"
-            train_toy(["--out-dir", str(folder), *(budget or REDUCED)], environment(setting), log)
-            training[name] = results(folder)
-            print(f"[{time.time() - start:.0f}s] training under {name}: CFD "
-                  + ", ".join(f"{row['cfd']:.6g}" for row in training[name]["rows"]), flush=True)
+        training = train_under_each(settings, budget or REDUCED, work, log, start, "training")
     measured = {"evaluation": spread(evaluation), "training": spread(training)}
     record = {
         "mode": "quick" if args.quick else "full", "settings": settings, "goal_relative_cfd": GOAL,

@@ -6,6 +6,7 @@ Synthetic rows only: seconds.
 """
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -268,8 +269,8 @@ def test_committed_reports_that_share_bases_agree_on_them():
     the LCM must agree. They did not while quality.json predated the instrument (its per-seed classifiers put the
     base's 50-step CFD at 5.65 ± 0.93 against the instrument's 6.68 ± 0.35). Tolerance: the CPU-stability goal the
     spread benchmark holds every CFD to (spread.json's goal_relative_cfd), should one file be re-run on another CPU."""
-    results = os.path.join(ROOT, "benchmarks", "results")
-    load = lambda name: json.load(open(os.path.join(results, name)))
+    results = Path(ROOT, "benchmarks", "results")
+    load = lambda name: json.loads((results / name).read_text())
     tolerance = load("spread.json")["goal_relative_cfd"]
     shared = ("real data", "base DDIM", "LCM")
     rows = lambda name: {(r["dataset"], r["seed"], r["model"], r["nfe"]): r for r in load(name)["rows"]
