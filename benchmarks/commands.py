@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import cpu_name
+from benchmarks.report import SPREAD_COLUMNS, cpu_name
+from toy_data import cross_cpu_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = ROOT / "benchmarks" / "results" / "commands.json"
@@ -70,6 +71,25 @@ def same_but_wall_time(results: dict, committed: dict) -> bool:
     return {**results, "wall_s": None} == {**committed, "wall_s": None}
 
 
+def largest_differences(results: dict, committed: dict) -> dict:
+    """Per column of the quickstart table, the largest relative difference between the run's rows and the
+    committed quickstart.json's (0.0 where every row is identical): what another CPU changed."""
+    keys = [(row["model"], row["nfe"]) for row in committed["rows"]]
+    if [(row["model"], row["nfe"]) for row in results["rows"]] != keys:
+        raise RuntimeError(f"the run's table has other rows than quickstart.json's {keys}; nothing recorded")
+    columns = [key for key, value in committed["rows"][0].items() if isinstance(value, float)]
+    return {column: max(abs(ours[column] - theirs[column]) / abs(theirs[column]) if theirs[column]
+                        else float(ours[column] != theirs[column])
+                        for ours, theirs in zip(results["rows"], committed["rows"]))
+            for column in columns}
+
+
+def within_training_spread(differences: dict) -> bool:
+    """Whether each column spread.json measured differs from the committed table by no more than the spread
+    of the quickstart trained again under the CPU settings (`toy_data.cross_cpu_tolerance`, training phase)."""
+    return all(differences[column] <= cross_cpu_tolerance(column, "training") for column in SPREAD_COLUMNS)
+
+
 def pytest_tiers(log: str) -> list[dict]:
     """The default and the slow tier's summary lines, in the order .ci/run runs them."""
     tiers = [{"counts": match["counts"], "seconds": round(float(match["seconds"]), 1)}
@@ -94,10 +114,13 @@ def measure(number: int, work: Path) -> dict:
         run = timed(QUICKSTART, work, log)
         results = json.loads((work / "runs" / "toy-digits" / "results.json").read_text())
         committed = json.loads((work / "benchmarks" / "results" / "quickstart.json").read_text())
+        differences = largest_differences(results, committed)
         record.update(install_s=round(install, 1), run_s=round(run, 1), total_s=round(install + run, 1),
                       finetune_steps=results["config"]["finetune_steps"], threads=results["threads"],
                       **quickstart_stages(work / "runs" / "toy-digits"),
-                      same_as_committed=same_but_wall_time(results, committed))
+                      same_as_committed=same_but_wall_time(results, committed),
+                      largest_relative_difference=differences,
+                      within_training_spread=within_training_spread(differences))
     else:
         venv = work.with_name(work.name + "-venv")
         shutil.rmtree(venv, ignore_errors=True)

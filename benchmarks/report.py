@@ -181,7 +181,7 @@ def commands_readme(record: dict) -> str:
     totals = [run["total_s"] for run in second]
     return (f"Measured from a fresh clone and a fresh venv on 2 cores (`python benchmarks/commands.py 1 2`; every run "
             f"in [docs/guide.md](docs/guide.md#how-long-the-two-commands-take)): command 1 took {latest['total_s']:,.0f} s "
-            f"on {latest['date']} (pip {latest['install_s']:,.0f} s, the run {latest['run_s']:,.0f} s)"
+            f"on {latest['date']}{' on an ' + latest['cpu'] if 'cpu' in latest else ''} (pip {latest['install_s']:,.0f} s, the run {latest['run_s']:,.0f} s)"
             + (f", {min(now):,.0f}–{max(now):,.0f} s over the {len(now)} runs of the quickstart as it is" if len(now) > 1
                else "")
             + (f", ≈ {slowest:,.0f} s at the stage speeds of the slowest run measured" if slowest else "")
@@ -209,13 +209,37 @@ def commands_tables(record: dict) -> str:
                       else f"{run['pretrain_s']:,.0f} s ({run['pretrain_steps_per_s']:g} steps/s)",
                       "–" if "finetune_s" not in run else f"{run['finetune_s']:,.0f} s",
                       "–" if scaled is None else f"{scaled:,.0f} s",
-                      {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]])
-    second = [[run["date"], measured_by(run), *(tier_cell(tier) for tier in run["tiers"]), minutes(run["total_s"])]
-              for run in runs_of(record, 2)]
+                      same_as_committed(run), run.get("cpu", "–")])
+    second = [[run["date"], measured_by(run), *(tier_cell(tier) for tier in run["tiers"]), minutes(run["total_s"]),
+               run.get("cpu", "–")] for run in runs_of(record, 2)]
     return ("Command 1:\n\n" + table(["date", "commit", "fine-tune steps per NFE", "pip", "the run", "in all",
                                       "pretraining", "the fine-tunes", f"in all, at {steps:,} fine-tune steps",
-                                      "results.json = quickstart.json"], first)
-            + "\n\nCommand 2 (`.ci/run`):\n\n" + table(["date", "commit", "default tier", "slow tier", "in all"], second))
+                                      "results.json = quickstart.json", "CPU"], first)
+            + "\n\nCommand 2 (`.ci/run`):\n\n" + table(["date", "commit", "default tier", "slow tier", "in all", "CPU"],
+                                                          second))
+
+
+def same_as_committed(run: dict) -> str:
+    """Whether command 1's table came out as committed: 'yes' (identical), or its largest relative CFD difference
+    and whether every column stayed within the training spread spread.py measured across CPU settings."""
+    if run.get("same_as_committed") is not False or "largest_relative_difference" not in run:
+        return {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]
+    cfd = run["largest_relative_difference"]["cfd"]
+    return (f"within the CPU spread (CFD {cfd:.1e})" if run["within_training_spread"]
+            else f"**no**: beyond the CPU spread (CFD {cfd:.1e})")
+
+
+def commands_cpus(record: dict) -> str:
+    """Command 1's runs whose table differed from the committed one: how far, column by column."""
+    rows = [[run["date"], measured_by(run), run.get("cpu", "–"),
+             *(f"{run['largest_relative_difference'][column]:.1e}" if run['largest_relative_difference'][column] else "0"
+               for column in SPREAD_COLUMNS),
+             "yes" if run["within_training_spread"] else "**no**"]
+            for run in runs_of(record, 1) if "largest_relative_difference" in run]
+    same = sum(run.get("same_as_committed") is True for run in runs_of(record, 1))
+    return (table(["date", "commit", "CPU", *SPREAD_COLUMNS.values(), "within the training spread"], rows)
+            + f"\n\nLargest relative difference from the committed table over its rows (`benchmarks/results/commands.json`); "
+              f"{same} other runs of command 1 reproduced it exactly.")
 
 
 # spread.json (benchmarks/spread.py): the quickstart's columns under each CPU setting, and their spread.
@@ -866,6 +890,7 @@ RENDERERS = {
     "quickstart": ("quickstart.json", quickstart_table),
     "commands": ("commands.json", commands_readme),
     "commands-runs": ("commands.json", commands_tables),
+    "commands-cpus": ("commands.json", commands_cpus),
 
     "cost": ("cost.json", cost_table),
     "cost-headline": ("cost.json", headline_block),

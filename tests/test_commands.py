@@ -68,3 +68,28 @@ def test_readme_line_takes_the_latest_runs_and_projects_the_slowest_to_the_prese
     assert "command 1 took 360 s on d2 (pip 60 s, the run 300 s), ≈ 510 s at the stage speeds" in line
     assert "command 2 took 13 min 3 s (default tier 80 s, slow tier 609 s)." in line
     assert "`a` (transcribed)" in report.commands_tables({"runs": runs})
+
+
+def test_largest_differences_compare_each_column_row_by_row_and_judge_them_by_the_training_spread():
+    committed = {"rows": [{"model": "real", "nfe": None, "cfd": 5.0, "pixel_energy": 0.02, "precision": 0.9,
+                           "recall": 0.0, "hf_ratio": 1.0},
+                          {"model": "base", "nfe": 4, "cfd": 20.0, "pixel_energy": 0.1, "precision": 1.0,
+                           "recall": 0.5, "hf_ratio": 0.7}]}
+    drifted = json.loads(json.dumps(committed))
+    drifted["rows"][1]["cfd"] = 20.0 * (1 + 1e-7)
+    differences = commands.largest_differences(drifted, committed)
+    assert differences["cfd"] == pytest.approx(1e-7) and differences["pixel_energy"] == 0.0
+    assert commands.within_training_spread(differences)
+    drifted["rows"][0]["recall"] = 0.01  # from a committed zero: any change counts in full
+    differences = commands.largest_differences(drifted, committed)
+    assert differences["recall"] == 1.0 and not commands.within_training_spread(differences)
+    with pytest.raises(RuntimeError, match="other rows"):
+        commands.largest_differences({"rows": committed["rows"][:1]}, committed)
+
+
+def test_the_table_says_whether_a_run_that_differs_stayed_within_the_cpu_spread():
+    base = {"same_as_committed": False, "largest_relative_difference": {"cfd": 4.3e-07}}
+    assert report.same_as_committed({**base, "within_training_spread": True}) == "within the CPU spread (CFD 4.3e-07)"
+    assert report.same_as_committed({**base, "within_training_spread": False}).startswith("**no**: beyond")
+    assert report.same_as_committed({"same_as_committed": True}) == "yes"
+    assert report.same_as_committed({"same_as_committed": False}) == "**no**"
