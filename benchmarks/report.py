@@ -222,7 +222,7 @@ def commands_tables(record: dict) -> str:
 def same_as_committed(run: dict) -> str:
     """Whether command 1's table came out as committed: 'yes' (identical), or its largest relative CFD difference
     and whether every column stayed within the training spread spread.py measured across CPU settings."""
-    if run.get("same_as_committed") is not False or "largest_relative_difference" not in run:
+    if "largest_relative_difference" not in run or run["same_as_committed"]:
         return {True: "yes", False: "**no**", None: "–"}[run.get("same_as_committed")]
     cfd = run["largest_relative_difference"]["cfd"]
     return (f"within the CPU spread (CFD {cfd:.1e})" if run["within_training_spread"]
@@ -232,8 +232,7 @@ def same_as_committed(run: dict) -> str:
 def commands_cpus(record: dict) -> str:
     """Command 1's runs whose table differed from the committed one: how far, column by column."""
     rows = [[run["date"], measured_by(run), run.get("cpu", "–"),
-             *(f"{run['largest_relative_difference'][column]:.1e}" if run['largest_relative_difference'][column] else "0"
-               for column in SPREAD_COLUMNS),
+             *(relative(run["largest_relative_difference"][column]) for column in SPREAD_COLUMNS),
              "yes" if run["within_training_spread"] else "**no**"]
             for run in runs_of(record, 1) if "largest_relative_difference" in run]
     same = sum(run.get("same_as_committed") is True for run in runs_of(record, 1))
