@@ -252,6 +252,19 @@ def guided_output(model, z, t, cond, uncond, guidance_scale: float) -> torch.Ten
     return output
 
 
+def _ddim_split(abar_t: float, abar_prev: float, eta: float) -> tuple[float, float]:
+    """A DDIM step's split of sigma_{t-1} (Song et al. 2021, Eq. 16): (the predicted eps's coefficient
+    sqrt(sigma_{t-1}^2 - noise^2), the fresh noise's std eta (sigma_{t-1} / sigma_t) sqrt(1 - abar_t / abar_{t-1})).
+    The coefficient is computed in float64 as a sum of non-negative terms, since the subtraction cancels
+    badly in float32 (eta = 1 under zero terminal SNR: 0 in exact arithmetic, ~1e-4 in float32)."""
+    var_t, var_prev = 1.0 - abar_t, 1.0 - abar_prev
+    if var_t <= 0.0:
+        return 0.0, 0.0
+    noise = eta * math.sqrt(var_prev / var_t * max(0.0, 1.0 - abar_t / abar_prev))
+    direction = math.sqrt(var_prev / var_t * max(0.0, (1 - eta**2) * var_t + eta**2 * abar_t * var_prev / abar_prev))
+    return direction, noise
+
+
 def ddim_step(z, x0, eps, t, abar_t, abar_prev, *, eta=0.0, last=False, generator=None) -> torch.Tensor:
     """DDIM (Song et al. 2021, Eq. 12 and 16): z_prev = alpha_prev x0 + direction eps, plus fresh noise when
     eta > 0 (not on the last step); eta = 0 is the deterministic ODE step."""
@@ -354,19 +367,6 @@ def unrolled_sample(
 COUPLINGS = ("independent", "inversion", "teacher")
 
 
-def _ddim_split(abar_t: float, abar_prev: float, eta: float) -> tuple[float, float]:
-    """A DDIM step's split of sigma_{t-1} (Song et al. 2021, Eq. 16): (the predicted eps's coefficient
-    sqrt(sigma_{t-1}^2 - noise^2), the fresh noise's std eta (sigma_{t-1} / sigma_t) sqrt(1 - abar_t / abar_{t-1})).
-    The coefficient is computed in float64 as a sum of non-negative terms, since the subtraction cancels
-    badly in float32 (eta = 1 under zero terminal SNR: 0 in exact arithmetic, ~1e-4 in float32)."""
-    var_t, var_prev = 1.0 - abar_t, 1.0 - abar_prev
-    if var_t <= 0.0:
-        return 0.0, 0.0
-    noise = eta * math.sqrt(var_prev / var_t * max(0.0, 1.0 - abar_t / abar_prev))
-    direction = math.sqrt(var_prev / var_t * max(0.0, (1 - eta**2) * var_t + eta**2 * abar_t * var_prev / abar_prev))
-    return direction, noise
-
-
 def ddim_invert(
     model: Denoiser,
     x0: torch.Tensor,
@@ -428,6 +428,8 @@ def couple(
 
 LOSS_TERMS = ("l1", "l2", "lpips")
 LPIPS_NETS = ("alex", "vgg", "squeeze")  # the lpips package's backbones (perceptual.LPIPS)
+
+
 def reconstruction_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -515,10 +517,8 @@ class PatchDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W), and the class labels (B,) of a conditional discriminator -> (B, 1, h, w) patch logits."""
         if x.dim() != 4 or min(x.shape[-2:]) < self.min_side(self.num_layers):
-            raise ValueError(
-                f"PatchDiscriminator with num_layers={self.num_layers} needs (B, C, H, W) inputs with H, W >= "
-                f"{self.min_side(self.num_layers)}; got {tuple(x.shape)} (use fewer layers for small images)"
-            )
+            raise ValueError(f"PatchDiscriminator with num_layers={self.num_layers} needs (B, C, H, W) inputs with H, W >= "
+                             f"{self.min_side(self.num_layers)}; got {tuple(x.shape)} (use fewer layers for small images)")
         if (cond is None) != (self.class_embed is None):
             raise ValueError("a conditional PatchDiscriminator (num_classes) needs class labels, an unconditional one takes none")
         if self.class_embed is None:
