@@ -8,8 +8,8 @@ docs/guide.md render (`python benchmarks/report.py --write`); one that fails pri
 records nothing. Run it on an idle machine (whatever else runs is in the figure), from the project's venv like
 every benchmark here: a venv made from inside another is still a fresh one (its home is the base Python).
 
-    python benchmarks/commands.py 1          # ~8 min on 2 cores
-    python benchmarks/commands.py 2          # ~15-20 min on 2 cores
+    python benchmarks/commands.py 1          # 5-20 min on 2 cores, by CPU (every run: docs/guide.md)
+    python benchmarks/commands.py 2          # 12-42 min on 2 cores, by CPU
     python benchmarks/commands.py 1 2 --work /tmp/e2ediff-commands
 """
 from __future__ import annotations

@@ -58,6 +58,7 @@ import e2ediff
 from perceptual import LPIPS
 from diffusers_parts import DiffusersDenoiser, LatentCodec
 from benchmarks.counters import SETUPS, FlopCount, TensorMemory
+from benchmarks.report import write_results
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -455,8 +456,6 @@ def agreement(results: dict) -> float:
 
 
 def main(argv=None) -> dict:
-    from report import write_results
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="1,2,4", help="the values of T of the grid")
     parser.add_argument("--resolutions", default="512,1024", help="image sizes of the grid")

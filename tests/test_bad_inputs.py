@@ -346,3 +346,44 @@ def test_a_finished_t2i_run_resumed_does_nothing(world, capsys):
     t2i_training.main(base_argv("train_t2i.py", world) + ["--resume", "--max-steps", "5"])
     assert "is finished (step 5 of --max-steps 5); nothing to do" in capsys.readouterr().out
     assert snapshot(run) == before
+
+
+def command_lines() -> list[str]:
+    """Every file a user runs (`if __name__ == "__main__":`), the tests' own helpers aside."""
+    files = [path for pattern in ("*.py", "*/*.py", "*/*/*.py") for path in ROOT.glob(pattern)]
+    return sorted(path.relative_to(ROOT).as_posix() for path in files
+                  if not any(part.startswith(".") or part == "tests" for part in path.relative_to(ROOT).parts)
+                  and 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_the_command_lines_are_found():
+    found = command_lines()
+    assert {"train_toy.py", "train_t2i.py", "toy2d.py", "benchmarks/quality.py", "related/dsd.py"} <= set(found)
+
+
+@pytest.mark.parametrize("script", command_lines())
+def test_every_command_line_answers_help_and_does_nothing_else(script, tmp_path, monkeypatch, capsys):
+    """`python <script> --help` prints its usage and exits 0, before any work: nothing written where it runs,
+    nor among the committed results (toy2d.py once ran its benchmark and rewrote toy2d.json)."""
+    import runpy
+    committed = {path: path.stat().st_mtime_ns for path in (ROOT / "benchmarks" / "results").iterdir()}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), "--help"])
+    threads = torch.get_num_threads()  # some scripts set one thread before they parse
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    assert exit_.value.code in (0, None), capsys.readouterr()
+    assert capsys.readouterr().out.startswith("usage:")
+    assert list(tmp_path.iterdir()) == []
+    assert {path: path.stat().st_mtime_ns for path in (ROOT / "benchmarks" / "results").iterdir()} == committed
+
+
+def test_toy2d_refuses_an_out_folder_that_does_not_exist_before_it_trains(capsys):
+    import toy2d
+    with pytest.raises(SystemExit) as exit_:
+        toy2d.main(["--out", f"{MISSING}/toy2d.json"])
+    assert exit_.value.code == 2
+    assert f"--out: got '{MISSING}/toy2d.json', whose folder does not exist" in capsys.readouterr().err
