@@ -349,16 +349,21 @@ def test_a_finished_t2i_run_resumed_does_nothing(world, capsys):
 
 
 def command_lines() -> list[str]:
-    """Every file a user runs (`if __name__ == "__main__":`), the tests' own helpers aside."""
+    """Every file a user runs (`if __name__ == "__main__":`): the tests' own helpers aside, but for
+    tests/tiny_t2i.py, which its docstring tells a user to run."""
+    def runs(path):
+        folders = path.relative_to(ROOT).parts[:-1]
+        user_facing = not any(folder.startswith(".") or folder == "tests" for folder in folders)
+        return (user_facing or path == ROOT / "tests" / "tiny_t2i.py") and '__name__ == "__main__"' in path.read_text()
     files = [path for pattern in ("*.py", "*/*.py", "*/*/*.py") for path in ROOT.glob(pattern)]
-    return sorted(path.relative_to(ROOT).as_posix() for path in files
-                  if not any(part.startswith(".") or part == "tests" for part in path.relative_to(ROOT).parts)
-                  and 'if __name__ == "__main__":' in path.read_text())
+    return sorted(path.relative_to(ROOT).as_posix() for path in files if runs(path))
 
 
 def test_the_command_lines_are_found():
     found = command_lines()
-    assert {"train_toy.py", "train_t2i.py", "toy2d.py", "benchmarks/quality.py", "related/dsd.py"} <= set(found)
+    assert {"train_toy.py", "train_t2i.py", "toy2d.py", "benchmarks/quality.py", "related/dsd.py",
+            "tests/tiny_t2i.py"} <= set(found)
+    assert "tests/ddp_probe.py" not in found
 
 
 @pytest.mark.parametrize("script", command_lines())

@@ -13,7 +13,6 @@ Used by tests/test_t2i.py; run it directly to get a folder to try the script on:
 import io
 import json
 import os
-import sys
 import tarfile
 
 import numpy as np
@@ -162,7 +161,10 @@ def write_webdataset_tar(path, num_good=8, seed=1, start=0):
 
 
 if __name__ == "__main__":
-    root = sys.argv[1] if len(sys.argv) > 1 else "tiny_t2i"
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", default="tiny_t2i", help="where to write them (default: ./tiny_t2i)")
+    root = parser.parse_args().folder
     write_tiny_pipeline(os.path.join(root, "pipeline"))
     write_image_folder(os.path.join(root, "images"))
     write_webdataset_tar(os.path.join(root, "shard-000000.tar"))
