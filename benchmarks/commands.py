@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.cpu_settings import relative_spread
 from benchmarks.report import SPREAD_COLUMNS, cpu_name
 from toy_data import cross_cpu_tolerance
 
@@ -73,13 +74,13 @@ def same_but_wall_time(results: dict, committed: dict) -> bool:
 
 def largest_differences(results: dict, committed: dict) -> dict:
     """Per column of the quickstart table, the largest relative difference between the run's rows and the
-    committed quickstart.json's (0.0 where every row is identical): what another CPU changed."""
+    committed quickstart.json's (0.0 where every row is identical): what another CPU changed. Measured as
+    spread.py measures the tolerance it is held to (`relative_spread` of the two values)."""
     keys = [(row["model"], row["nfe"]) for row in committed["rows"]]
     if [(row["model"], row["nfe"]) for row in results["rows"]] != keys:
         raise RuntimeError(f"the run's table has other rows than quickstart.json's {keys}; nothing recorded")
     columns = [key for key, value in committed["rows"][0].items() if isinstance(value, float)]
-    return {column: max(abs(ours[column] - theirs[column]) / abs(theirs[column]) if theirs[column]
-                        else float(ours[column] != theirs[column])
+    return {column: max(relative_spread([ours[column], theirs[column]])
                         for ours, theirs in zip(results["rows"], committed["rows"]))
             for column in columns}
 
